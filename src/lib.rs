@@ -1,0 +1,5 @@
+//! botflow: runs chatbot automation workflows.
+pub mod event;
+pub mod workflow;
+pub mod chatbot;
+pub mod store;

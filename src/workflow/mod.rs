@@ -1,0 +1,1 @@
+//! Workflows: the model users write, its validation, templates and conditions.
