@@ -1,1 +1,39 @@
-fn main() {}
+//! The `botflow` binary: parse the command line, load the configuration, dispatch.
+
+use botflow::cli::{bootstrap, serve, Cli, Command};
+use botflow::config::Config;
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command {
+        Command::Serve => serve::serve(config),
+        Command::Migrate => serve::migrate(config),
+        Command::CheckConfig => serve::check_config(config),
+        Command::Accounts(cmd) => bootstrap::accounts(config, cmd),
+        Command::Keys(cmd) => bootstrap::keys(config, cmd),
+        Command::Chatbots(cmd) => bootstrap::chatbots(config, cmd),
+        Command::Workflows(cmd) => bootstrap::workflows(config, cmd),
+        Command::Send(args) => match botflow::cli::send::run(config, args) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(1),
+            Err(e) => Err(e),
+        },
+        Command::Bench(args) => botflow::cli::bench::run(config, args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

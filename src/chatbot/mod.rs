@@ -1,2 +1,5 @@
-//! One chatbot's world: its supervisor actor, trigger index and executors.
+//! One chatbot's world: its supervisor actor, its trigger index and its executors.
+
+pub mod executor;
+pub mod supervisor;
 pub mod triggers;

@@ -1,0 +1,261 @@
+//! Wiring the daemon together and taking it apart again.
+//!
+//! `App::start` runs inside an actix `System`: it opens the database (migrating it
+//! first), starts the worker arbiters (connections and chatbot supervisors), the
+//! journal arbiter, the Router and the Outbox, the change listener, the metrics
+//! endpoint and finally the ingest listeners. `RunningApp::shutdown` undoes it in the
+//! order that loses nothing: stop accepting and reading, answer what is in flight, let
+//! running executions finish (up to the deadline), flush the journal.
+
+use crate::chatbot::supervisor::SupervisorDeps;
+use crate::config::Config;
+use crate::ingest::connection::IngestDeps;
+use crate::ingest::listener::{self, Workers};
+use crate::outbox::Outbox;
+use crate::router::{BusySupervisors, Router, WorkflowsChanged};
+use crate::store::journal::Journal;
+use crate::store::{accounts, listen, migrate, workflows, Store};
+use crate::telemetry::metrics as m;
+use actix::prelude::*;
+use anyhow::Context as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// A started daemon.
+pub struct RunningApp {
+    pub store: Store,
+    pub tcp_addr: Option<SocketAddr>,
+    pub unix_path: Option<PathBuf>,
+    pub metrics_addr: Option<SocketAddr>,
+    /// Set when this start created the first operator key.
+    pub operator_key: Option<String>,
+    shutdown: CancellationToken,
+    router: Addr<Router>,
+    journal: Journal,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+    arbiters: Vec<Arbiter>,
+    metrics_server: Option<actix_web::dev::ServerHandle>,
+    shutdown_timeout: Duration,
+}
+
+pub struct App;
+
+impl App {
+    /// Starts the daemon against `pg` (a server URL's config, or the embedded server's).
+    pub async fn start(config: &Config, pg: tokio_postgres::Config) -> anyhow::Result<RunningApp> {
+        let prometheus = m::install();
+        m::hot();
+        let store = Store::new(pg, config.database.pool_size, Duration::from_millis(config.database.connect_timeout_ms))?;
+        store
+            .wait_until_reachable(Duration::from_secs(30))
+            .await
+            .context("the database is not reachable")?;
+        let report = migrate::migrate(&store).await.context("cannot migrate the database")?;
+        for applied in &report.applied {
+            tracing::info!(migration = %applied, "applied migration");
+        }
+        let operator_key = accounts::bootstrap_operator_key(&store).await?;
+        if let Some(key) = &operator_key {
+            let path = config.operator_token_path();
+            write_secret(&path, key).with_context(|| format!("cannot write {}", path.display()))?;
+            tracing::info!(path = %path.display(), "first start on an empty database: wrote an operator key");
+        }
+
+        // Bind before starting anything that runs, so a taken port fails the start cleanly.
+        let tcp = if config.ingest.tcp.is_empty() { None } else { Some(listener::bind_tcp(&config.ingest.tcp)?) };
+        let unix = match config.unix_socket_path() {
+            Some(p) => Some((listener::bind_unix(&p)?, p)),
+            None => None,
+        };
+        let metrics_listener = if config.metrics.listen.is_empty() {
+            None
+        } else {
+            Some(
+                std::net::TcpListener::bind(&config.metrics.listen)
+                    .with_context(|| format!("cannot listen on metrics.listen {}", config.metrics.listen))?,
+            )
+        };
+
+        let shutdown = CancellationToken::new();
+        let workers_n = config.worker_threads();
+        let arbiters: Vec<Arbiter> = (0..workers_n + 1).map(|_| Arbiter::new()).collect();
+        let journal_arbiter = arbiters[workers_n].handle();
+        let workers = Workers::new(arbiters[..workers_n].iter().map(Arbiter::handle).collect());
+
+        let journal = Journal::start(
+            &store,
+            &journal_arbiter,
+            config.journal.lanes,
+            config.journal.max_batch,
+            Duration::from_millis(config.database.unavailable_after_ms),
+        );
+        let outbox = Outbox::default().start();
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("botflow/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .context("cannot build the HTTP client")?;
+        let deps = Arc::new(SupervisorDeps {
+            store: store.clone(),
+            journal: journal.clone(),
+            outbox: outbox.clone(),
+            http,
+            concurrency: config.executor.concurrency_per_chatbot,
+            queue_capacity: config.executor.queue_capacity,
+            unavailable_after: Duration::from_millis(config.database.unavailable_after_ms),
+            notify_url: (!config.notify.webhook_url.is_empty()).then(|| config.notify.webhook_url.clone()),
+        });
+        let router = Router::new(deps, workers.handles(), Duration::from_secs(config.executor.idle_supervisor_seconds)).start();
+
+        // Workflow changes from any process on this database.
+        let (change_tx, mut change_rx) = tokio::sync::mpsc::unbounded_channel();
+        actix_rt::spawn(listen::run(store.clone(), workflows::WORKFLOWS_CHANNEL, change_tx, shutdown.clone()));
+        let r = router.clone();
+        actix_rt::spawn(async move {
+            while let Some(change) = change_rx.recv().await {
+                r.do_send(WorkflowsChanged(change));
+            }
+        });
+
+        let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let metrics_server = match metrics_listener {
+            Some(l) => Some(start_metrics_server(l, prometheus)?),
+            None => None,
+        };
+
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let ingest = Arc::new(IngestDeps {
+            store: store.clone(),
+            router: router.clone(),
+            outbox,
+            max_frame_bytes: config.ingest.max_frame_bytes,
+            max_in_flight: config.ingest.max_in_flight,
+            handshake_timeout: Duration::from_millis(config.ingest.handshake_timeout_ms),
+            connections: connections.clone(),
+        });
+        let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
+        if let Some(l) = tcp {
+            actix_rt::spawn(listener::serve_tcp(l, workers.clone(), ingest.clone(), shutdown.clone()));
+        }
+        let unix_path = unix.as_ref().map(|(_, p)| p.clone());
+        if let Some((l, p)) = unix {
+            actix_rt::spawn(listener::serve_unix(l, p, workers.clone(), ingest.clone(), shutdown.clone()));
+        }
+        tracing::info!(
+            tcp = tcp_addr.map(|a| a.to_string()).unwrap_or_default(),
+            unix = unix_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+            metrics = metrics_addr.map(|a| a.to_string()).unwrap_or_default(),
+            workers = workers_n,
+            "botflow is ready"
+        );
+        Ok(RunningApp {
+            store,
+            tcp_addr,
+            unix_path,
+            metrics_addr,
+            operator_key,
+            shutdown,
+            router,
+            journal,
+            connections,
+            arbiters,
+            metrics_server,
+            shutdown_timeout: Duration::from_secs(config.shutdown_timeout_seconds),
+        })
+    }
+}
+
+impl RunningApp {
+    /// Stops accepting and reading, answers every event in flight, waits for running
+    /// executions up to the deadline, flushes the journal and stops the threads.
+    pub async fn shutdown(self) {
+        let deadline = Instant::now() + self.shutdown_timeout;
+        tracing::info!("shutting down: no new connections or events");
+        self.shutdown.cancel();
+        while self.connections.load(std::sync::atomic::Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let open = self.connections.load(std::sync::atomic::Ordering::SeqCst);
+        if open > 0 {
+            tracing::warn!(open, "connections still had events in flight at the deadline");
+        }
+        loop {
+            let busy = self.router.send(BusySupervisors).await.unwrap_or(0);
+            if busy == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(busy, "executions still running at the deadline; they stay unfinished in the database");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Flush until nothing new arrives: a final flush can make supervisors write more.
+        let flush_deadline = Instant::now() + Duration::from_secs(10);
+        if tokio::time::timeout_at(flush_deadline.into(), self.journal.flush()).await.is_err() {
+            tracing::warn!("the journal could not write everything before the deadline");
+        }
+        if let Some(server) = self.metrics_server {
+            server.stop(true).await;
+        }
+        for a in &self.arbiters {
+            a.stop();
+        }
+        for a in self.arbiters {
+            let _ = a.join();
+        }
+        tracing::info!("botflow stopped");
+    }
+
+    /// The token every listener and connection watches (tests use it to check drains).
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutdown.is_cancelled()
+    }
+}
+
+fn start_metrics_server(
+    listener: std::net::TcpListener,
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+) -> anyhow::Result<actix_web::dev::ServerHandle> {
+    use actix_web::{web, HttpResponse};
+    let upkeep = handle.clone();
+    actix_rt::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    let server = actix_web::HttpServer::new(move || {
+        let handle = handle.clone();
+        actix_web::App::new().route(
+            "/metrics",
+            web::get().to(move || {
+                let body = handle.render();
+                async move { HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(body) }
+            }),
+        )
+    })
+    .workers(1)
+    .disable_signals()
+    .listen(listener)?
+    .run();
+    let h = server.handle();
+    actix_rt::spawn(server);
+    Ok(h)
+}
+
+/// Writes a secret readable by the owner only.
+fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    f.write_all(secret.as_bytes())?;
+    f.write_all(b"\n")
+}

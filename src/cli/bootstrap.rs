@@ -1,0 +1,96 @@
+//! Bootstrap commands against the database, without a running daemon: accounts, keys,
+//! chatbots and `workflows apply`. A running daemon hears about workflow changes
+//! through PostgreSQL NOTIFY within a second.
+
+use super::database::Database;
+use super::{AccountsCmd, ChatbotsCmd, KeysCmd, WorkflowsCmd};
+use crate::config::Config;
+use crate::store::{accounts, workflows, StoreError};
+use crate::workflow::parse_workflows;
+use anyhow::{bail, Context};
+use std::io::Read;
+
+fn run<T>(config: &Config, f: impl AsyncFnOnce(&crate::store::Store) -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let db = Database::open_shared(config)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let store = db.store(config).await?;
+        f(&store).await
+    })
+}
+
+pub fn accounts(config: Config, cmd: AccountsCmd) -> anyhow::Result<()> {
+    match cmd {
+        AccountsCmd::Create { name } => {
+            let id = run(&config, async |s| Ok(accounts::create_account(s, &name).await?))?;
+            eprintln!("created account {name:?}");
+            println!("{id}");
+        }
+    }
+    Ok(())
+}
+
+pub fn keys(config: Config, cmd: KeysCmd) -> anyhow::Result<()> {
+    match cmd {
+        KeysCmd::Create { account, role } => {
+            let key = run(&config, async |s| Ok(accounts::create_key(s, account, role).await?))?;
+            eprintln!("created a {role} key for account {account}; it is shown only now");
+            println!("{key}");
+        }
+    }
+    Ok(())
+}
+
+pub fn chatbots(config: Config, cmd: ChatbotsCmd) -> anyhow::Result<()> {
+    match cmd {
+        ChatbotsCmd::Create { account, name } => {
+            let id = run(&config, async |s| Ok(accounts::create_chatbot(s, account, &name).await?))?;
+            eprintln!("created chatbot {name:?} for account {account}");
+            println!("{id}");
+        }
+        ChatbotsCmd::Secret { chatbot } => {
+            let record = run(&config, async |s| Ok(accounts::get_chatbot(s, chatbot).await?))?;
+            let Some(record) = record else { bail!("chatbot {chatbot} does not exist") };
+            println!("{}", record.webhook_secret);
+        }
+    }
+    Ok(())
+}
+
+pub fn workflows(config: Config, cmd: WorkflowsCmd) -> anyhow::Result<()> {
+    match cmd {
+        WorkflowsCmd::Apply { chatbot, file } => {
+            let bytes = if file.as_os_str() == "-" {
+                let mut b = Vec::new();
+                std::io::stdin().read_to_end(&mut b).context("cannot read stdin")?;
+                b
+            } else {
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?
+            };
+            let specs = parse_workflows(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            for (i, spec) in specs.iter().enumerate() {
+                crate::workflow::check_supported(spec).map_err(|e| {
+                    let at = if specs.len() > 1 { format!("[{i}].") } else { String::new() };
+                    anyhow::anyhow!("{}: {at}{e}", file.display())
+                })?;
+            }
+            let applied = run(&config, async |s| match workflows::apply(s, chatbot, &specs).await {
+                Err(StoreError::NotFound { what, id }) => bail!("{what} {id} does not exist"),
+                other => Ok(other?),
+            })?;
+            for (spec, a) in specs.iter().zip(&applied) {
+                match a {
+                    workflows::Applied::Created { .. } => eprintln!("created workflow {:?}", spec.name),
+                    workflows::Applied::Updated { version, .. } => {
+                        eprintln!("updated workflow {:?} to version {version}", spec.name)
+                    }
+                    workflows::Applied::Unchanged { version, .. } => {
+                        eprintln!("workflow {:?} unchanged (version {version})", spec.name)
+                    }
+                }
+                println!("{}", a.id());
+            }
+        }
+    }
+    Ok(())
+}

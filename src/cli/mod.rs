@@ -1,0 +1,90 @@
+//! The `botflow` command line: the daemon (`serve`), database and configuration
+//! chores, the bootstrap commands that work without a running daemon, `send`, and
+//! `bench`. Commands that create something print only the new id or key on stdout;
+//! everything for people goes to stderr.
+
+pub mod bench;
+pub mod bootstrap;
+pub mod database;
+pub mod send;
+pub mod serve;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "botflow", version, about = "Runs chatbot automation workflows")]
+pub struct Cli {
+    /// Configuration file [default: config/botflow.toml, if it exists]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon
+    Serve,
+    /// Apply pending database migrations and exit
+    Migrate,
+    /// Validate the configuration and print the effective values (secrets hidden)
+    CheckConfig,
+    /// Accounts (owners of chatbots)
+    #[command(subcommand)]
+    Accounts(AccountsCmd),
+    /// API keys
+    #[command(subcommand)]
+    Keys(KeysCmd),
+    /// Chatbots
+    #[command(subcommand)]
+    Chatbots(ChatbotsCmd),
+    /// Workflows
+    #[command(subcommand)]
+    Workflows(WorkflowsCmd),
+    /// Stream NDJSON events to the daemon and print every line it answers
+    Send(send::SendArgs),
+    /// Measure the daemon's throughput and latency against a real PostgreSQL
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AccountsCmd {
+    /// Create an account; prints its id
+    Create { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCmd {
+    /// Create an API key; prints the key (shown only this once)
+    Create {
+        #[arg(long)]
+        account: uuid::Uuid,
+        /// ingest (send events), admin (manage the account's workflows) or operator (everything)
+        #[arg(long)]
+        role: crate::store::accounts::Role,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ChatbotsCmd {
+    /// Create a chatbot; prints its id
+    Create {
+        #[arg(long)]
+        account: uuid::Uuid,
+        name: String,
+    },
+    /// Print the secret that signs the chatbot's webhook requests
+    Secret { chatbot: uuid::Uuid },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WorkflowsCmd {
+    /// Create or replace workflows by name from a JSON or YAML file (one or a list); prints their ids
+    Apply {
+        #[arg(long)]
+        chatbot: uuid::Uuid,
+        /// The file, or - for stdin
+        file: PathBuf,
+    },
+}

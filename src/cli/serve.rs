@@ -1,0 +1,68 @@
+//! `serve`, `migrate` and `check-config`.
+
+use super::database::Database;
+use crate::app::App;
+use crate::config::Config;
+use anyhow::Context;
+
+/// Runs the daemon until SIGTERM or SIGINT, then shuts down cleanly.
+pub fn serve(config: Config) -> anyhow::Result<()> {
+    crate::telemetry::init_logging(&config.log);
+    // Started outside the actor system: the embedded server's lifetime is this
+    // process's, and it must outlive every actor.
+    let mut db = Database::open_owned(&config)?;
+    let system = actix_rt::System::new();
+    let result = system.block_on(async {
+        let app = App::start(&config, db.pg.clone()).await?;
+        wait_for_signal().await;
+        app.shutdown().await;
+        anyhow::Ok(())
+    });
+    if let Some(pg) = db.embedded.as_mut() {
+        if let Err(error) = pg.stop() {
+            tracing::warn!(%error, "the embedded PostgreSQL did not stop cleanly");
+        }
+    }
+    result
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(error) => {
+            tracing::error!(%error, "cannot watch SIGTERM; only Ctrl-C stops the daemon");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
+pub fn migrate(config: Config) -> anyhow::Result<()> {
+    crate::telemetry::init_logging(&config.log);
+    let db = Database::open_shared(&config)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let store = crate::store::Store::new(db.pg.clone(), 1, std::time::Duration::from_millis(config.database.connect_timeout_ms))?;
+        store.wait_until_reachable(std::time::Duration::from_secs(10)).await.context("the database is not reachable")?;
+        let report = crate::store::migrate::migrate(&store).await?;
+        if report.applied.is_empty() {
+            eprintln!("the database is at the latest schema version ({})", report.latest);
+        } else {
+            for m in &report.applied {
+                eprintln!("applied {m}");
+            }
+        }
+        anyhow::Ok(())
+    })
+}
+
+pub fn check_config(config: Config) -> anyhow::Result<()> {
+    eprintln!("configuration is valid; effective values:");
+    print!("{}", config.to_redacted_toml());
+    Ok(())
+}

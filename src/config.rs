@@ -1,0 +1,666 @@
+//! Configuration: the TOML file, `BOTFLOW_*` environment overrides, and validation.
+//!
+//! Loading is done in three passes so that `botflow check-config` can report every
+//! problem at once instead of stopping at the first, as serde would:
+//! 1. the file is read as a plain TOML table and the environment overrides are merged in;
+//! 2. every key is checked against the table of defaults (`Config::default()` serialised),
+//!    which names unknown keys and values of the wrong type;
+//! 3. the checked table is deserialised and `validate()` checks values and ranges.
+//!
+//! Static facts live here; what operators tune while the daemon runs (rate limits per
+//! chatbot) lives in PostgreSQL.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// The whole configuration. Every field has a default, so an empty file is valid.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Embedded PostgreSQL, the operator token and the default socket live here.
+    pub data_dir: PathBuf,
+    /// How long a shutdown waits for in-flight events and executions before giving up.
+    pub shutdown_timeout_seconds: u64,
+    pub database: DatabaseConfig,
+    pub ingest: IngestConfig,
+    pub admin: AdminConfig,
+    pub metrics: MetricsConfig,
+    pub limits: LimitsConfig,
+    pub executor: ExecutorConfig,
+    pub journal: JournalConfig,
+    pub retry: RetryConfig,
+    pub notify: NotifyConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `postgres://…` or a libpq key/value string; empty starts PostgreSQL under `data_dir`.
+    pub url: String,
+    /// Connections in the shared pool (admin queries, supervisors loading workflows).
+    pub pool_size: usize,
+    /// Give up on a connection attempt after this long.
+    pub connect_timeout_ms: u64,
+    /// While the database is unreachable, an event waits this long for its commit
+    /// before it is nacked `unavailable` (the sender retries; nothing is acked meanwhile).
+    pub unavailable_after_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Path of the Unix socket; empty: no Unix socket.
+    pub unix_socket: String,
+    /// `host:port` of the TCP listener; empty: no TCP listener.
+    pub tcp: String,
+    /// Longest line a client may send, in bytes.
+    pub max_frame_bytes: usize,
+    /// Unacked events per connection before the daemon stops reading that socket.
+    pub max_in_flight: usize,
+    /// A connection that has not said `hello` within this time is closed.
+    pub handshake_timeout_ms: u64,
+    /// Threads that run connections and chatbot supervisors; 0: one per CPU core.
+    pub workers: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Admin HTTP API and HTTP ingest; empty: disabled.
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `GET /metrics` for Prometheus; empty: disabled.
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Events per second each chatbot may send (sustained).
+    pub events_per_second: u32,
+    /// Events a chatbot may send at once above its rate.
+    pub burst: u32,
+    /// Executions each chatbot may start per second.
+    pub executions_per_second: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExecutorConfig {
+    /// Executions of one chatbot that run their steps at the same time.
+    pub concurrency_per_chatbot: usize,
+    /// Committed executions of one chatbot waiting for a free executor; past this,
+    /// new matching events are nacked `overloaded` rather than queued in memory.
+    pub queue_capacity: usize,
+    /// A chatbot supervisor with no event for this long and nothing running is stopped.
+    pub idle_supervisor_seconds: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct JournalConfig {
+    /// Independent writers, each with its own connection; a chatbot always uses the
+    /// same one, so its rows are written in order.
+    pub lanes: usize,
+    /// Most execution records written in one transaction.
+    pub max_batch: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryConfig {
+    pub max_attempts: u32,
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NotifyConfig {
+    /// Operator notifications (dead executions, critical failures) are POSTed here.
+    pub webhook_url: String,
+    /// One notification per workflow per window, carrying a count.
+    pub window_seconds: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: String,
+    /// A tracing filter, e.g. `info` or `botflow=debug,info`; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("var"),
+            shutdown_timeout_seconds: 30,
+            database: DatabaseConfig::default(),
+            ingest: IngestConfig::default(),
+            admin: AdminConfig::default(),
+            metrics: MetricsConfig::default(),
+            limits: LimitsConfig::default(),
+            executor: ExecutorConfig::default(),
+            journal: JournalConfig::default(),
+            retry: RetryConfig::default(),
+            notify: NotifyConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig { url: String::new(), pool_size: 16, connect_timeout_ms: 5_000, unavailable_after_ms: 5_000 }
+    }
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            unix_socket: "var/botflow.sock".into(),
+            tcp: "127.0.0.1:7071".into(),
+            max_frame_bytes: 1024 * 1024,
+            max_in_flight: 1024,
+            handshake_timeout_ms: 10_000,
+            workers: 0,
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { listen: "127.0.0.1:7070".into() }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { listen: "127.0.0.1:9464".into() }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig { events_per_second: 200, burst: 400, executions_per_second: 100 }
+    }
+}
+
+impl Default for ExecutorConfig {
+    fn default() -> Self {
+        ExecutorConfig { concurrency_per_chatbot: 8, queue_capacity: 10_000, idle_supervisor_seconds: 300 }
+    }
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        JournalConfig { lanes: 4, max_batch: 2_000 }
+    }
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig { max_attempts: 5, initial_backoff_ms: 500, max_backoff_ms: 60_000 }
+    }
+}
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        NotifyConfig { webhook_url: String::new(), window_seconds: 300 }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: "text".into(), level: "info".into() }
+    }
+}
+
+/// One problem in the configuration, naming the key (`ingest.max_in_flight`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigProblem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
+/// Every problem found while loading, in file order.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub source_name: String,
+    pub problems: Vec<ConfigProblem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration in {} ({} problem", self.source_name, self.problems.len())?;
+        if self.problems.len() != 1 {
+            f.write_str("s")?;
+        }
+        f.write_str(")")?;
+        for p in &self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Where the configuration came from, for messages.
+pub const DEFAULT_CONFIG_PATH: &str = "config/botflow.toml";
+
+impl Config {
+    /// Loads `path` (or the default path if it exists, or nothing) and the process
+    /// environment. `explicit` says whether the user named the file: a named file that
+    /// does not exist is an error, the default one is optional.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let (path, explicit) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        };
+        let name = path.display().to_string();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => String::new(),
+            Err(e) => {
+                return Err(ConfigError {
+                    source_name: name,
+                    problems: vec![ConfigProblem { key: String::new(), message: format!("cannot read the file: {e}") }],
+                })
+            }
+        };
+        Self::from_sources(&text, std::env::vars(), &name)
+    }
+
+    /// Builds a configuration from TOML text and `(name, value)` environment pairs.
+    pub fn from_sources(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+        source_name: &str,
+    ) -> Result<Config, ConfigError> {
+        let fail = |problems| ConfigError { source_name: source_name.to_string(), problems };
+        let mut table: toml::Table = match text.parse() {
+            Ok(t) => t,
+            Err(e) => {
+                let message = e.message().to_string();
+                let key = e
+                    .span()
+                    .map(|s| {
+                        let line = text[..s.start].matches('\n').count() + 1;
+                        format!("line {line}")
+                    })
+                    .unwrap_or_default();
+                return Err(fail(vec![ConfigProblem { key, message: format!("not valid TOML: {message}") }]));
+            }
+        };
+        let defaults = toml::Table::try_from(Config::default()).expect("defaults serialise");
+        let mut problems = Vec::new();
+        apply_env(&mut table, &defaults, env, &mut problems);
+        check_table(&table, &defaults, "", &mut problems);
+        if !problems.is_empty() {
+            return Err(fail(problems));
+        }
+        let config: Config = match toml::Value::Table(table).try_into() {
+            Ok(c) => c,
+            Err(e) => return Err(fail(vec![ConfigProblem { key: String::new(), message: e.to_string() }])),
+        };
+        config.validate().map_err(fail)?;
+        Ok(config)
+    }
+
+    /// Checks values that have the right type but a wrong value, all at once.
+    pub fn validate(&self) -> Result<(), Vec<ConfigProblem>> {
+        let mut p = Vec::new();
+        let mut bad = |key: &str, message: String| p.push(ConfigProblem { key: key.into(), message });
+        if self.data_dir.as_os_str().is_empty() {
+            bad("data_dir", "must not be empty".into());
+        }
+        if self.database.pool_size == 0 || self.database.pool_size > 1000 {
+            bad("database.pool_size", format!("must be within 1..1000, got {}", self.database.pool_size));
+        }
+        if !self.database.url.is_empty() && self.database.url.parse::<tokio_postgres::Config>().is_err() {
+            bad("database.url", "is not a PostgreSQL connection string (postgres://user@host/db or key=value pairs)".into());
+        }
+        if self.ingest.unix_socket.is_empty() && self.ingest.tcp.is_empty() {
+            bad("ingest", "at least one of ingest.unix_socket and ingest.tcp must be set".into());
+        }
+        for (key, value) in [("ingest.tcp", &self.ingest.tcp), ("admin.listen", &self.admin.listen), ("metrics.listen", &self.metrics.listen)] {
+            if !value.is_empty() && value.parse::<SocketAddr>().is_err() {
+                bad(key, format!("{value:?} is not a host:port address such as 127.0.0.1:7071"));
+            }
+        }
+        if self.ingest.unix_socket.len() > 100 {
+            bad("ingest.unix_socket", "a Unix socket path must be shorter than 100 bytes".into());
+        }
+        if !(256..=64 * 1024 * 1024).contains(&self.ingest.max_frame_bytes) {
+            bad("ingest.max_frame_bytes", format!("must be within 256..67108864, got {}", self.ingest.max_frame_bytes));
+        }
+        if !(1..=1_000_000).contains(&self.ingest.max_in_flight) {
+            bad("ingest.max_in_flight", format!("must be within 1..1000000, got {}", self.ingest.max_in_flight));
+        }
+        if self.ingest.handshake_timeout_ms == 0 {
+            bad("ingest.handshake_timeout_ms", "must be positive".into());
+        }
+        if self.ingest.workers > 256 {
+            bad("ingest.workers", "must be at most 256 (0 means one per core)".into());
+        }
+        if self.limits.events_per_second == 0 {
+            bad("limits.events_per_second", "must be positive".into());
+        }
+        if self.limits.burst == 0 {
+            bad("limits.burst", "must be positive".into());
+        }
+        if self.limits.executions_per_second == 0 {
+            bad("limits.executions_per_second", "must be positive".into());
+        }
+        if !(1..=10_000).contains(&self.executor.concurrency_per_chatbot) {
+            bad("executor.concurrency_per_chatbot", format!("must be within 1..10000, got {}", self.executor.concurrency_per_chatbot));
+        }
+        if self.executor.queue_capacity == 0 {
+            bad("executor.queue_capacity", "must be positive".into());
+        }
+        if !(1..=64).contains(&self.journal.lanes) {
+            bad("journal.lanes", format!("must be within 1..64, got {}", self.journal.lanes));
+        }
+        if !(1..=50_000).contains(&self.journal.max_batch) {
+            bad("journal.max_batch", format!("must be within 1..50000, got {}", self.journal.max_batch));
+        }
+        if !(1..=100).contains(&self.retry.max_attempts) {
+            bad("retry.max_attempts", format!("must be within 1..100, got {}", self.retry.max_attempts));
+        }
+        if self.retry.initial_backoff_ms == 0 {
+            bad("retry.initial_backoff_ms", "must be positive".into());
+        }
+        if self.retry.max_backoff_ms < self.retry.initial_backoff_ms {
+            bad("retry.max_backoff_ms", "must not be below retry.initial_backoff_ms".into());
+        }
+        if !self.notify.webhook_url.is_empty()
+            && !(self.notify.webhook_url.starts_with("http://") || self.notify.webhook_url.starts_with("https://"))
+        {
+            bad("notify.webhook_url", "must be an http:// or https:// URL".into());
+        }
+        if self.notify.window_seconds == 0 {
+            bad("notify.window_seconds", "must be positive".into());
+        }
+        if self.log.format != "text" && self.log.format != "json" {
+            bad("log.format", format!("must be \"text\" or \"json\", got {:?}", self.log.format));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            bad("log.level", format!("{:?} is not a log filter such as \"info\" or \"botflow=debug\"", self.log.level));
+        }
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(p)
+        }
+    }
+
+    /// A path in the configuration, relative to the working directory as given.
+    pub fn unix_socket_path(&self) -> Option<PathBuf> {
+        (!self.ingest.unix_socket.is_empty()).then(|| PathBuf::from(&self.ingest.unix_socket))
+    }
+
+    pub fn operator_token_path(&self) -> PathBuf {
+        self.data_dir.join("operator.token")
+    }
+
+    pub fn worker_threads(&self) -> usize {
+        if self.ingest.workers > 0 {
+            self.ingest.workers
+        } else {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+        }
+    }
+
+    /// The effective configuration as TOML with secrets hidden (for `check-config`).
+    pub fn to_redacted_toml(&self) -> String {
+        let mut c = self.clone();
+        c.database.url = redact_url(&c.database.url);
+        toml::to_string_pretty(&c).unwrap_or_default()
+    }
+}
+
+/// Hides a password in `postgres://user:secret@host/db` or `password=secret`.
+pub fn redact_url(url: &str) -> String {
+    if url.is_empty() {
+        return String::new();
+    }
+    if let Some(scheme_end) = url.find("://") {
+        let rest = &url[scheme_end + 3..];
+        if let Some(at) = rest.find('@') {
+            let userinfo = &rest[..at];
+            if let Some(colon) = userinfo.find(':') {
+                return format!("{}://{}:***@{}", &url[..scheme_end], &userinfo[..colon], &rest[at + 1..]);
+            }
+        }
+        return url.to_string();
+    }
+    url.split_whitespace()
+        .map(|kv| if kv.starts_with("password=") { "password=***".to_string() } else { kv.to_string() })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Merges `BOTFLOW_<SECTION>__<KEY>` and `BOTFLOW_<KEY>` into the table. A variable
+/// with `__` must name a known key; top-level names that are not keys (the CLI's own
+/// `BOTFLOW_TOKEN`, say) are left alone.
+fn apply_env(
+    table: &mut toml::Table,
+    defaults: &toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+    problems: &mut Vec<ConfigProblem>,
+) {
+    let mut vars: Vec<(String, String)> = env.into_iter().filter(|(k, _)| k.starts_with("BOTFLOW_")).collect();
+    vars.sort();
+    for (name, raw) in vars {
+        let rest = name["BOTFLOW_".len()..].to_ascii_lowercase();
+        let (section, key) = match rest.split_once("__") {
+            Some((s, k)) => (Some(s.to_string()), k.to_string()),
+            None => (None, rest.clone()),
+        };
+        let default = match &section {
+            Some(s) => defaults.get(s).and_then(|t| t.as_table()).and_then(|t| t.get(&key)),
+            None => defaults.get(&key).filter(|v| !v.is_table()),
+        };
+        let Some(default) = default else {
+            if section.is_some() {
+                problems.push(ConfigProblem { key: name.clone(), message: "names no configuration key".into() });
+            }
+            continue;
+        };
+        let value = match coerce_env_value(&raw, default) {
+            Ok(v) => v,
+            Err(message) => {
+                problems.push(ConfigProblem { key: name.clone(), message });
+                continue;
+            }
+        };
+        let target = match &section {
+            Some(s) => {
+                let entry = table.entry(s.clone()).or_insert_with(|| toml::Value::Table(Default::default()));
+                match entry.as_table_mut() {
+                    Some(t) => t,
+                    None => continue, // the file has a non-table here; check_table reports it
+                }
+            }
+            None => &mut *table,
+        };
+        target.insert(key, value);
+    }
+}
+
+/// Environment values are text; read them as the type the key has.
+fn coerce_env_value(raw: &str, default: &toml::Value) -> Result<toml::Value, String> {
+    match default {
+        toml::Value::String(_) => Ok(toml::Value::String(raw.to_string())),
+        toml::Value::Integer(_) => raw
+            .trim()
+            .parse::<i64>()
+            .map(toml::Value::Integer)
+            .map_err(|_| format!("expected an integer, got {raw:?}")),
+        toml::Value::Float(_) => raw
+            .trim()
+            .parse::<f64>()
+            .map(toml::Value::Float)
+            .map_err(|_| format!("expected a number, got {raw:?}")),
+        toml::Value::Boolean(_) => match raw.trim() {
+            "true" | "1" | "yes" => Ok(toml::Value::Boolean(true)),
+            "false" | "0" | "no" => Ok(toml::Value::Boolean(false)),
+            _ => Err(format!("expected true or false, got {raw:?}")),
+        },
+        _ => format!("v = {raw}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .ok_or_else(|| format!("expected a TOML value, got {raw:?}")),
+    }
+}
+
+fn type_name(v: &toml::Value) -> &'static str {
+    match v {
+        toml::Value::String(_) => "a string",
+        toml::Value::Integer(_) => "an integer",
+        toml::Value::Float(_) => "a number",
+        toml::Value::Boolean(_) => "a boolean",
+        toml::Value::Datetime(_) => "a date-time",
+        toml::Value::Array(_) => "an array",
+        toml::Value::Table(_) => "a table",
+    }
+}
+
+/// Names every key that the defaults do not have and every value of the wrong type.
+fn check_table(table: &toml::Table, defaults: &toml::Table, prefix: &str, problems: &mut Vec<ConfigProblem>) {
+    for (key, value) in table {
+        let full = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+        let Some(default) = defaults.get(key) else {
+            let known: Vec<&str> = defaults.keys().map(String::as_str).collect();
+            problems.push(ConfigProblem { key: full, message: format!("unknown key (known here: {})", known.join(", ")) });
+            continue;
+        };
+        match (default, value) {
+            (toml::Value::Table(d), toml::Value::Table(t)) => check_table(t, d, &full, problems),
+            (toml::Value::Integer(_), toml::Value::Integer(i)) if *i < 0 => {
+                problems.push(ConfigProblem { key: full, message: format!("must not be negative, got {i}") })
+            }
+            (toml::Value::Float(_), toml::Value::Integer(_)) => {}
+            (d, v) if std::mem::discriminant(d) == std::mem::discriminant(v) => {}
+            (d, v) => problems.push(ConfigProblem {
+                key: full,
+                message: format!("expected {}, found {}", type_name(d), type_name(v)),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_sources(text, env.iter().map(|(k, v)| (k.to_string(), v.to_string())), "test.toml")
+    }
+
+    #[test]
+    fn empty_file_gives_the_documented_defaults() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.ingest.max_frame_bytes, 1_048_576);
+        assert_eq!(c.ingest.max_in_flight, 1024);
+        assert_eq!(c.database.pool_size, 16);
+    }
+
+    #[test]
+    fn shipped_config_file_is_valid_and_documents_every_key() {
+        let text = include_str!("../config/botflow.toml");
+        let c = load(text, &[]).unwrap();
+        assert_eq!(c, Config::default(), "config/botflow.toml must show the defaults");
+        let defaults = toml::Table::try_from(Config::default()).unwrap();
+        let file: toml::Table = text.parse().unwrap();
+        for (section, value) in &defaults {
+            match value {
+                toml::Value::Table(keys) => {
+                    for key in keys.keys() {
+                        assert!(
+                            file.get(section).and_then(|s| s.get(key)).is_some(),
+                            "config/botflow.toml does not document {section}.{key}"
+                        );
+                    }
+                }
+                _ => assert!(file.contains_key(section), "config/botflow.toml does not document {section}"),
+            }
+        }
+    }
+
+    #[test]
+    fn every_bad_key_is_reported_at_once() {
+        let err = load(
+            "data_dirr = \"x\"\n[ingest]\nmax_in_flight = \"many\"\nmax_frame_bytes = 10\n[database]\npool_size = 0\n[bogus]\na = 1\n",
+            &[],
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"data_dirr"), "{err}");
+        assert!(keys.contains(&"ingest.max_in_flight"), "{err}");
+        assert!(keys.contains(&"bogus"), "{err}");
+        // type errors stop before range checks; fix the types and ranges are reported together
+        let err = load("[ingest]\nmax_frame_bytes = 10\n[database]\npool_size = 0\n[log]\nformat = \"xml\"\n", &[]).unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, vec!["database.pool_size", "ingest.max_frame_bytes", "log.format"], "{err}");
+        assert!(err.to_string().contains("3 problems"));
+    }
+
+    #[test]
+    fn environment_overrides_sections_and_top_level_keys() {
+        let c = load(
+            "[database]\nurl = \"postgres://a@b/c\"\n",
+            &[
+                ("BOTFLOW_DATABASE__URL", "postgres://u:pw@h/db"),
+                ("BOTFLOW_INGEST__MAX_IN_FLIGHT", "7"),
+                ("BOTFLOW_DATA_DIR", "/srv/botflow"),
+                ("BOTFLOW_TOKEN", "not a config key, ignored"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.database.url, "postgres://u:pw@h/db");
+        assert_eq!(c.ingest.max_in_flight, 7);
+        assert_eq!(c.data_dir, PathBuf::from("/srv/botflow"));
+        assert!(c.to_redacted_toml().contains("postgres://u:***@h/db"));
+        assert!(!c.to_redacted_toml().contains("pw"));
+    }
+
+    #[test]
+    fn bad_environment_values_are_named() {
+        let err = load("", &[("BOTFLOW_INGEST__MAX_IN_FLIGHT", "lots"), ("BOTFLOW_INGEST__NOPE", "1")]).unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, vec!["BOTFLOW_INGEST__MAX_IN_FLIGHT", "BOTFLOW_INGEST__NOPE"], "{err}");
+    }
+
+    #[test]
+    fn toml_syntax_errors_name_the_line() {
+        let err = load("[ingest]\nmax_in_flight = = 3\n", &[]).unwrap_err();
+        assert_eq!(err.problems.len(), 1);
+        assert_eq!(err.problems[0].key, "line 2", "{err}");
+    }
+
+    #[test]
+    fn redacts_key_value_passwords() {
+        assert_eq!(redact_url("host=/tmp user=a password=secret"), "host=/tmp user=a password=***");
+    }
+}

@@ -1,0 +1,147 @@
+//! Accept loops for the Unix socket and TCP listeners. Each accepted socket becomes a
+//! Connection actor on one of the worker arbiters, in turn, so connections spread over
+//! the cores. Sockets are moved between threads as std sockets and registered with the
+//! target arbiter's reactor there, so their I/O is driven by the thread that uses them.
+
+use super::connection::{Connection, IngestDeps};
+use actix::ArbiterHandle;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("cannot listen on {addr}: {source}")]
+    Tcp { addr: String, source: std::io::Error },
+    #[error("cannot listen on the Unix socket {path}: {source}")]
+    Unix { path: PathBuf, source: std::io::Error },
+    #[error("another process is already listening on the Unix socket {0}")]
+    UnixInUse(PathBuf),
+}
+
+/// Spreads connections over the worker arbiters.
+#[derive(Clone)]
+pub struct Workers {
+    arbiters: Arc<Vec<ArbiterHandle>>,
+    next: Arc<AtomicUsize>,
+}
+
+impl Workers {
+    pub fn new(arbiters: Vec<ArbiterHandle>) -> Workers {
+        Workers { arbiters: Arc::new(arbiters), next: Arc::new(AtomicUsize::new(0)) }
+    }
+
+    pub fn handles(&self) -> Vec<ArbiterHandle> {
+        self.arbiters.as_ref().clone()
+    }
+
+    fn pick(&self) -> &ArbiterHandle {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.arbiters.len();
+        &self.arbiters[i]
+    }
+}
+
+pub fn bind_tcp(addr: &str) -> Result<std::net::TcpListener, ListenError> {
+    let l = std::net::TcpListener::bind(addr).map_err(|source| ListenError::Tcp { addr: addr.into(), source })?;
+    l.set_nonblocking(true).map_err(|source| ListenError::Tcp { addr: addr.into(), source })?;
+    Ok(l)
+}
+
+/// Binds the Unix socket, removing a stale socket file left by a process that died,
+/// but refusing to steal one that is in use.
+pub fn bind_unix(path: &Path) -> Result<std::os::unix::net::UnixListener, ListenError> {
+    let err = |source| ListenError::Unix { path: path.to_path_buf(), source };
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ListenError::UnixInUse(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let l = std::os::unix::net::UnixListener::bind(path).map_err(err)?;
+    l.set_nonblocking(true).map_err(err)?;
+    Ok(l)
+}
+
+/// Accepts TCP clients until `shutdown`.
+pub async fn serve_tcp(listener: std::net::TcpListener, workers: Workers, deps: Arc<IngestDeps>, shutdown: CancellationToken) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(error) => {
+            tracing::error!(%error, "cannot register the TCP listener");
+            return;
+        }
+    };
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let Ok(std_stream) = stream.into_std() else { continue };
+                let deps = deps.clone();
+                let shutdown = shutdown.clone();
+                workers.pick().spawn_fn(move || match tokio::net::TcpStream::from_std(std_stream) {
+                    Ok(s) => {
+                        let (r, w) = s.into_split();
+                        Connection::start(r, w, peer.to_string(), deps, &shutdown);
+                    }
+                    Err(error) => tracing::warn!(%error, "cannot register an accepted connection"),
+                });
+            }
+            Err(error) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Accepts Unix socket clients until `shutdown`, then removes the socket file.
+pub async fn serve_unix(
+    listener: std::os::unix::net::UnixListener,
+    path: PathBuf,
+    workers: Workers,
+    deps: Arc<IngestDeps>,
+    shutdown: CancellationToken,
+) {
+    let listener = match tokio::net::UnixListener::from_std(listener) {
+        Ok(l) => l,
+        Err(error) => {
+            tracing::error!(%error, "cannot register the Unix listener");
+            return;
+        }
+    };
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let Ok(std_stream) = stream.into_std() else { continue };
+                let deps = deps.clone();
+                let shutdown = shutdown.clone();
+                let peer = format!("unix:{}", path.display());
+                workers.pick().spawn_fn(move || match tokio::net::UnixStream::from_std(std_stream) {
+                    Ok(s) => {
+                        let (r, w) = s.into_split();
+                        Connection::start(r, w, peer, deps, &shutdown);
+                    }
+                    Err(error) => tracing::warn!(%error, "cannot register an accepted connection"),
+                });
+            }
+            Err(error) => {
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}

@@ -1,0 +1,7 @@
+//! Ingest: the listeners (Unix socket, TCP), the NDJSON codec, wire protocol v1 and
+//! the Connection actor that speaks it.
+
+pub mod codec;
+pub mod connection;
+pub mod listener;
+pub mod protocol;

@@ -1,0 +1,355 @@
+//! The Router actor: chatbot id → its `ChatbotSupervisor`.
+//!
+//! Connections send each batch of events here; the router splits it by chatbot,
+//! checks that the connection's key may reach each chatbot, and forwards one message
+//! per chatbot. Being the only sender of events to supervisors is what keeps the
+//! protocol's ordering promise (events of one chatbot from one connection are matched
+//! in the order sent) and lets it stop idle supervisors without losing an event:
+//!
+//! - first use: the chatbot row is loaded, a supervisor is started on a worker
+//!   arbiter; events that arrive meanwhile wait in order;
+//! - idle: the router takes the supervisor out of service, asks it to stop, and holds
+//!   that chatbot's new events until the answer (busy: back in service; stopped: a new
+//!   supervisor takes the held events);
+//! - workflow changes (LISTEN/NOTIFY) are passed to the running supervisor.
+//!
+//! Forwarding costs a hash lookup per chatbot per batch, not per event.
+
+use crate::chatbot::supervisor::{ChatbotSupervisor, Reload, StopIfIdle, SupervisorDeps, SupervisorEvents};
+use crate::event::Event;
+use crate::ingest::connection::EventOutcomes;
+use crate::ingest::protocol::{Nack, NackCode, Outcome};
+use crate::store::accounts::{self, ChatbotRecord};
+use crate::store::listen::Change;
+use crate::telemetry::metrics as m;
+use actix::prelude::*;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+/// Which chatbots a connection's key reaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// An ingest key: its own account's chatbots.
+    Account(Uuid),
+    /// An operator key: every chatbot.
+    All,
+}
+
+impl Scope {
+    pub fn allows(&self, owner: Uuid) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Account(a) => *a == owner,
+        }
+    }
+}
+
+/// Sent by a connection: events in the order read. Each event is answered exactly once
+/// with an `EventOutcomes` to `reply_to` (by the router, a supervisor or the journal).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RouteEvents {
+    pub scope: Scope,
+    pub events: Vec<Event>,
+    pub received_at: Instant,
+    pub reply_to: Recipient<EventOutcomes>,
+}
+
+/// Sent by the change listener: reload the workflows of one chatbot, or of all.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct WorkflowsChanged(pub Change);
+
+/// Sent by the daemon at shutdown: answers once no supervisor has work in flight
+/// (or immediately with the number still busy when `force`).
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct BusySupervisors;
+
+/// Resolves a chatbot's owner for a subscription check; `None`: no such chatbot.
+#[derive(Message)]
+#[rtype(result = "Result<Option<Uuid>, String>")]
+pub struct ChatbotOwner(pub Uuid);
+
+/// A batch held while its chatbot's supervisor is starting or stopping.
+struct Held {
+    scope: Scope,
+    events: Vec<Event>,
+    received_at: Instant,
+    reply_to: Recipient<EventOutcomes>,
+}
+
+enum Slot {
+    /// The chatbot row is being read; batches wait in order.
+    Loading(Vec<Held>),
+    Ready { record: Arc<ChatbotRecord>, addr: Addr<ChatbotSupervisor>, last_event: Instant },
+    /// Asked to stop because idle; batches wait for the answer.
+    Stopping { record: Arc<ChatbotRecord>, held: Vec<Held> },
+    /// No such chatbot, remembered briefly so a flood of bad ids costs no queries.
+    Missing { until: Instant },
+}
+
+pub struct Router {
+    deps: Arc<SupervisorDeps>,
+    arbiters: Vec<ArbiterHandle>,
+    next_arbiter: usize,
+    slots: HashMap<Uuid, Slot>,
+    idle_after: Duration,
+}
+
+impl Router {
+    pub fn new(deps: Arc<SupervisorDeps>, arbiters: Vec<ArbiterHandle>, idle_after: Duration) -> Router {
+        Router { deps, arbiters, next_arbiter: 0, slots: HashMap::new(), idle_after }
+    }
+
+    fn supervisors_active(&self) -> usize {
+        self.slots.values().filter(|s| matches!(s, Slot::Ready { .. } | Slot::Stopping { .. })).count()
+    }
+
+    fn publish_gauge(&self) {
+        metrics::gauge!(m::SUPERVISORS_ACTIVE).set(self.supervisors_active() as f64);
+    }
+
+    /// Routes one chatbot's share of a batch.
+    fn route(&mut self, chatbot_id: Uuid, held: Held, ctx: &mut Context<Self>) {
+        match self.slots.get_mut(&chatbot_id) {
+            Some(Slot::Ready { record, addr, last_event }) => {
+                *last_event = Instant::now();
+                if held.scope.allows(record.account_id) {
+                    addr.do_send(SupervisorEvents {
+                        events: held.events,
+                        received_at: held.received_at,
+                        reply_to: held.reply_to,
+                    });
+                } else {
+                    nack_all(held, forbidden(chatbot_id));
+                }
+            }
+            Some(Slot::Loading(waiting)) => waiting.push(held),
+            Some(Slot::Stopping { held: waiting, .. }) => waiting.push(held),
+            Some(Slot::Missing { until }) if *until > Instant::now() => nack_all(held, unknown(chatbot_id)),
+            Some(Slot::Missing { .. }) | None => {
+                self.slots.insert(chatbot_id, Slot::Loading(vec![held]));
+                self.load(chatbot_id, ctx);
+            }
+        }
+    }
+
+    fn load(&mut self, chatbot_id: Uuid, ctx: &mut Context<Self>) {
+        let store = self.deps.store.clone();
+        let fut = async move { accounts::get_chatbot(&store, chatbot_id).await };
+        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
+            let waiting = match act.slots.remove(&chatbot_id) {
+                Some(Slot::Loading(w)) => w,
+                Some(other) => {
+                    act.slots.insert(chatbot_id, other);
+                    return;
+                }
+                None => Vec::new(),
+            };
+            match res {
+                Ok(Some(record)) => {
+                    let record = Arc::new(record);
+                    let addr = act.start_supervisor(record.clone());
+                    act.slots.insert(chatbot_id, Slot::Ready { record, addr, last_event: Instant::now() });
+                    act.publish_gauge();
+                    for held in waiting {
+                        act.route(chatbot_id, held, ctx);
+                    }
+                }
+                Ok(None) => {
+                    act.slots.insert(chatbot_id, Slot::Missing { until: Instant::now() + Duration::from_secs(1) });
+                    for held in waiting {
+                        nack_all(held, unknown(chatbot_id));
+                    }
+                }
+                Err(error) => {
+                    metrics::counter!(m::DB_ERRORS, "kind" => error.kind()).increment(1);
+                    tracing::warn!(%error, %chatbot_id, "cannot load chatbot");
+                    for held in waiting {
+                        nack_all(
+                            held,
+                            Nack::new(NackCode::Unavailable, "the database is unreachable; send the event again later"),
+                        );
+                    }
+                }
+            }
+        }));
+    }
+
+    fn start_supervisor(&mut self, record: Arc<ChatbotRecord>) -> Addr<ChatbotSupervisor> {
+        let arbiter = &self.arbiters[self.next_arbiter % self.arbiters.len()];
+        self.next_arbiter = self.next_arbiter.wrapping_add(1);
+        let deps = self.deps.clone();
+        ChatbotSupervisor::start_in_arbiter(arbiter, move |ctx| {
+            // The router is the only sender and every event it sends is bounded by a
+            // connection's in-flight window, so the mailbox need not be.
+            ctx.set_mailbox_capacity(0);
+            ChatbotSupervisor::new(record, deps)
+        })
+    }
+
+    /// Takes idle supervisors out of service and asks them to stop.
+    fn reap_idle(&mut self, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let idle: Vec<Uuid> = self
+            .slots
+            .iter()
+            .filter_map(|(id, s)| match s {
+                Slot::Ready { last_event, .. } if now.duration_since(*last_event) >= self.idle_after => Some(*id),
+                Slot::Missing { until } if *until <= now => Some(*id),
+                _ => None,
+            })
+            .collect();
+        for chatbot_id in idle {
+            let Some(slot) = self.slots.remove(&chatbot_id) else { continue };
+            let Slot::Ready { record, addr, .. } = slot else { continue };
+            self.slots.insert(chatbot_id, Slot::Stopping { record: record.clone(), held: Vec::new() });
+            let fut = addr.send(StopIfIdle);
+            ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
+                let held = match act.slots.remove(&chatbot_id) {
+                    Some(Slot::Stopping { held, .. }) => held,
+                    Some(other) => {
+                        act.slots.insert(chatbot_id, other);
+                        return;
+                    }
+                    None => Vec::new(),
+                };
+                match res {
+                    Ok(false) => {
+                        act.slots.insert(chatbot_id, Slot::Ready { record, addr, last_event: Instant::now() });
+                    }
+                    // Stopped (or already gone): the next event starts a fresh one.
+                    Ok(true) | Err(_) => {
+                        tracing::debug!(%chatbot_id, "stopped idle chatbot supervisor");
+                    }
+                }
+                for h in held {
+                    act.route(chatbot_id, h, ctx);
+                }
+                act.publish_gauge();
+            }));
+        }
+    }
+}
+
+fn unknown(chatbot_id: Uuid) -> Nack {
+    Nack::new(NackCode::UnknownChatbot, format!("chatbot {chatbot_id} does not exist"))
+}
+
+fn forbidden(chatbot_id: Uuid) -> Nack {
+    Nack::new(NackCode::Forbidden, format!("chatbot {chatbot_id} belongs to another account"))
+}
+
+fn nack_all(held: Held, nack: Nack) {
+    m::hot().rejected(nack.code).increment(held.events.len() as u64);
+    let list = held
+        .events
+        .into_iter()
+        .map(|e| (e.id, Outcome::Nack(nack.clone()), held.received_at))
+        .collect();
+    held.reply_to.do_send(EventOutcomes(list));
+}
+
+impl Actor for Router {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(0);
+        let every = (self.idle_after / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+        ctx.run_interval(every, |act, ctx| act.reap_idle(ctx));
+        self.publish_gauge();
+    }
+}
+
+impl Handler<RouteEvents> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: RouteEvents, ctx: &mut Context<Self>) {
+        let RouteEvents { scope, events, received_at, reply_to } = msg;
+        // Most batches carry one chatbot: forward the vector as is.
+        let first = events.first().map(|e| e.chatbot_id);
+        if let Some(first) = first {
+            if events.iter().all(|e| e.chatbot_id == first) {
+                self.route(first, Held { scope, events, received_at, reply_to }, ctx);
+                return;
+            }
+        }
+        let mut groups: Vec<(Uuid, Vec<Event>)> = Vec::new();
+        for e in events {
+            match groups.iter_mut().find(|(id, _)| *id == e.chatbot_id) {
+                Some((_, v)) => v.push(e),
+                None => groups.push((e.chatbot_id, vec![e])),
+            }
+        }
+        for (chatbot_id, events) in groups {
+            self.route(chatbot_id, Held { scope, events, received_at, reply_to: reply_to.clone() }, ctx);
+        }
+    }
+}
+
+impl Handler<WorkflowsChanged> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: WorkflowsChanged, _ctx: &mut Context<Self>) {
+        match msg.0 {
+            Change::Workflows(id) => {
+                if let Some(Slot::Ready { addr, .. }) = self.slots.get(&id) {
+                    addr.do_send(Reload);
+                }
+                // A stopping or loading supervisor reads the workflows when it starts.
+            }
+            Change::Resync => {
+                for slot in self.slots.values() {
+                    if let Slot::Ready { addr, .. } = slot {
+                        addr.do_send(Reload);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Handler<ChatbotOwner> for Router {
+    type Result = ResponseFuture<Result<Option<Uuid>, String>>;
+
+    fn handle(&mut self, msg: ChatbotOwner, _ctx: &mut Context<Self>) -> Self::Result {
+        let known = match self.slots.get(&msg.0) {
+            Some(Slot::Ready { record, .. }) | Some(Slot::Stopping { record, .. }) => Some(record.account_id),
+            _ => None,
+        };
+        let store = self.deps.store.clone();
+        Box::pin(async move {
+            if let Some(owner) = known {
+                return Ok(Some(owner));
+            }
+            accounts::get_chatbot(&store, msg.0).await.map(|r| r.map(|r| r.account_id)).map_err(|e| e.to_string())
+        })
+    }
+}
+
+impl Handler<BusySupervisors> for Router {
+    type Result = ResponseFuture<usize>;
+
+    fn handle(&mut self, _msg: BusySupervisors, _ctx: &mut Context<Self>) -> Self::Result {
+        let addrs: Vec<Addr<ChatbotSupervisor>> = self
+            .slots
+            .values()
+            .filter_map(|s| match s {
+                Slot::Ready { addr, .. } => Some(addr.clone()),
+                _ => None,
+            })
+            .collect();
+        Box::pin(async move {
+            let mut busy = 0;
+            for a in addrs {
+                if let Ok(true) = a.send(crate::chatbot::supervisor::IsBusy).await {
+                    busy += 1;
+                }
+            }
+            busy
+        })
+    }
+}

@@ -1,0 +1,218 @@
+//! Accounts, API keys and chatbots: the rows that say who owns what.
+//!
+//! A key is `bfk_<prefix>_<secret>`. The prefix finds the row; the SHA-256 of the
+//! whole key is stored and compared in constant time, so a stolen database does not
+//! yield usable keys and a lookup does not leak how much of a guess was right.
+
+use super::{Store, StoreError, StoreResult};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use std::fmt;
+use std::str::FromStr;
+use subtle::ConstantTimeEq;
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Send events, receive commands.
+    Ingest,
+    /// Manage the account's chatbots and workflows, read their executions.
+    Admin,
+    /// Everything, across accounts.
+    Operator,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Ingest => "ingest",
+            Role::Admin => "admin",
+            Role::Operator => "operator",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Role, String> {
+        match s {
+            "ingest" => Ok(Role::Ingest),
+            "admin" => Ok(Role::Admin),
+            "operator" => Ok(Role::Operator),
+            other => Err(format!("unknown role {other:?} (expected ingest, admin or operator)")),
+        }
+    }
+}
+
+/// Who a valid key belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub key_id: Uuid,
+    pub account_id: Uuid,
+    pub role: Role,
+}
+
+/// The chatbot facts the daemon needs at run time.
+#[derive(Debug, Clone)]
+pub struct ChatbotRecord {
+    pub id: Uuid,
+    pub account_id: Uuid,
+    pub name: String,
+    pub webhook_secret: String,
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    rand::thread_rng().fill_bytes(&mut buf);
+    hex::encode(buf)
+}
+
+fn hash_key(key: &str) -> Vec<u8> {
+    Sha256::digest(key.as_bytes()).to_vec()
+}
+
+/// Splits `bfk_<prefix>_<secret>`; anything else is not a key.
+fn key_prefix(key: &str) -> Option<&str> {
+    let rest = key.strip_prefix("bfk_")?;
+    let (prefix, secret) = rest.split_once('_')?;
+    (prefix.len() == 12 && secret.len() == 48 && prefix.bytes().all(|b| b.is_ascii_hexdigit())).then_some(prefix)
+}
+
+pub async fn create_account(store: &Store, name: &str) -> StoreResult<Uuid> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > 200 {
+        return Err(StoreError::Invalid("account name must be 1 to 200 characters".into()));
+    }
+    let id = Uuid::now_v7();
+    let client = store.pool().get().await?;
+    client.execute("INSERT INTO accounts (id, name) VALUES ($1, $2)", &[&id, &name]).await?;
+    Ok(id)
+}
+
+pub async fn account_exists(store: &Store, id: Uuid) -> StoreResult<bool> {
+    let client = store.pool().get().await?;
+    Ok(client.query_opt("SELECT 1 FROM accounts WHERE id = $1", &[&id]).await?.is_some())
+}
+
+/// Creates a key and returns it in clear, the only time it is ever available.
+pub async fn create_key(store: &Store, account_id: Uuid, role: Role) -> StoreResult<String> {
+    if !account_exists(store, account_id).await? {
+        return Err(StoreError::NotFound { what: "account", id: account_id.to_string() });
+    }
+    let prefix = random_hex(6);
+    let key = format!("bfk_{prefix}_{}", random_hex(24));
+    let client = store.pool().get().await?;
+    client
+        .execute(
+            "INSERT INTO api_keys (id, account_id, prefix, key_hash, role) VALUES ($1, $2, $3, $4, $5)",
+            &[&Uuid::now_v7(), &account_id, &prefix, &hash_key(&key), &role.as_str()],
+        )
+        .await?;
+    Ok(key)
+}
+
+/// The principal of a key, or `None` for a key that is malformed, unknown or revoked.
+pub async fn authenticate(store: &Store, key: &str) -> StoreResult<Option<Principal>> {
+    let Some(prefix) = key_prefix(key) else { return Ok(None) };
+    let client = store.pool().get().await?;
+    let row = client
+        .query_opt(
+            "SELECT id, account_id, key_hash, role FROM api_keys WHERE prefix = $1 AND revoked_at IS NULL",
+            &[&prefix],
+        )
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    let stored: Vec<u8> = row.get(2);
+    if !bool::from(stored.ct_eq(&hash_key(key))) {
+        return Ok(None);
+    }
+    let role: String = row.get(3);
+    let role = role.parse().map_err(StoreError::Invalid)?;
+    Ok(Some(Principal { key_id: row.get(0), account_id: row.get(1), role }))
+}
+
+pub async fn create_chatbot(store: &Store, account_id: Uuid, name: &str) -> StoreResult<Uuid> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > 200 {
+        return Err(StoreError::Invalid("chatbot name must be 1 to 200 characters".into()));
+    }
+    if !account_exists(store, account_id).await? {
+        return Err(StoreError::NotFound { what: "account", id: account_id.to_string() });
+    }
+    let id = Uuid::now_v7();
+    let client = store.pool().get().await?;
+    client
+        .execute(
+            "INSERT INTO chatbots (id, account_id, name, webhook_secret) VALUES ($1, $2, $3, $4)",
+            &[&id, &account_id, &name, &random_hex(32)],
+        )
+        .await?;
+    Ok(id)
+}
+
+pub async fn get_chatbot(store: &Store, id: Uuid) -> StoreResult<Option<ChatbotRecord>> {
+    let client = store.pool().get().await?;
+    let stmt = client
+        .prepare_cached("SELECT id, account_id, name, webhook_secret FROM chatbots WHERE id = $1")
+        .await?;
+    Ok(client.query_opt(&stmt, &[&id]).await?.map(|r| ChatbotRecord {
+        id: r.get(0),
+        account_id: r.get(1),
+        name: r.get(2),
+        webhook_secret: r.get(3),
+    }))
+}
+
+/// On the first start against an empty database there is no key at all, so nobody
+/// could create one through the API: make an `operators` account with an operator key.
+/// Returns the new key, or `None` when keys already exist. Safe against two daemons
+/// starting together (the check and insert run under an advisory lock).
+pub async fn bootstrap_operator_key(store: &Store) -> StoreResult<Option<String>> {
+    let mut client = store.pool().get().await?;
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock(7306599413585950466)", &[]).await?;
+    let any: bool = tx.query_one("SELECT EXISTS (SELECT 1 FROM api_keys)", &[]).await?.get(0);
+    if any {
+        return Ok(None);
+    }
+    let account_id = Uuid::now_v7();
+    tx.execute("INSERT INTO accounts (id, name) VALUES ($1, 'operators')", &[&account_id]).await?;
+    let prefix = random_hex(6);
+    let key = format!("bfk_{prefix}_{}", random_hex(24));
+    tx.execute(
+        "INSERT INTO api_keys (id, account_id, prefix, key_hash, role) VALUES ($1, $2, $3, $4, 'operator')",
+        &[&Uuid::now_v7(), &account_id, &prefix, &hash_key(&key)],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Some(key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_prefix_accepts_only_well_formed_keys() {
+        let key = format!("bfk_{}_{}", "a1b2c3d4e5f6", "0".repeat(48));
+        assert_eq!(key_prefix(&key), Some("a1b2c3d4e5f6"));
+        assert_eq!(key_prefix("bfk_short_x"), None);
+        assert_eq!(key_prefix(""), None);
+        assert_eq!(key_prefix(&format!("xyz_{}_{}", "a1b2c3d4e5f6", "0".repeat(48))), None);
+        assert_eq!(key_prefix(&format!("bfk_{}_{}", "zzzzzzzzzzzz", "0".repeat(48))), None);
+    }
+
+    #[test]
+    fn roles_round_trip() {
+        for r in [Role::Ingest, Role::Admin, Role::Operator] {
+            assert_eq!(r.as_str().parse::<Role>().unwrap(), r);
+        }
+        assert!("root".parse::<Role>().unwrap_err().contains("root"));
+    }
+}

@@ -1,0 +1,64 @@
+//! Database errors, classified where they are defined: transient errors (the server is
+//! away, the pool is exhausted, a deadlock) are worth retrying; permanent ones are not.
+
+use tokio_postgres::error::SqlState;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("no database connection available: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("database error: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("cannot connect to the database: {0}")]
+    Connect(String),
+    #[error("migration failed: {0}")]
+    Migrate(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{what} {id} does not exist")]
+    NotFound { what: &'static str, id: String },
+}
+
+impl StoreError {
+    /// Whether retrying the same operation later may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Pool(_) | StoreError::Connect(_) => true,
+            StoreError::Db(e) => is_transient_db(e),
+            StoreError::Migrate(_) | StoreError::Invalid(_) | StoreError::NotFound { .. } => false,
+        }
+    }
+
+    /// A short, bounded label for `botflow_db_errors_total{kind}`.
+    pub fn kind(&self) -> &'static str {
+        if self.is_transient() {
+            "transient"
+        } else {
+            "permanent"
+        }
+    }
+}
+
+/// Connection loss has no SQLSTATE; server-side codes say whether the server is
+/// going away (class 08, 57P0x), out of connections (53300) or resolving contention
+/// (40001, 40P01). Everything else (constraints, syntax) will fail again.
+pub fn is_transient_db(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        None => true,
+        Some(code) => {
+            code.code().starts_with("08")
+                || *code == SqlState::T_R_SERIALIZATION_FAILURE
+                || *code == SqlState::T_R_DEADLOCK_DETECTED
+                || *code == SqlState::ADMIN_SHUTDOWN
+                || *code == SqlState::CRASH_SHUTDOWN
+                || *code == SqlState::CANNOT_CONNECT_NOW
+                || *code == SqlState::TOO_MANY_CONNECTIONS
+                || *code == SqlState::QUERY_CANCELED
+        }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;

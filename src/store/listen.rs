@@ -1,0 +1,78 @@
+//! LISTEN for workflow changes made by any process on the database (the CLI, the admin
+//! API, another daemon) and pass the chatbot ids on. Reconnects by itself; after a
+//! reconnect it reports `Resync`, because notifications sent while it was away are lost.
+
+use super::Store;
+use futures::StreamExt;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// The workflows of this chatbot changed.
+    Workflows(Uuid),
+    /// The listener was disconnected: anything may have changed.
+    Resync,
+}
+
+/// Runs until `cancel`; sends changes on `tx`.
+pub async fn run(store: Store, channel: &'static str, tx: mpsc::UnboundedSender<Change>, cancel: CancellationToken) {
+    let mut first = true;
+    loop {
+        if cancel.is_cancelled() {
+            return;
+        }
+        match store.pg_config().connect(tokio_postgres::NoTls).await {
+            Ok((client, mut connection)) => {
+                let (ntx, mut nrx) = mpsc::unbounded_channel();
+                // The connection must be polled for the client to work at all; this
+                // stream drives it and hands notifications over.
+                let driver = tokio::spawn(async move {
+                    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    while let Some(msg) = messages.next().await {
+                        match msg {
+                            Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                                if ntx.send(n.payload().to_string()).is_err() {
+                                    break;
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(error) => {
+                                tracing::warn!(%error, "change listener lost its database connection");
+                                break;
+                            }
+                        }
+                    }
+                });
+                if let Err(error) = client.batch_execute(&format!("LISTEN {channel}")).await {
+                    tracing::warn!(%error, "cannot LISTEN for workflow changes");
+                    driver.abort();
+                } else {
+                    if !first {
+                        let _ = tx.send(Change::Resync);
+                    }
+                    first = false;
+                    loop {
+                        tokio::select! {
+                            _ = cancel.cancelled() => { driver.abort(); return; }
+                            payload = nrx.recv() => match payload {
+                                Some(p) => match p.parse::<Uuid>() {
+                                    Ok(id) => { let _ = tx.send(Change::Workflows(id)); }
+                                    Err(_) => tracing::warn!(payload = %p, "ignoring a malformed change notification"),
+                                },
+                                None => break,
+                            }
+                        }
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "change listener cannot connect; retrying"),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}

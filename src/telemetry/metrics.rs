@@ -1,0 +1,137 @@
+//! Metric names, help texts, histogram buckets and the handles the hot paths use.
+//!
+//! Every name is a constant here and `dashboards/` uses exactly these strings. Labels
+//! are bounded: event types collapse custom ones into `custom`, nack reasons and
+//! statuses are fixed sets; no chatbot, conversation or event id ever becomes a label.
+//! Hot paths hold pre-registered handles (`hot()`), so counting is an atomic add, and
+//! they count per batch rather than per event.
+
+use crate::event::EventType;
+use crate::ingest::protocol::NackCode;
+use metrics::{describe_counter, describe_gauge, describe_histogram, Counter, Histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+
+pub const EVENTS_RECEIVED: &str = "botflow_events_received_total";
+pub const EVENTS_REJECTED: &str = "botflow_events_rejected_total";
+pub const EVENTS_ACKED: &str = "botflow_events_acked_total";
+pub const FRAMES_REJECTED: &str = "botflow_frames_rejected_total";
+pub const TRIGGER_MATCHES: &str = "botflow_trigger_matches_total";
+pub const EXECUTIONS: &str = "botflow_executions_total";
+pub const EXECUTION_DURATION: &str = "botflow_execution_duration_seconds";
+pub const STEP_DURATION: &str = "botflow_step_duration_seconds";
+pub const STEPS: &str = "botflow_steps_total";
+pub const ACK_LATENCY: &str = "botflow_ack_latency_seconds";
+pub const RATE_LIMITED: &str = "botflow_rate_limited_total";
+pub const JOURNAL_BATCH_SIZE: &str = "botflow_journal_batch_size";
+pub const JOURNAL_COMMIT_DURATION: &str = "botflow_journal_commit_duration_seconds";
+pub const DB_ERRORS: &str = "botflow_db_errors_total";
+pub const SUPERVISORS_ACTIVE: &str = "botflow_supervisors_active";
+pub const CONNECTIONS_ACTIVE: &str = "botflow_connections_active";
+pub const COMMANDS_SENT: &str = "botflow_commands_sent_total";
+pub const WORKFLOW_RELOADS: &str = "botflow_workflow_reloads_total";
+pub const DEAD_LETTERS: &str = "botflow_dead_letters";
+
+/// Seconds: from a millisecond to a minute.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+/// Seconds: executions may wait on slow webhooks.
+const EXECUTION_BUCKETS: &[f64] =
+    &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0];
+/// Rows per journal transaction.
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder once and returns the handle that renders
+/// `/metrics`. Later calls (a second daemon in one test process) share it.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(EXECUTION_DURATION.into()), EXECUTION_BUCKETS))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(JOURNAL_BATCH_SIZE.into()), BATCH_BUCKETS))
+                .expect("bucket lists are non-empty");
+            let handle = match builder.install_recorder() {
+                Ok(h) => h,
+                // Another recorder is installed (embedding); render from a private one.
+                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+            };
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(EVENTS_RECEIVED, Unit::Count, "Events accepted by the codec, by event type.");
+    describe_counter!(EVENTS_REJECTED, Unit::Count, "Events answered with a nack, by reason.");
+    describe_counter!(EVENTS_ACKED, Unit::Count, "Events acknowledged (after their executions were committed).");
+    describe_counter!(FRAMES_REJECTED, Unit::Count, "Client frames answered with an error line, by reason.");
+    describe_counter!(TRIGGER_MATCHES, Unit::Count, "Workflow triggers that matched an event.");
+    describe_counter!(EXECUTIONS, Unit::Count, "Executions by status: created when committed, then their final status.");
+    describe_histogram!(EXECUTION_DURATION, Unit::Seconds, "Time from an execution's start to its final status.");
+    describe_histogram!(STEP_DURATION, Unit::Seconds, "Time one step attempt took, by action.");
+    describe_counter!(STEPS, Unit::Count, "Step attempts by action and outcome.");
+    describe_histogram!(ACK_LATENCY, Unit::Seconds, "Time from reading an event to writing its ack or nack.");
+    describe_counter!(RATE_LIMITED, Unit::Count, "Events refused because their chatbot was over its rate.");
+    describe_histogram!(JOURNAL_BATCH_SIZE, Unit::Count, "Rows written by one journal transaction.");
+    describe_histogram!(JOURNAL_COMMIT_DURATION, Unit::Seconds, "Time one journal transaction took to commit.");
+    describe_counter!(DB_ERRORS, Unit::Count, "Database operations that failed, by kind (transient or permanent).");
+    describe_gauge!(SUPERVISORS_ACTIVE, Unit::Count, "Chatbot supervisors running.");
+    describe_gauge!(CONNECTIONS_ACTIVE, Unit::Count, "Client connections open.");
+    describe_counter!(COMMANDS_SENT, Unit::Count, "Commands written to subscribed connections, by kind.");
+    describe_counter!(WORKFLOW_RELOADS, Unit::Count, "Trigger index rebuilds after a workflow change.");
+}
+
+/// Pre-registered handles for the per-event paths.
+pub struct Hot {
+    received: Vec<(EventType, Counter)>,
+    received_custom: Counter,
+    rejected: Vec<(NackCode, Counter)>,
+    pub acked: Counter,
+    pub trigger_matches: Counter,
+    pub executions_created: Counter,
+    pub ack_latency: Histogram,
+    pub journal_batch: Histogram,
+    pub journal_commit: Histogram,
+}
+
+impl Hot {
+    pub fn received(&self, kind: &EventType) -> &Counter {
+        self.received.iter().find(|(k, _)| k == kind).map(|(_, c)| c).unwrap_or(&self.received_custom)
+    }
+
+    pub fn rejected(&self, code: NackCode) -> &Counter {
+        // ALL lists every code, so the lookup always succeeds.
+        &self.rejected.iter().find(|(c, _)| *c == code).unwrap_or(&self.rejected[0]).1
+    }
+}
+
+static HOT: OnceLock<Hot> = OnceLock::new();
+
+/// The hot-path handles; the recorder is installed first if it was not.
+pub fn hot() -> &'static Hot {
+    HOT.get_or_init(|| {
+        install();
+        Hot {
+            received: EventType::NATIVE
+                .iter()
+                .map(|k| (k.clone(), metrics::counter!(EVENTS_RECEIVED, "type" => k.metric_label())))
+                .collect(),
+            received_custom: metrics::counter!(EVENTS_RECEIVED, "type" => "custom"),
+            rejected: NackCode::ALL
+                .iter()
+                .map(|c| (*c, metrics::counter!(EVENTS_REJECTED, "reason" => c.as_str())))
+                .collect(),
+            acked: metrics::counter!(EVENTS_ACKED),
+            trigger_matches: metrics::counter!(TRIGGER_MATCHES),
+            executions_created: metrics::counter!(EXECUTIONS, "status" => "created"),
+            ack_latency: metrics::histogram!(ACK_LATENCY),
+            journal_batch: metrics::histogram!(JOURNAL_BATCH_SIZE),
+            journal_commit: metrics::histogram!(JOURNAL_COMMIT_DURATION),
+        }
+    })
+}

@@ -1,0 +1,484 @@
+//! Test support: a real PostgreSQL (the embedded launcher, one server per test process,
+//! a fresh database per test; or `BOTFLOW_TEST_DATABASE_URL`), the daemon started in
+//! process on OS-chosen ports, a line-oriented protocol client, and a local HTTP server
+//! standing in for webhook receivers.
+#![allow(dead_code)]
+
+use botflow::app::{App, RunningApp};
+use botflow::config::Config;
+use botflow::store::embedded::{EmbeddedOptions, EmbeddedPostgres};
+use botflow::store::{accounts, Store};
+use serde_json::Value;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use uuid::Uuid;
+
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Polls `cond` until it holds or the deadline passes.
+pub async fn eventually<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !cond().await {
+        if start.elapsed() > DEADLINE {
+            panic!("timed out waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A directory under /tmp removed on drop (the embedded server runs as the postgres
+/// user, which must be able to reach it).
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("botflow-{tag}-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+enum Server {
+    Embedded { pg: EmbeddedPostgres, _dir: TempDir },
+    External(tokio_postgres::Config),
+}
+
+// Never dropped: the server stops when the test process exits (its parent-death signal).
+static SERVER: OnceLock<Server> = OnceLock::new();
+
+fn server() -> &'static Server {
+    SERVER.get_or_init(|| match std::env::var("BOTFLOW_TEST_DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Server::External(url.parse().expect("BOTFLOW_TEST_DATABASE_URL is a PostgreSQL URL")),
+        _ => {
+            let dir = TempDir::new("testpg");
+            let pg = EmbeddedPostgres::start(dir.path(), &EmbeddedOptions { fast_unsafe: true })
+                .expect("start the embedded PostgreSQL for tests");
+            Server::Embedded { pg, _dir: dir }
+        }
+    })
+}
+
+fn admin_config() -> tokio_postgres::Config {
+    match server() {
+        Server::Embedded { pg, .. } => pg.config("postgres"),
+        Server::External(c) => c.clone(),
+    }
+}
+
+/// A new, empty database on the test server; returns its connection settings.
+pub async fn fresh_database() -> tokio_postgres::Config {
+    let name = format!("t_{}", Uuid::new_v4().simple());
+    let admin = admin_config();
+    let (client, conn) = admin.connect(tokio_postgres::NoTls).await.expect("connect to the test server");
+    let task = tokio::spawn(conn);
+    client.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create a test database");
+    drop(client);
+    let _ = task.await;
+    let mut cfg = admin;
+    cfg.dbname(&name);
+    cfg
+}
+
+/// Options for one daemon under test.
+pub struct DaemonOptions {
+    pub pg: Option<tokio_postgres::Config>,
+    pub tweak: Box<dyn FnOnce(&mut Config)>,
+}
+
+impl Default for DaemonOptions {
+    fn default() -> Self {
+        DaemonOptions { pg: None, tweak: Box::new(|_| {}) }
+    }
+}
+
+pub struct TestDaemon {
+    pub app: Option<RunningApp>,
+    pub store: Store,
+    pub pg: tokio_postgres::Config,
+    pub dir: TempDir,
+    pub config: Config,
+}
+
+impl TestDaemon {
+    pub async fn start() -> TestDaemon {
+        Self::start_with(DaemonOptions::default()).await
+    }
+
+    pub async fn start_with(opts: DaemonOptions) -> TestDaemon {
+        let pg = match opts.pg {
+            Some(pg) => pg,
+            None => fresh_database().await,
+        };
+        let dir = TempDir::new("daemon");
+        let mut config = Config::default();
+        config.data_dir = dir.path().to_path_buf();
+        config.ingest.tcp = "127.0.0.1:0".into();
+        config.ingest.unix_socket = dir.path().join("botflow.sock").to_string_lossy().into_owned();
+        config.metrics.listen = "127.0.0.1:0".into();
+        config.ingest.workers = 2;
+        config.shutdown_timeout_seconds = 10;
+        (opts.tweak)(&mut config);
+        botflow::telemetry::init_logging(&botflow::config::LogConfig {
+            format: "text".into(),
+            level: std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        });
+        let app = App::start(&config, pg.clone()).await.expect("the daemon starts");
+        let store = app.store.clone();
+        TestDaemon { app: Some(app), store, pg, dir, config }
+    }
+
+    pub fn app(&self) -> &RunningApp {
+        self.app.as_ref().expect("running")
+    }
+
+    pub fn tcp(&self) -> std::net::SocketAddr {
+        self.app().tcp_addr.expect("tcp listener")
+    }
+
+    pub fn unix(&self) -> PathBuf {
+        self.app().unix_path.clone().expect("unix listener")
+    }
+
+    pub async fn shutdown(&mut self) {
+        if let Some(app) = self.app.take() {
+            app.shutdown().await;
+        }
+    }
+
+    /// The text of GET /metrics.
+    pub async fn metrics(&self) -> String {
+        let addr = self.app().metrics_addr.expect("metrics listener");
+        reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap()
+    }
+
+    /// A client with its own connection to the test database.
+    pub async fn db(&self) -> tokio_postgres::Client {
+        let (client, conn) = self.pg.connect(tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        client
+    }
+}
+
+/// The value of a metric line (`name{labels} value`), summed over matching series.
+pub fn metric(text: &str, name: &str, label: Option<&str>) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && (l.len() == name.len() || matches!(l.as_bytes()[name.len()], b'{' | b' ')))
+        .filter(|l| label.is_none_or(|lab| l.contains(lab)))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
+/// An account with an ingest key and chatbots.
+pub struct Tenant {
+    pub account: Uuid,
+    pub key: String,
+    pub chatbots: Vec<Uuid>,
+}
+
+pub async fn tenant(store: &Store, name: &str, chatbots: usize) -> Tenant {
+    let account = accounts::create_account(store, name).await.unwrap();
+    let key = accounts::create_key(store, account, accounts::Role::Ingest).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..chatbots {
+        ids.push(accounts::create_chatbot(store, account, &format!("{name}-bot-{i}")).await.unwrap());
+    }
+    Tenant { account, key, chatbots: ids }
+}
+
+/// Applies workflows given as JSON values to a chatbot; returns their ids.
+pub async fn apply(store: &Store, chatbot: Uuid, workflows: Value) -> Vec<Uuid> {
+    let bytes = serde_json::to_vec(&workflows).unwrap();
+    let specs = botflow::workflow::parse_workflows(&bytes).expect("valid workflows");
+    botflow::store::workflows::apply(store, chatbot, &specs).await.unwrap().iter().map(|a| a.id()).collect()
+}
+
+/// A protocol client: writes lines, reads JSON lines with a deadline.
+pub struct Client {
+    pub reader: BufReader<Box<dyn AsyncRead + Unpin + Send>>,
+    pub writer: Box<dyn AsyncWrite + Unpin + Send>,
+    /// Lines read while looking for another one, handed out first by `recv`.
+    stash: std::collections::VecDeque<Value>,
+}
+
+impl Client {
+    pub async fn tcp(addr: std::net::SocketAddr) -> Client {
+        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        let (r, w) = s.into_split();
+        Client { reader: BufReader::new(Box::new(r)), writer: Box::new(w), stash: Default::default() }
+    }
+
+    pub async fn unix(path: &std::path::Path) -> Client {
+        let s = tokio::net::UnixStream::connect(path).await.unwrap();
+        let (r, w) = s.into_split();
+        Client { reader: BufReader::new(Box::new(r)), writer: Box::new(w), stash: Default::default() }
+    }
+
+    /// Connects and says hello; panics unless welcomed.
+    pub async fn hello(mut self, token: &str, subscribe: &[Uuid]) -> Client {
+        self.send(&serde_json::json!({"op":"hello","version":1,"token":token,"client":"test","subscribe":subscribe}))
+            .await;
+        let w = self.recv().await;
+        assert_eq!(w["op"], "welcome", "expected a welcome, got {w}");
+        self
+    }
+
+    pub async fn send(&mut self, v: &Value) {
+        self.send_raw(&format!("{v}\n")).await;
+    }
+
+    pub async fn send_raw(&mut self, s: &str) {
+        self.writer.write_all(s.as_bytes()).await.unwrap();
+    }
+
+    /// The next line as JSON.
+    pub async fn recv(&mut self) -> Value {
+        self.try_recv(DEADLINE).await.expect("a line from the daemon before the deadline")
+    }
+
+    /// The next line, or `None` at the deadline. Panics if the connection closed.
+    pub async fn try_recv(&mut self, within: Duration) -> Option<Value> {
+        if let Some(v) = self.stash.pop_front() {
+            return Some(v);
+        }
+        let mut line = String::new();
+        match tokio::time::timeout(within, self.reader.read_line(&mut line)).await {
+            Err(_) => None,
+            Ok(Ok(0)) => panic!("the daemon closed the connection"),
+            Ok(Ok(_)) => Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"))),
+            Ok(Err(e)) => panic!("read failed: {e}"),
+        }
+    }
+
+    /// Waits for the daemon to close the connection, returning the lines before it.
+    pub async fn until_closed(&mut self) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut buf = String::new();
+        loop {
+            buf.clear();
+            match tokio::time::timeout(DEADLINE, self.reader.read_line(&mut buf)).await {
+                Err(_) => panic!("the daemon did not close the connection; got {out:?}"),
+                Ok(Ok(0)) | Ok(Err(_)) => return out,
+                Ok(Ok(_)) => out.push(serde_json::from_str(&buf).unwrap()),
+            }
+        }
+    }
+
+    /// Reads until a line matches and returns it; the lines passed over stay queued
+    /// for later `recv`s (a copy is returned too).
+    pub async fn recv_until(&mut self, pred: impl Fn(&Value) -> bool) -> (Value, Vec<Value>) {
+        if let Some(i) = self.stash.iter().position(&pred) {
+            let v = self.stash.remove(i).unwrap();
+            return (v, Vec::new());
+        }
+        let mut skipped = Vec::new();
+        loop {
+            let mut line = String::new();
+            match tokio::time::timeout(DEADLINE, self.reader.read_line(&mut line)).await {
+                Err(_) => panic!("no matching line before the deadline; passed over {skipped:?}"),
+                Ok(Ok(0)) => panic!("the daemon closed the connection; passed over {skipped:?}"),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => panic!("read failed: {e}"),
+            }
+            let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"));
+            if pred(&v) {
+                self.stash.extend(skipped.iter().cloned());
+                return (v, skipped);
+            }
+            skipped.push(v);
+        }
+    }
+
+    /// Reads the answers (ack or nack) for `n` events, keyed by event id; other lines go to `others`.
+    pub async fn answers(&mut self, n: usize) -> (std::collections::HashMap<String, Value>, Vec<Value>) {
+        let mut map = std::collections::HashMap::new();
+        let mut others = Vec::new();
+        while map.len() < n {
+            let v = self.recv().await;
+            match v["op"].as_str() {
+                Some("ack") | Some("nack") => {
+                    map.insert(v["id"].as_str().unwrap_or_default().to_string(), v);
+                }
+                _ => others.push(v),
+            }
+        }
+        // Other lines (commands) stay readable.
+        self.stash.extend(others.iter().cloned());
+        (map, others)
+    }
+
+    pub async fn close_write(&mut self) {
+        let _ = self.writer.shutdown().await;
+    }
+
+    pub async fn read_to_end_raw(&mut self) -> String {
+        let mut s = String::new();
+        let _ = tokio::time::timeout(DEADLINE, self.reader.read_to_string(&mut s)).await;
+        s
+    }
+}
+
+pub fn event(id: &str, chatbot: Uuid, kind: &str, data: Value) -> Value {
+    serde_json::json!({
+        "op": "event", "id": id, "chatbot_id": chatbot, "type": kind,
+        "conversation_id": "conv-1", "occurred_at": "2026-11-25T10:00:00Z", "data": data,
+    })
+}
+
+/// One request seen by the receiver.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub at: Instant,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+}
+
+/// What the receiver answers.
+#[derive(Clone)]
+pub enum Behaviour {
+    Status(u16, String),
+    /// Never answers (the connection stays open).
+    Hang,
+}
+
+/// A small HTTP/1.1 server standing in for webhook receivers: records every request
+/// and answers as told (per path prefix, default 200 `{"ok":true}`).
+#[derive(Clone)]
+pub struct Receiver {
+    pub addr: std::net::SocketAddr,
+    pub requests: Arc<Mutex<Vec<Received>>>,
+    behaviour: Arc<Mutex<Vec<(String, Behaviour)>>>,
+}
+
+impl Receiver {
+    pub async fn start() -> Receiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let r = Receiver {
+            addr: listener.local_addr().unwrap(),
+            requests: Arc::default(),
+            behaviour: Arc::default(),
+        };
+        let me = r.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = listener.accept().await else { return };
+                let me = me.clone();
+                tokio::spawn(async move { me.serve(s).await });
+            }
+        });
+        r
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn on(&self, prefix: &str, b: Behaviour) {
+        self.behaviour.lock().unwrap().insert(0, (prefix.to_string(), b));
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    pub fn count(&self, prefix: &str) -> usize {
+        self.requests.lock().unwrap().iter().filter(|r| r.path.starts_with(prefix)).count()
+    }
+
+    pub async fn wait_for(&self, prefix: &str, n: usize) -> Vec<Received> {
+        let me = self.clone();
+        let p = prefix.to_string();
+        eventually(&format!("{n} requests to {prefix}"), move || {
+            let me = me.clone();
+            let p = p.clone();
+            async move { me.count(&p) >= n }
+        })
+        .await;
+        self.received().into_iter().filter(|r| r.path.starts_with(prefix)).collect()
+    }
+
+    async fn serve(&self, s: tokio::net::TcpStream) {
+        let (r, mut w) = s.into_split();
+        let mut r = BufReader::new(r);
+        loop {
+            let mut request_line = String::new();
+            if r.read_line(&mut request_line).await.unwrap_or(0) == 0 {
+                return;
+            }
+            let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_string();
+            let mut headers = Vec::new();
+            loop {
+                let mut h = String::new();
+                if r.read_line(&mut h).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let h = h.trim_end();
+                if h.is_empty() {
+                    break;
+                }
+                if let Some((k, v)) = h.split_once(':') {
+                    headers.push((k.trim().to_string(), v.trim().to_string()));
+                }
+            }
+            let len = headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                .and_then(|(_, v)| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            let mut body = vec![0; len];
+            if r.read_exact(&mut body).await.is_err() {
+                return;
+            }
+            let behaviour = self
+                .behaviour
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(p, _)| path.starts_with(p.as_str()))
+                .map(|(_, b)| b.clone())
+                .unwrap_or(Behaviour::Status(200, r#"{"ok":true}"#.into()));
+            self.requests.lock().unwrap().push(Received { path, headers, body, at: Instant::now() });
+            match behaviour {
+                Behaviour::Hang => {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    return;
+                }
+                Behaviour::Status(code, body) => {
+                    let resp = format!(
+                        "HTTP/1.1 {code} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if w.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
