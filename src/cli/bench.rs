@@ -1,7 +1,450 @@
-//! `botflow bench`.
+//! `botflow bench`: the real pipeline (sockets, actors, trigger index, journal,
+//! PostgreSQL) under load from clients in the same process, reporting:
+//!
+//! - `nomatch`: events/s routed and matched when no workflow is hit (every chatbot has
+//!   keyword workflows the events' text does not contain, so each event is parsed and
+//!   run through the keyword automaton);
+//! - `executions`: executions/s committed (acked), each event triggering one workflow
+//!   whose only step has no external effect (a reply to a chatbot nobody subscribes
+//!   to), and executions/s completed (final status and step row committed);
+//! - `latency`: ack latency p50/p99/max at a fixed offered rate of events that each
+//!   create an execution.
+//!
+//! The daemon runs on the actix system of the main thread with its usual threads; the
+//! clients run on a separate tokio runtime. With `database.url` empty a private
+//! PostgreSQL is started under a temporary directory with default durability (fsync
+//! on), and removed afterwards.
+
+use crate::app::App;
+use crate::cli::database::Database;
+use crate::config::Config;
+use crate::store::{accounts, workflows, Store};
+use anyhow::Context;
 use clap::Args;
-#[derive(Args, Debug)]
-pub struct BenchArgs {}
-pub fn run(_c: crate::config::Config, _a: BenchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("bench: not written yet")
+use hdrhistogram::Histogram;
+use serde_json::json;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use uuid::Uuid;
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Which measurements to run: all, nomatch, executions, latency
+    #[arg(long, default_value = "all")]
+    pub scenario: String,
+    /// Client connections
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Chatbots the events are spread over
+    #[arg(long, default_value_t = 4)]
+    pub chatbots: usize,
+    /// Keyword workflows per chatbot in the no-match run
+    #[arg(long, default_value_t = 100)]
+    pub workflows: usize,
+    /// Events in the no-match run
+    #[arg(long, default_value_t = 1_000_000)]
+    pub nomatch_events: u64,
+    /// Events (one execution each) in the executions run
+    #[arg(long, default_value_t = 100_000)]
+    pub execution_events: u64,
+    /// Offered rate of the latency run, events/s
+    #[arg(long, default_value_t = 5_000)]
+    pub rate: u64,
+    /// Length of the latency run, seconds
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Use TCP instead of the Unix socket
+    #[arg(long)]
+    pub tcp: bool,
+    /// Print the results as one JSON object on stdout
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
+    let scratch = std::env::temp_dir().join(format!("botflow-bench-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&scratch)?;
+    let result = (|| {
+        if config.database.url.is_empty() {
+            config.data_dir = scratch.clone();
+        }
+        config.ingest.tcp = "127.0.0.1:0".into();
+        config.ingest.unix_socket = scratch.join("bench.sock").to_string_lossy().into_owned();
+        config.metrics.listen = String::new();
+        config.log.level = "warn".into();
+        crate::telemetry::init_logging(&config.log);
+        let db = Database::open_owned(&config)?;
+        let system = actix_rt::System::new();
+        let report = system.block_on(async {
+            let app = App::start(&config, db.pg.clone()).await?;
+            let report = bench(&app, &config, &args).await;
+            app.shutdown().await;
+            report
+        })?;
+        drop(db);
+        if args.json {
+            println!("{}", serde_json::to_string(&report)?);
+        }
+        anyhow::Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
+async fn bench(app: &crate::app::RunningApp, config: &Config, args: &BenchArgs) -> anyhow::Result<serde_json::Value> {
+    let store = &app.store;
+    let account = accounts::create_account(store, "bench").await?;
+    let key = accounts::create_key(store, account, accounts::Role::Ingest).await?;
+    let mut nomatch_bots = Vec::new();
+    let mut exec_bots = Vec::new();
+    for i in 0..args.chatbots {
+        let bot = accounts::create_chatbot(store, account, &format!("bench-nomatch-{i}")).await?;
+        let specs: Vec<_> = (0..args.workflows)
+            .map(|w| {
+                serde_json::from_value(json!({
+                    "name": format!("keyword {w}"),
+                    "trigger": {"event": "message.received", "keywords": {"any": [format!("zebra{w}"), format!("quokka{w}")]}},
+                    "steps": [{"id": "r", "action": "reply", "text": "never"}]
+                }))
+            })
+            .collect::<Result<_, _>>()?;
+        workflows::apply(store, bot, &specs).await?;
+        nomatch_bots.push(bot);
+        let bot = accounts::create_chatbot(store, account, &format!("bench-exec-{i}")).await?;
+        let spec = serde_json::from_value(json!({
+            "name": "one step",
+            "trigger": {"event": "x.bench"},
+            "steps": [{"id": "r", "action": "reply", "text": "ok {{event.id}}"}]
+        }))?;
+        workflows::apply(store, bot, &[spec]).await?;
+        exec_bots.push(bot);
+    }
+    let target = Target {
+        tcp: if args.tcp { app.tcp_addr } else { None },
+        unix: if args.tcp { None } else { app.unix_path.clone() },
+        key,
+        window: config.ingest.max_in_flight as u64,
+    };
+    let clients = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let mut report = serde_json::Map::new();
+    let want = |s: &str| args.scenario == "all" || args.scenario == s;
+    eprintln!(
+        "botflow bench: {} connections over {}, {} chatbots, {} cores",
+        args.connections,
+        if args.tcp { "TCP" } else { "the Unix socket" },
+        args.chatbots,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
+
+    if want("nomatch") {
+        let (t, a) = (target.clone(), args.clone());
+        let bots = nomatch_bots.clone();
+        let r = run_on(&clients, async move {
+            blast(&t, a.connections, a.nomatch_events, move |i, buf| {
+                let bot = bots[(i as usize) % bots.len()];
+                event_line(buf, i, bot, "message.received", r#"{"text":"hello there, how are you today?"}"#);
+            })
+            .await
+        })
+        .await?;
+        eprintln!(
+            "no match:    {:>10.0} events/s   ({} events in {:.2} s, {} nacked)",
+            r.per_second(),
+            r.answered,
+            r.elapsed.as_secs_f64(),
+            r.nacked
+        );
+        report.insert("nomatch_events_per_second".into(), json!(r.per_second().round()));
+    }
+
+    if want("executions") {
+        let before = finished_count(store).await?;
+        let (t, a) = (target.clone(), args.clone());
+        let bots = exec_bots.clone();
+        let started = Instant::now();
+        let r = run_on(&clients, async move {
+            blast(&t, a.connections, a.execution_events, move |i, buf| {
+                let bot = bots[(i as usize) % bots.len()];
+                event_line(buf, i, bot, "x.bench", "{}");
+            })
+            .await
+        })
+        .await?;
+        let acked = r.answered - r.nacked;
+        // Completed: final status and step rows committed.
+        let mut done = finished_count(store).await? - before;
+        while done < acked as i64 && started.elapsed() < Duration::from_secs(600) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            done = finished_count(store).await? - before;
+        }
+        let completed_in = started.elapsed();
+        eprintln!(
+            "executions:  {:>10.0} committed/s (acked; {} in {:.2} s, {} nacked)",
+            acked as f64 / r.elapsed.as_secs_f64(),
+            acked,
+            r.elapsed.as_secs_f64(),
+            r.nacked
+        );
+        eprintln!(
+            "             {:>10.0} completed/s (final status and step row committed; {} in {:.2} s)",
+            done as f64 / completed_in.as_secs_f64(),
+            done,
+            completed_in.as_secs_f64()
+        );
+        report.insert("executions_committed_per_second".into(), json!((acked as f64 / r.elapsed.as_secs_f64()).round()));
+        report.insert("executions_completed_per_second".into(), json!((done as f64 / completed_in.as_secs_f64()).round()));
+    }
+
+    if want("latency") {
+        let (t, a) = (target.clone(), args.clone());
+        let bots = exec_bots.clone();
+        let h = run_on(&clients, async move { paced(&t, a.connections, a.rate, a.seconds, bots).await }).await?;
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        eprintln!(
+            "ack latency: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms at {} events/s offered ({} events, one execution each)",
+            ms(0.5),
+            ms(0.99),
+            h.max() as f64 / 1000.0,
+            args.rate,
+            h.len()
+        );
+        report.insert("latency_rate".into(), json!(args.rate));
+        report.insert("ack_latency_p50_ms".into(), json!(ms(0.5)));
+        report.insert("ack_latency_p99_ms".into(), json!(ms(0.99)));
+    }
+    clients.shutdown_background();
+    Ok(serde_json::Value::Object(report))
+}
+
+async fn finished_count(store: &Store) -> anyhow::Result<i64> {
+    let c = store.pool().get().await?;
+    Ok(c.query_one("SELECT count(*) FROM executions WHERE status IN ('succeeded', 'failed')", &[]).await?.get(0))
+}
+
+/// Runs a client future on the client runtime and waits for it from the actix side.
+async fn run_on<T: Send + 'static>(
+    rt: &tokio::runtime::Runtime,
+    fut: impl std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
+) -> anyhow::Result<T> {
+    rt.spawn(fut).await.context("bench client panicked")?
+}
+
+#[derive(Clone)]
+struct Target {
+    tcp: Option<std::net::SocketAddr>,
+    unix: Option<std::path::PathBuf>,
+    key: String,
+    window: u64,
+}
+
+type Reader = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
+type Writer = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
+
+impl Target {
+    async fn connect(&self) -> anyhow::Result<(Reader, Writer)> {
+        let (r, mut w): (Reader, Writer) = if let Some(addr) = self.tcp {
+            let s = tokio::net::TcpStream::connect(addr).await?;
+            s.set_nodelay(true)?;
+            let (r, w) = s.into_split();
+            (Box::new(r), Box::new(w))
+        } else {
+            let s = tokio::net::UnixStream::connect(self.unix.as_ref().context("no socket")?).await?;
+            let (r, w) = s.into_split();
+            (Box::new(r), Box::new(w))
+        };
+        let hello = json!({"op": "hello", "version": 1, "token": self.key, "client": "bench"});
+        w.write_all(format!("{hello}\n").as_bytes()).await?;
+        let mut r = r;
+        // The welcome line.
+        let mut byte = [0u8; 1];
+        let mut line = Vec::new();
+        loop {
+            r.read_exact(&mut byte).await?;
+            if byte[0] == b'\n' {
+                break;
+            }
+            line.push(byte[0]);
+        }
+        anyhow::ensure!(line.starts_with(br#"{"op":"welcome""#), "not welcomed: {}", String::from_utf8_lossy(&line));
+        Ok((r, w))
+    }
+}
+
+fn event_line(buf: &mut Vec<u8>, seq: u64, bot: Uuid, kind: &str, data: &str) {
+    use std::io::Write;
+    let _ = writeln!(
+        buf,
+        r#"{{"op":"event","id":"e{seq}","chatbot_id":"{bot}","type":"{kind}","conversation_id":"c{}","data":{data}}}"#,
+        seq % 1000
+    );
+}
+
+struct Blast {
+    answered: u64,
+    nacked: u64,
+    elapsed: Duration,
+}
+
+impl Blast {
+    fn per_second(&self) -> f64 {
+        self.answered as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// Sends `total` events over `conns` connections as fast as the windows allow.
+async fn blast(
+    target: &Target,
+    conns: usize,
+    total: u64,
+    make: impl Fn(u64, &mut Vec<u8>) + Send + Sync + 'static,
+) -> anyhow::Result<Blast> {
+    let make = Arc::new(make);
+    let per = total / conns as u64;
+    let mut tasks = Vec::new();
+    let start = Instant::now();
+    for c in 0..conns as u64 {
+        let (mut r, mut w) = target.connect().await?;
+        let make = make.clone();
+        let window = target.window;
+        let outstanding = Arc::new(AtomicU64::new(0));
+        let notify = Arc::new(tokio::sync::Notify::new());
+        let (o2, n2) = (outstanding.clone(), notify.clone());
+        let writer = tokio::spawn(async move {
+            let mut buf = Vec::with_capacity(256 * 1024);
+            let mut sent = 0u64;
+            while sent < per {
+                let room = window.saturating_sub(o2.load(Ordering::Acquire)).min(per - sent).min(512);
+                if room == 0 {
+                    n2.notified().await;
+                    continue;
+                }
+                buf.clear();
+                for k in 0..room {
+                    make(c * per + sent + k, &mut buf);
+                }
+                o2.fetch_add(room, Ordering::AcqRel);
+                w.write_all(&buf).await?;
+                sent += room;
+            }
+            anyhow::Ok(w)
+        });
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut carry = Vec::new();
+            let (mut answered, mut nacked) = (0u64, 0u64);
+            while answered < per {
+                let n = r.read(&mut buf).await?;
+                anyhow::ensure!(n > 0, "the daemon closed the connection");
+                carry.extend_from_slice(&buf[..n]);
+                let mut done = 0;
+                let mut lines = 0u64;
+                while let Some(i) = carry[done..].iter().position(|&b| b == b'\n') {
+                    let line = &carry[done..done + i];
+                    if line.starts_with(br#"{"op":"ack""#) {
+                        lines += 1;
+                    } else if line.starts_with(br#"{"op":"nack""#) {
+                        lines += 1;
+                        nacked += 1;
+                    }
+                    done += i + 1;
+                }
+                carry.drain(..done);
+                answered += lines;
+                outstanding.fetch_sub(lines, Ordering::AcqRel);
+                notify.notify_one();
+            }
+            anyhow::Ok((answered, nacked))
+        });
+        tasks.push((writer, reader));
+    }
+    let (mut answered, mut nacked) = (0, 0);
+    for (writer, reader) in tasks {
+        let _w = writer.await??;
+        let (a, n) = reader.await??;
+        answered += a;
+        nacked += n;
+    }
+    Ok(Blast { answered, nacked, elapsed: start.elapsed() })
+}
+
+/// Offers `rate` events/s for `seconds` and records each ack's latency (µs).
+async fn paced(target: &Target, conns: usize, rate: u64, seconds: u64, bots: Vec<Uuid>) -> anyhow::Result<Histogram<u64>> {
+    let total = rate * seconds;
+    let per = total / conns as u64;
+    let tick = Duration::from_millis(1);
+    let per_tick = (rate as f64 / conns as f64 / 1000.0).max(0.001);
+    let mut tasks = Vec::new();
+    let epoch = Instant::now();
+    for c in 0..conns as u64 {
+        let (mut r, mut w) = target.connect().await?;
+        let sent_at: Arc<Vec<AtomicU64>> = Arc::new((0..per).map(|_| AtomicU64::new(0)).collect());
+        let s2 = sent_at.clone();
+        let bots = bots.clone();
+        // Ids distinct from every other run's, so no event is a duplicate.
+        let base = 1_000_000_000_000 + c * per;
+        let writer = tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let start = Instant::now();
+            let mut sent = 0u64;
+            let mut interval = tokio::time::interval(tick);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            while sent < per {
+                interval.tick().await;
+                let due = ((start.elapsed().as_secs_f64() * 1000.0 * per_tick) as u64).min(per);
+                if due <= sent {
+                    continue;
+                }
+                buf.clear();
+                let now = epoch.elapsed().as_micros() as u64;
+                for k in sent..due {
+                    s2[k as usize].store(now, Ordering::Relaxed);
+                    let bot = bots[(k as usize) % bots.len()];
+                    event_line(&mut buf, base + k, bot, "x.bench", "{}");
+                }
+                w.write_all(&buf).await?;
+                sent = due;
+            }
+            anyhow::Ok(w)
+        });
+        let reader = tokio::spawn(async move {
+            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut carry = Vec::new();
+            let mut answered = 0u64;
+            while answered < per {
+                let n = r.read(&mut buf).await?;
+                anyhow::ensure!(n > 0, "the daemon closed the connection");
+                let now = epoch.elapsed().as_micros() as u64;
+                carry.extend_from_slice(&buf[..n]);
+                let mut done = 0;
+                while let Some(i) = carry[done..].iter().position(|&b| b == b'\n') {
+                    let line = &carry[done..done + i];
+                    done += i + 1;
+                    if !(line.starts_with(br#"{"op":"ack""#) || line.starts_with(br#"{"op":"nack""#)) {
+                        continue;
+                    }
+                    // `"id":"e<seq>"` follows the op.
+                    let Some(p) = line.windows(7).position(|w| w == br#""id":"e"#) else { continue };
+                    let digits = &line[p + 7..];
+                    let end = digits.iter().position(|b| !b.is_ascii_digit()).unwrap_or(digits.len());
+                    let seq: u64 = std::str::from_utf8(&digits[..end]).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+                    if let Some(t) = sent_at.get(seq.wrapping_sub(base) as usize) {
+                        h.record(now.saturating_sub(t.load(Ordering::Relaxed)).max(1))?;
+                    }
+                    answered += 1;
+                }
+                carry.drain(..done);
+            }
+            anyhow::Ok(h)
+        });
+        tasks.push((writer, reader));
+    }
+    let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for (writer, reader) in tasks {
+        let _w = writer.await??;
+        all.add(reader.await??)?;
+    }
+    Ok(all)
 }

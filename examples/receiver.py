@@ -1,0 +1,44 @@
+#!/usr/bin/env python3
+"""A webhook receiver for the worked example: prints every request botflow sends,
+checks its signature when BOTFLOW_WEBHOOK_SECRET is set (`botflow chatbots secret ID`),
+and answers with a ticket number the workflow uses in its reply.
+
+    python3 examples/receiver.py [PORT]     (default 8099)
+"""
+import hashlib
+import hmac
+import itertools
+import json
+import os
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+tickets = itertools.count(1001)
+secret = os.environ.get("BOTFLOW_WEBHOOK_SECRET", "")
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        signature = self.headers.get("X-Botflow-Signature", "")
+        verdict = "not checked (set BOTFLOW_WEBHOOK_SECRET)"
+        if secret:
+            ts = self.headers.get("X-Botflow-Timestamp", "")
+            mac = hmac.new(secret.encode(), f"{ts}.".encode() + body, hashlib.sha256).hexdigest()
+            verdict = "valid" if hmac.compare_digest(signature, f"v1={mac}") else "INVALID"
+        print(f"webhook {self.path}  idempotency-key={self.headers.get('Idempotency-Key')}  signature {verdict}")
+        print(f"  {body.decode()}", flush=True)
+        answer = json.dumps({"ticket": f"T-{next(tickets)}"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, *args):
+        pass
+
+
+port = int(sys.argv[1]) if len(sys.argv) > 1 else 8099
+print(f"listening on http://127.0.0.1:{port}", flush=True)
+ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()

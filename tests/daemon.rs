@@ -1,0 +1,321 @@
+//! The daemon's behaviour over time: ordering, hot reload, idle supervisors, shutdown,
+//! metrics, a database that goes away, and migrations racing.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+#[actix_rt::test]
+async fn events_of_one_chatbot_are_matched_in_the_order_sent() {
+    let daemon = TestDaemon::start().await;
+    let t = tenant(&daemon.store, "acme", 1).await;
+    let bot = t.chatbots[0];
+    apply(
+        &daemon.store,
+        bot,
+        json!({"name": "all", "trigger": {"event": "x.seq"}, "steps": [{"id": "r", "action": "reply", "text": "{{event.id}}"}]}),
+    )
+    .await;
+    let mut c = Client::tcp(daemon.tcp()).await.hello(&t.key, &[]).await;
+    // Interleave events that match with events that do not, in one burst.
+    let mut lines = String::new();
+    for i in 0..500 {
+        lines.push_str(&format!("{}\n", event(&format!("m{i:04}"), bot, "x.seq", json!({}))));
+        lines.push_str(&format!("{}\n", event(&format!("n{i:04}"), bot, "x.other", json!({}))));
+    }
+    c.send_raw(&lines).await;
+    let (answers, _) = c.answers(1000).await;
+    assert!(answers.values().all(|a| a["op"] == "ack"));
+    // Execution ids are time-ordered (UUIDv7) and chosen when the event is matched.
+    let db = daemon.db().await;
+    let rows = db.query("SELECT event_id FROM executions WHERE chatbot_id = $1 ORDER BY id", &[&bot]).await.unwrap();
+    let order: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    let expected: Vec<String> = (0..500).map(|i| format!("m{i:04}")).collect();
+    assert_eq!(order, expected);
+}
+
+#[actix_rt::test]
+async fn workflow_changes_reach_the_running_supervisor_within_a_second() {
+    let daemon = TestDaemon::start().await;
+    let t = tenant(&daemon.store, "acme", 1).await;
+    let bot = t.chatbots[0];
+    let wf = |word: &str| {
+        json!({"name": "kw", "trigger": {"event": "message.received", "keywords": {"any": [word]}},
+               "steps": [{"id": "r", "action": "reply", "text": "hit"}]})
+    };
+    apply(&daemon.store, bot, wf("alpha")).await;
+    let mut c = Client::unix(&daemon.unix()).await.hello(&t.key, &[]).await;
+    c.send(&event("e1", bot, "message.received", json!({"text": "alpha"}))).await;
+    let a = c.recv().await;
+    assert_eq!(a["executions"].as_array().unwrap().len(), 1, "{a}");
+
+    // Change the workflow the way the CLI does; the daemon hears it through NOTIFY.
+    apply(&daemon.store, bot, wf("beta")).await;
+    let changed = Instant::now();
+    let mut n = 0;
+    loop {
+        n += 1;
+        c.send(&event(&format!("probe{n}"), bot, "message.received", json!({"text": "beta"}))).await;
+        let a = c.recv().await;
+        if a["executions"].as_array().unwrap().len() == 1 {
+            break;
+        }
+        assert!(changed.elapsed() < Duration::from_secs(1), "the change took longer than a second");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let db = daemon.db().await;
+    let version: i32 = db
+        .query_one("SELECT workflow_version FROM executions WHERE event_id = $1", &[&format!("probe{n}")])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, 2, "the new event runs the new version");
+    c.send(&event("e-old", bot, "message.received", json!({"text": "alpha"}))).await;
+    let a = c.recv().await;
+    assert_eq!(a["executions"].as_array().unwrap().len(), 0, "the old keyword no longer matches: {a}");
+}
+
+#[actix_rt::test]
+async fn idle_supervisors_stop_and_restart_on_demand() {
+    let daemon = TestDaemon::start_with(DaemonOptions {
+        tweak: Box::new(|c| c.executor.idle_supervisor_seconds = 1),
+        ..Default::default()
+    })
+    .await;
+    let t = tenant(&daemon.store, "acme", 1).await;
+    let bot = t.chatbots[0];
+    apply(
+        &daemon.store,
+        bot,
+        json!({"name": "w", "trigger": {"event": "x.a"}, "steps": [{"id": "r", "action": "reply", "text": "x"}]}),
+    )
+    .await;
+    let mut c = Client::tcp(daemon.tcp()).await.hello(&t.key, &[]).await;
+    c.send(&event("e1", bot, "x.a", json!({}))).await;
+    assert_eq!(c.recv().await["op"], "ack");
+    async fn supervisors(d: &TestDaemon) -> f64 {
+        metric(&d.metrics().await, "botflow_supervisors_active", None)
+    }
+    assert_eq!(supervisors(&daemon).await, 1.0);
+    eventually("the idle supervisor stops", || async { supervisors(&daemon).await == 0.0 }).await;
+    c.send(&event("e2", bot, "x.a", json!({}))).await;
+    let a = c.recv().await;
+    assert_eq!(a["executions"].as_array().unwrap().len(), 1, "a new supervisor loads the workflows: {a}");
+    assert_eq!(supervisors(&daemon).await, 1.0);
+}
+
+#[actix_rt::test]
+async fn shutdown_answers_every_event_in_flight_and_flushes_the_journal() {
+    let mut daemon = TestDaemon::start().await;
+    let t = tenant(&daemon.store, "acme", 1).await;
+    let bot = t.chatbots[0];
+    apply(
+        &daemon.store,
+        bot,
+        json!({"name": "w", "trigger": {"event": "x.a"}, "steps": [{"id": "r", "action": "reply", "text": "x"}]}),
+    )
+    .await;
+    let mut c = Client::unix(&daemon.unix()).await.hello(&t.key, &[]).await;
+    let mut burst = String::new();
+    for i in 0..300 {
+        burst.push_str(&format!("{}\n", event(&format!("e{i}"), bot, "x.a", json!({}))));
+    }
+    c.send_raw(&burst).await;
+    // Wait until the daemon has read some (one ack), then shut it down mid-stream.
+    let first = c.recv().await;
+    assert_eq!(first["op"], "ack");
+    let store = daemon.store.clone();
+    let pg = daemon.pg.clone();
+    daemon.shutdown().await;
+    let mut lines = vec![first];
+    lines.extend(c.until_closed().await);
+    let acked: Vec<String> =
+        lines.iter().filter(|l| l["op"] == "ack").map(|l| l["id"].as_str().unwrap().to_string()).collect();
+    assert!(lines.iter().all(|l| l["op"] == "ack"), "only acks: {lines:?}");
+    // Every acked event's execution is committed and finished: the journal was flushed.
+    drop(store);
+    let (db, conn) = pg.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let rows = db.query("SELECT event_id, status FROM executions", &[]).await.unwrap();
+    assert_eq!(rows.len(), acked.len(), "one execution per acked event, none for unread ones");
+    for r in rows {
+        let id: String = r.get(0);
+        let status: String = r.get(1);
+        assert!(acked.contains(&id));
+        assert_eq!(status, "succeeded", "{id} was not finished before the daemon stopped");
+    }
+}
+
+#[actix_rt::test]
+async fn metrics_count_what_happened() {
+    let daemon = TestDaemon::start().await;
+    let t = tenant(&daemon.store, "acme", 1).await;
+    let bot = t.chatbots[0];
+    apply(
+        &daemon.store,
+        bot,
+        json!({"name": "w", "trigger": {"event": "intent.detected", "intent": {"names": ["refund"], "min_confidence": 0.5}},
+               "steps": [{"id": "r", "action": "reply", "text": "x"}]}),
+    )
+    .await;
+    // The recorder is process-wide: compare before and after.
+    let before = daemon.metrics().await;
+    let mut c = Client::tcp(daemon.tcp()).await.hello(&t.key, &[]).await;
+    for i in 0..5 {
+        c.send(&event(&format!("i{i}"), bot, "intent.detected", json!({"name": "refund", "confidence": 0.9}))).await;
+    }
+    c.send(&event("bad", bot, "intent.detected", json!({"name": "refund", "confidence": "high"}))).await;
+    c.send(&event("u1", Uuid::new_v4(), "x.a", json!({}))).await;
+    let _ = c.answers(7).await;
+    let db = daemon.db().await;
+    eventually("executions finish", || async {
+        let n: i64 = db.query_one("SELECT count(*) FROM executions WHERE status = 'succeeded'", &[]).await.unwrap().get(0);
+        n == 5
+    })
+    .await;
+    let delta = |after: &str, name: &str, label: Option<&str>| metric(after, name, label) - metric(&before, name, label);
+    let mut after = daemon.metrics().await;
+    let start = Instant::now();
+    while delta(&after, "botflow_executions_total", Some("status=\"succeeded\"")) < 5.0 {
+        assert!(start.elapsed() < DEADLINE, "metrics did not catch up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        after = daemon.metrics().await;
+    }
+    assert_eq!(delta(&after, "botflow_events_received_total", Some("type=\"intent.detected\"")), 5.0);
+    assert_eq!(delta(&after, "botflow_events_rejected_total", Some("reason=\"invalid_event\"")), 1.0);
+    assert_eq!(delta(&after, "botflow_events_rejected_total", Some("reason=\"unknown_chatbot\"")), 1.0);
+    assert_eq!(delta(&after, "botflow_trigger_matches_total", None), 5.0);
+    assert_eq!(delta(&after, "botflow_executions_total", Some("status=\"created\"")), 5.0);
+    assert!(after.contains("botflow_execution_duration_seconds_bucket{le=\"0.005\"}"), "histograms have explicit buckets");
+    assert!(after.contains("# HELP botflow_events_received_total"), "metrics are described");
+    assert!(metric(&after, "botflow_journal_batch_size_count", None) >= 1.0);
+    assert!(metric(&after, "botflow_connections_active", None) >= 1.0);
+    // No unbounded labels: no chatbot or event id appears anywhere.
+    assert!(!after.contains(&bot.to_string()));
+    assert!(!after.contains("\"i1\""));
+}
+
+#[actix_rt::test]
+async fn a_database_that_goes_away_gets_unavailable_never_an_ack_and_the_daemon_recovers() {
+    // A server of its own: this test stops it.
+    let dir = TempDir::new("pgdown");
+    let opts = botflow::store::embedded::EmbeddedOptions { fast_unsafe: true };
+    let mut pg = botflow::store::embedded::EmbeddedPostgres::start(dir.path(), &opts).unwrap();
+    pg.ensure_database("botflow").await.unwrap();
+    let daemon = TestDaemon::start_with(DaemonOptions {
+        pg: Some(pg.config("botflow")),
+        tweak: Box::new(|c| c.database.unavailable_after_ms = 500),
+    })
+    .await;
+    let t = tenant(&daemon.store, "acme", 1).await;
+    let bot = t.chatbots[0];
+    apply(
+        &daemon.store,
+        bot,
+        json!({"name": "w", "trigger": {"event": "x.a"}, "steps": [{"id": "r", "action": "reply", "text": "x"}]}),
+    )
+    .await;
+    let mut c = Client::tcp(daemon.tcp()).await.hello(&t.key, &[]).await;
+    c.send(&event("before", bot, "x.a", json!({}))).await;
+    assert_eq!(c.recv().await["op"], "ack");
+
+    pg.stop().unwrap();
+    c.send(&event("during", bot, "x.a", json!({}))).await;
+    let a = c.recv().await;
+    assert_eq!(a["op"], "nack", "{a}");
+    assert_eq!(a["error"]["code"], "unavailable", "{a}");
+    // Events that trigger nothing need no database and are still acked.
+    c.send(&event("nothing", bot, "x.none", json!({}))).await;
+    assert_eq!(c.recv().await["op"], "ack");
+
+    let pg2 = botflow::store::embedded::EmbeddedPostgres::start(dir.path(), &opts).unwrap();
+    let mut n = 0;
+    loop {
+        n += 1;
+        c.send(&event(&format!("after{n}"), bot, "x.a", json!({}))).await;
+        let a = c.recv().await;
+        if a["op"] == "ack" {
+            assert_eq!(a["executions"].as_array().unwrap().len(), 1);
+            break;
+        }
+        assert_eq!(a["error"]["code"], "unavailable", "{a}");
+        assert!(n < 100, "the daemon did not recover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (db, conn) = pg2.config("botflow").connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let ids: Vec<String> =
+        db.query("SELECT event_id FROM executions ORDER BY id", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(ids.first().map(String::as_str), Some("before"));
+    assert_eq!(ids.last().map(String::as_str), Some(format!("after{n}").as_str()));
+    assert!(!ids.contains(&"during".to_string()), "a nacked event left no execution");
+}
+
+#[actix_rt::test]
+async fn two_instances_migrating_at_once_apply_each_migration_once() {
+    let pg = fresh_database().await;
+    let store = |pg: &tokio_postgres::Config| botflow::store::Store::new(pg.clone(), 2, Duration::from_secs(5)).unwrap();
+    let (a, b) = (store(&pg), store(&pg));
+    let (ra, rb) = tokio::join!(botflow::store::migrate::migrate(&a), botflow::store::migrate::migrate(&b));
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!(ra.applied.len() + rb.applied.len(), 1, "exactly one of them applied V1");
+    assert_eq!(botflow::store::migrate::current_version(&a).await.unwrap(), botflow::store::migrate::latest_version());
+}
+
+#[actix_rt::test]
+async fn the_first_start_writes_an_operator_key_once() {
+    let pg = fresh_database().await;
+    let mut d1 = TestDaemon::start_with(DaemonOptions { pg: Some(pg.clone()), ..Default::default() }).await;
+    let key = d1.app().operator_key.clone().expect("an operator key on an empty database");
+    let path = d1.config.operator_token_path();
+    let on_disk = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(on_disk.trim(), key);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    let p = botflow::store::accounts::authenticate(&d1.store, &key).await.unwrap().unwrap();
+    assert_eq!(p.role, botflow::store::accounts::Role::Operator);
+    d1.shutdown().await;
+    let d2 = TestDaemon::start_with(DaemonOptions { pg: Some(pg), ..Default::default() }).await;
+    assert!(d2.app().operator_key.is_none(), "a second start does not make another key");
+}
+
+#[actix_rt::test]
+async fn ten_thousand_workflows_in_one_chatbot() {
+    let daemon = TestDaemon::start().await;
+    let t = tenant(&daemon.store, "acme", 1).await;
+    let bot = t.chatbots[0];
+    let workflows: Vec<_> = (0..10_000)
+        .map(|i| {
+            let trigger = match i % 4 {
+                0 => json!({"event": "message.received", "keywords": {"any": [format!("word{i}")]}}),
+                1 => json!({"event": "intent.detected", "intent": {"names": [format!("intent{i}")], "min_confidence": 0.5}}),
+                2 => json!({"event": "image.uploaded", "image": {"labels_any": [format!("label{i}")]}}),
+                _ => json!({"event": "sentiment.analyzed", "sentiment": {"labels": ["negative"], "score_below": -0.99}}),
+            };
+            json!({"name": format!("w{i}"), "trigger": trigger, "steps": [{"id": "r", "action": "reply", "text": "x"}]})
+        })
+        .collect();
+    let ids = apply(&daemon.store, bot, json!(workflows)).await;
+    let mut c = Client::tcp(daemon.tcp()).await.hello(&t.key, &[]).await;
+    let cases = [
+        (event("k", bot, "message.received", json!({"text": "say word4444 and word8 please"})), vec![4444, 8]),
+        (event("i", bot, "intent.detected", json!({"name": "intent9001", "confidence": 0.7})), vec![9001]),
+        (event("im", bot, "image.uploaded", json!({"url": "u", "labels": ["label2"]})), vec![2]),
+        (event("s", bot, "sentiment.analyzed", json!({"label": "negative", "score": -0.999})), (0..10_000).filter(|i| i % 4 == 3).collect()),
+        (event("none", bot, "message.received", json!({"text": "word"})), vec![]),
+    ];
+    for (ev, expected) in cases {
+        c.send(&ev).await;
+        let a = c.recv().await;
+        let mut got: Vec<Uuid> =
+            a["executions"].as_array().unwrap().iter().map(|x| x["workflow_id"].as_str().unwrap().parse().unwrap()).collect();
+        let mut want: Vec<Uuid> = expected.iter().map(|i| ids[*i as usize]).collect();
+        got.sort();
+        want.sort();
+        assert_eq!(got.len(), want.len(), "{}", ev["id"]);
+        assert_eq!(got, want, "{}", ev["id"]);
+    }
+}
