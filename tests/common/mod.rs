@@ -377,20 +377,27 @@ pub struct Receiver {
 }
 
 impl Receiver {
+    /// Starts on a thread of its own, so it keeps answering while a test blocks its
+    /// own runtime (waiting for a child process, say).
     pub async fn start() -> Receiver {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        std_listener.set_nonblocking(true).unwrap();
         let r = Receiver {
-            addr: listener.local_addr().unwrap(),
+            addr: std_listener.local_addr().unwrap(),
             requests: Arc::default(),
             behaviour: Arc::default(),
         };
         let me = r.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((s, _)) = listener.accept().await else { return };
-                let me = me.clone();
-                tokio::spawn(async move { me.serve(s).await });
-            }
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+                loop {
+                    let Ok((s, _)) = listener.accept().await else { return };
+                    let me = me.clone();
+                    tokio::spawn(async move { me.serve(s).await });
+                }
+            });
         });
         r
     }
