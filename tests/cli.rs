@@ -281,3 +281,42 @@ async fn the_quickstart_and_worked_example_work_with_the_real_binary() {
     assert!(unsafe { libc::kill(pg_pid, 0) } != 0, "PostgreSQL {pg_pid} still runs");
     assert!(!var.join("botflow.sock").exists(), "the socket file is removed");
 }
+
+#[test]
+fn killing_the_daemon_stops_its_postgres_and_a_restart_keeps_the_data() {
+    let dir = TempDir::new("kill9");
+    let var = dir.path().join("var");
+    let start = || {
+        let mut c = botflow();
+        c.arg("serve")
+            .current_dir(dir.path())
+            .env("BOTFLOW_INGEST__TCP", "")
+            .env("BOTFLOW_METRICS__LISTEN", "")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let d = Serve { child: c.spawn().unwrap() };
+        wait_for("the daemon's socket", || {
+            var.join("botflow.sock").exists() && std::os::unix::net::UnixStream::connect(var.join("botflow.sock")).is_ok()
+        });
+        d
+    };
+    let mut d = start();
+    let o = run(botflow().args(["accounts", "create", "survivor"]).current_dir(dir.path()));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let account = stdout(&o).trim().to_string();
+    let pg_pid = postmaster_pid(&var).expect("the embedded PostgreSQL runs");
+
+    // kill -9 leaves no chance to clean up: PostgreSQL must notice its parent died.
+    d.child.kill().unwrap();
+    d.child.wait().unwrap();
+    wait_for("PostgreSQL to stop after its daemon died", || unsafe { libc::kill(pg_pid, 0) } != 0);
+
+    let mut d = start();
+    let mut c = botflow();
+    c.args(["keys", "create", "--account", &account, "--role", "ingest"]).current_dir(dir.path());
+    let o = run(&mut c);
+    assert!(o.status.success(), "the account survived the crash: {}", stderr(&o));
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
+    let status = d.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+}
