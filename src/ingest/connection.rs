@@ -11,8 +11,9 @@
 //!   actor appended since the last write into one syscall.
 //!
 //! Valid events of a batch go to the Router in one message; answers come back as
-//! `EventOutcomes` (from the router, a supervisor or the journal), each releasing a
-//! permit once written into the output buffer.
+//! `EventOutcomes` (from the router, a supervisor or the journal). An answer's permit
+//! is released by the writer once the answer is written to the socket, so a client
+//! that does not read its acks has at most `max_in_flight` events in the daemon.
 
 use super::codec::{Frame, LineDecoder};
 use super::protocol::{self, ClientFrame, FrameError, Hello, Nack, NackCode, Outcome};
@@ -82,31 +83,50 @@ struct Outgoing {
     state: Mutex<OutState>,
     wake_writer: Notify,
     drained: Notify,
+    /// The in-flight window, refilled as answers reach the socket.
+    window: Arc<Semaphore>,
 }
 
 struct OutState {
     buf: BytesMut,
+    /// Window permits to give back once `buf` is written.
+    release: usize,
     closed: bool,
     broken: bool,
 }
 
 impl Outgoing {
-    fn new() -> Outgoing {
+    fn new(window: Arc<Semaphore>) -> Outgoing {
         Outgoing {
-            state: Mutex::new(OutState { buf: BytesMut::with_capacity(16 * 1024), closed: false, broken: false }),
+            state: Mutex::new(OutState {
+                buf: BytesMut::with_capacity(16 * 1024),
+                release: 0,
+                closed: false,
+                broken: false,
+            }),
             wake_writer: Notify::new(),
             drained: Notify::new(),
+            window,
         }
     }
 
     /// Appends what `f` writes and wakes the writer.
     fn push(&self, f: impl FnOnce(&mut BytesMut)) {
+        self.push_answers(0, f);
+    }
+
+    /// Appends `answers` event answers; their permits return when they are written.
+    fn push_answers(&self, answers: usize, f: impl FnOnce(&mut BytesMut)) {
         {
             let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
             if s.closed || s.broken {
+                drop(s);
+                // Never to be written: the reader must not wait for them.
+                self.window.add_permits(answers);
                 return;
             }
             f(&mut s.buf);
+            s.release += answers;
         }
         self.wake_writer.notify_one();
     }
@@ -147,18 +167,22 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut w: W, out: Arc<Outgoing>) {
                 }
                 None
             } else {
-                Some(s.buf.split().freeze())
+                Some((s.buf.split().freeze(), std::mem::take(&mut s.release)))
             }
         };
         match chunk {
             None => out.wake_writer.notified().await,
-            Some(chunk) => {
-                if let Err(error) = w.write_all(&chunk).await {
+            Some((chunk, release)) => {
+                let written = w.write_all(&chunk).await;
+                out.window.add_permits(release);
+                if let Err(error) = written {
                     tracing::debug!(%error, "client stopped reading; dropping its output");
                     let mut s = out.state.lock().unwrap_or_else(|p| p.into_inner());
                     s.broken = true;
                     s.buf.clear();
+                    let pending = std::mem::take(&mut s.release);
                     drop(s);
+                    out.window.add_permits(pending);
                     out.drained.notify_waiters();
                     return;
                 }
@@ -242,6 +266,8 @@ pub struct Connection {
     scope: Option<Scope>,
     out: Arc<Outgoing>,
     window: Arc<Semaphore>,
+    /// Events handed to the router and not answered yet.
+    unanswered: usize,
     cancel: CancellationToken,
     /// Frames read after a hello, held until the key is checked.
     backlog: Vec<Incoming>,
@@ -257,8 +283,8 @@ impl Connection {
         R: AsyncRead + Unpin + 'static,
         W: AsyncWrite + Unpin + 'static,
     {
-        let out = Arc::new(Outgoing::new());
         let window = Arc::new(Semaphore::new(deps.max_in_flight));
+        let out = Arc::new(Outgoing::new(window.clone()));
         let cancel = shutdown.child_token();
         actix_rt::spawn(write_loop(writer, out.clone()));
         let max_frame = deps.max_frame_bytes;
@@ -270,6 +296,7 @@ impl Connection {
             scope: None,
             out: out.clone(),
             window: window.clone(),
+            unanswered: 0,
             cancel: cancel.clone(),
             backlog: Vec::new(),
             reader_stopped: false,
@@ -281,10 +308,6 @@ impl Connection {
             actix_rt::spawn(read_loop(reader, ctx.address(), window, out, max_frame, cancel));
             conn
         })
-    }
-
-    fn in_flight(&self) -> usize {
-        self.deps.max_in_flight - self.window.available_permits()
     }
 
     fn error(&self, code: &str, message: &str) {
@@ -301,8 +324,16 @@ impl Connection {
         ctx.stop();
     }
 
+    /// Closes after an error line already written (for frames refused before hello).
+    fn fatal_after_error(&mut self, ctx: &mut Context<Self>) {
+        tracing::info!(connection = self.id, peer = %self.peer, "closing connection: the hello cannot be read");
+        self.cancel.cancel();
+        self.backlog.clear();
+        ctx.stop();
+    }
+
     fn maybe_finish(&mut self, ctx: &mut Context<Self>) {
-        if self.reader_stopped && self.in_flight() == 0 {
+        if self.reader_stopped && self.unanswered == 0 {
             ctx.stop();
         }
     }
@@ -317,6 +348,13 @@ impl Connection {
                     "frame_too_large",
                     &format!("the line is longer than max_frame_bytes ({}) and was skipped", self.deps.max_frame_bytes),
                 ),
+                Incoming::Frame(Err(e @ FrameError::InvalidFrame { op: "hello", .. })) if self.principal.is_none() => {
+                    // A hello that cannot be read is as good as a wrong token. Other bad
+                    // lines before it get their error and the handshake deadline applies.
+                    self.frame_error(e);
+                    self.fatal_after_error(ctx);
+                    return;
+                }
                 Incoming::Frame(Err(e)) => self.frame_error(e),
                 Incoming::Frame(Ok(ClientFrame::Ping)) => self.out.push(protocol::write_pong),
                 Incoming::Frame(Ok(ClientFrame::Hello(hello))) => {
@@ -345,6 +383,7 @@ impl Connection {
             }
         }
         if let (false, Some(scope)) = (events.is_empty(), self.scope) {
+            self.unanswered += events.len();
             self.deps.router.do_send(RouteEvents {
                 scope,
                 events,
@@ -508,7 +547,7 @@ impl Handler<EventOutcomes> for Connection {
         let now = Instant::now();
         let n = msg.0.len();
         let mut acked = 0u64;
-        self.out.push(|b| {
+        self.out.push_answers(n, |b| {
             for (id, outcome, received_at) in &msg.0 {
                 protocol::write_outcome(b, id, outcome);
                 hot.ack_latency.record(now.duration_since(*received_at).as_secs_f64());
@@ -518,7 +557,7 @@ impl Handler<EventOutcomes> for Connection {
             }
         });
         hot.acked.increment(acked);
-        self.window.add_permits(n);
+        self.unanswered = self.unanswered.saturating_sub(n);
         self.maybe_finish(ctx);
     }
 }
