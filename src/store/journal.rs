@@ -8,6 +8,11 @@
 //! starts, outcomes and step records) is one statement with writable CTEs over UNNEST
 //! arrays: one round trip for hundreds of rows.
 //!
+//! An execution's start (`running`) is written only once it has run for
+//! `RUNNING_MARK_DELAY`: most finish sooner, and their start is then carried by the
+//! final update instead of costing an update of its own (status is indexed, so every
+//! status change rewrites the row and its index entries).
+//!
 //! A waiting event is answered once its rows are committed: the lane sends the acks to
 //! the connections and the committed execution ids to the supervisor, which only then
 //! runs their steps. While the database is away the lane retries; an event still
@@ -25,6 +30,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use uuid::Uuid;
+
+/// How long an execution runs before its `running` status is written on its own.
+pub const RUNNING_MARK_DELAY: Duration = Duration::from_millis(100);
 
 /// One execution a supervisor planned for an event.
 #[derive(Debug, Clone, Copy)]
@@ -175,9 +183,12 @@ pub struct JournalLane {
     unavailable_after: Duration,
     waiting: Vec<WaitingBatch>,
     waiting_rows: usize,
-    started: HashMap<Uuid, DateTime<Utc>>,
+    /// Starts not written yet, with when they were reported.
+    started: HashMap<Uuid, (DateTime<Utc>, Instant)>,
     finished: Vec<ExecutionResult>,
     flushing: bool,
+    /// A wake-up is scheduled for starts that become due.
+    mark_timer: bool,
     failures: u32,
     flush_waiters: Vec<oneshot::Sender<()>>,
 }
@@ -199,6 +210,7 @@ impl JournalLane {
             started: HashMap::new(),
             finished: Vec::new(),
             flushing: false,
+            mark_timer: false,
             failures: 0,
             flush_waiters: Vec::new(),
         }
@@ -206,6 +218,16 @@ impl JournalLane {
 
     fn is_empty(&self) -> bool {
         self.waiting.is_empty() && self.started.is_empty() && self.finished.is_empty()
+    }
+
+    /// Whether a write is worth starting now: starts count once they are due, or when
+    /// someone waits for a flush.
+    fn has_due_work(&self) -> bool {
+        !self.waiting.is_empty()
+            || !self.finished.is_empty()
+            || (!self.started.is_empty()
+                && (!self.flush_waiters.is_empty()
+                    || self.started.values().any(|(_, seen)| seen.elapsed() >= RUNNING_MARK_DELAY)))
     }
 
     /// Starts a write unless one is running; called after every change to the queue.
@@ -216,6 +238,16 @@ impl JournalLane {
         if self.is_empty() {
             for w in self.flush_waiters.drain(..) {
                 let _ = w.send(());
+            }
+            return;
+        }
+        if !self.has_due_work() {
+            if !self.mark_timer {
+                self.mark_timer = true;
+                ctx.run_later(RUNNING_MARK_DELAY, |act, ctx| {
+                    act.mark_timer = false;
+                    act.kick(ctx);
+                });
             }
             return;
         }
@@ -269,7 +301,15 @@ impl JournalLane {
         for f in &finished {
             self.started.remove(&f.id);
         }
-        let started = std::mem::take(&mut self.started).into_iter().collect();
+        let everything = !self.flush_waiters.is_empty();
+        let mut started = Vec::new();
+        self.started.retain(|id, (at, seen)| {
+            let due = everything || seen.elapsed() >= RUNNING_MARK_DELAY;
+            if due {
+                started.push((*id, *at));
+            }
+            !due
+        });
         Batch { events, started, finished }
     }
 
@@ -281,7 +321,7 @@ impl JournalLane {
         events.append(&mut self.waiting);
         self.waiting = events;
         for (id, at) in batch.started {
-            self.started.entry(id).or_insert(at);
+            self.started.entry(id).or_insert((at, Instant::now() - RUNNING_MARK_DELAY));
         }
         let mut finished = batch.finished;
         finished.append(&mut self.finished);
@@ -455,8 +495,9 @@ impl Handler<RecordExecutions> for JournalLane {
 impl Handler<RecordProgress> for JournalLane {
     type Result = ();
     fn handle(&mut self, msg: RecordProgress, ctx: &mut Context<Self>) {
+        let now = Instant::now();
         for (id, at) in msg.started {
-            self.started.insert(id, at);
+            self.started.insert(id, (at, now));
         }
         self.finished.extend(msg.finished);
         self.kick(ctx);
