@@ -137,12 +137,10 @@ impl App {
             connections: connections.clone(),
         });
         let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
-        if let Some(l) = tcp {
-            actix_rt::spawn(listener::serve_tcp(l, workers.clone(), ingest.clone(), shutdown.clone()));
-        }
         let unix_path = unix.as_ref().map(|(_, p)| p.clone());
-        if let Some((l, p)) = unix {
-            actix_rt::spawn(listener::serve_unix(l, p, workers.clone(), ingest.clone(), shutdown.clone()));
+        let listeners = tcp.map(listener::Listener::Tcp).into_iter().chain(unix.map(|(l, p)| listener::Listener::Unix(l, p)));
+        for l in listeners {
+            actix_rt::spawn(listener::serve(l, workers.clone(), ingest.clone(), shutdown.clone()));
         }
         tracing::info!(
             tcp = tcp_addr.map(|a| a.to_string()).unwrap_or_default(),

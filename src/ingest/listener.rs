@@ -66,33 +66,77 @@ pub fn bind_unix(path: &Path) -> Result<std::os::unix::net::UnixListener, Listen
     Ok(l)
 }
 
-/// Accepts TCP clients until `shutdown`.
-pub async fn serve_tcp(listener: std::net::TcpListener, workers: Workers, deps: Arc<IngestDeps>, shutdown: CancellationToken) {
-    let listener = match tokio::net::TcpListener::from_std(listener) {
-        Ok(l) => l,
+/// A bound listener, either kind.
+pub enum Listener {
+    Tcp(std::net::TcpListener),
+    /// With its path, removed when the listener stops.
+    Unix(std::os::unix::net::UnixListener, PathBuf),
+}
+
+/// An accepted socket on its way to a worker arbiter.
+enum Accepted {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl Accepted {
+    /// Registers the socket with the current arbiter and starts its Connection actor.
+    fn start(self, peer: String, deps: Arc<IngestDeps>, shutdown: &CancellationToken) {
+        let started = match self {
+            Accepted::Tcp(s) => tokio::net::TcpStream::from_std(s).map(|s| {
+                let (r, w) = s.into_split();
+                Connection::start(r, w, peer, deps, shutdown);
+            }),
+            Accepted::Unix(s) => tokio::net::UnixStream::from_std(s).map(|s| {
+                let (r, w) = s.into_split();
+                Connection::start(r, w, peer, deps, shutdown);
+            }),
+        };
+        if let Err(error) = started {
+            tracing::warn!(%error, "cannot register an accepted connection");
+        }
+    }
+}
+
+/// Accepts clients until `shutdown`, each becoming a Connection actor on the next
+/// worker arbiter; a Unix socket's file is removed at the end.
+pub async fn serve(listener: Listener, workers: Workers, deps: Arc<IngestDeps>, shutdown: CancellationToken) {
+    enum Bound {
+        Tcp(tokio::net::TcpListener),
+        Unix(tokio::net::UnixListener, PathBuf),
+    }
+    let registered = match listener {
+        Listener::Tcp(l) => tokio::net::TcpListener::from_std(l).map(Bound::Tcp),
+        Listener::Unix(l, path) => tokio::net::UnixListener::from_std(l).map(|l| Bound::Unix(l, path)),
+    };
+    let bound = match registered {
+        Ok(b) => b,
         Err(error) => {
-            tracing::error!(%error, "cannot register the TCP listener");
+            tracing::error!(%error, "cannot register a listener");
             return;
         }
     };
     loop {
         let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            a = listener.accept() => a,
+            _ = shutdown.cancelled() => break,
+            a = async {
+                match &bound {
+                    Bound::Tcp(l) => l.accept().await.and_then(|(s, peer)| {
+                        let _ = s.set_nodelay(true);
+                        Ok((Accepted::Tcp(s.into_std()?), peer.to_string()))
+                    }),
+                    Bound::Unix(l, path) => l
+                        .accept()
+                        .await
+                        .and_then(|(s, _)| Ok((Accepted::Unix(s.into_std()?), format!("unix:{}", path.display())))),
+                }
+            } => a,
         };
         match accepted {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                let Ok(std_stream) = stream.into_std() else { continue };
+            Ok((socket, peer)) => {
                 let deps = deps.clone();
                 let shutdown = shutdown.clone();
-                workers.pick().spawn_fn(move || match tokio::net::TcpStream::from_std(std_stream) {
-                    Ok(s) => {
-                        let (r, w) = s.into_split();
-                        Connection::start(r, w, peer.to_string(), deps, &shutdown);
-                    }
-                    Err(error) => tracing::warn!(%error, "cannot register an accepted connection"),
-                });
+                workers.pick().spawn_fn(move || socket.start(peer, deps, &shutdown));
             }
             Err(error) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -101,47 +145,7 @@ pub async fn serve_tcp(listener: std::net::TcpListener, workers: Workers, deps: 
             }
         }
     }
-}
-
-/// Accepts Unix socket clients until `shutdown`, then removes the socket file.
-pub async fn serve_unix(
-    listener: std::os::unix::net::UnixListener,
-    path: PathBuf,
-    workers: Workers,
-    deps: Arc<IngestDeps>,
-    shutdown: CancellationToken,
-) {
-    let listener = match tokio::net::UnixListener::from_std(listener) {
-        Ok(l) => l,
-        Err(error) => {
-            tracing::error!(%error, "cannot register the Unix listener");
-            return;
-        }
-    };
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            a = listener.accept() => a,
-        };
-        match accepted {
-            Ok((stream, _)) => {
-                let Ok(std_stream) = stream.into_std() else { continue };
-                let deps = deps.clone();
-                let shutdown = shutdown.clone();
-                let peer = format!("unix:{}", path.display());
-                workers.pick().spawn_fn(move || match tokio::net::UnixStream::from_std(std_stream) {
-                    Ok(s) => {
-                        let (r, w) = s.into_split();
-                        Connection::start(r, w, peer, deps, &shutdown);
-                    }
-                    Err(error) => tracing::warn!(%error, "cannot register an accepted connection"),
-                });
-            }
-            Err(error) => {
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
+    if let Bound::Unix(_, path) = &bound {
+        let _ = std::fs::remove_file(path);
     }
-    let _ = std::fs::remove_file(&path);
 }
