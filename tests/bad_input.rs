@@ -701,7 +701,16 @@ async fn hanging_and_failing_webhooks_fail_their_execution_without_holding_up_an
         "the other chatbot's workflow should finish while the webhook still hangs (took {:?})",
         t0.elapsed()
     );
-    assert_eq!(execution_of(&db, hang_bot, "hang-1").await.1, "running", "the hanging execution is still running");
+    // Its `running` status is written once it has run for a moment (RUNNING_MARK_DELAY).
+    let mut status = String::new();
+    while hang_hit.elapsed() < Duration::from_millis(HANG_MS - 200) {
+        status = execution_of(&db, hang_bot, "hang-1").await.1;
+        if status == "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, "running", "the hanging execution shows as running while it hangs");
 
     // The 500: failed, the step records the status and the body.
     let (fail_exec, status, error) = wait_finished(&db, fail_bot, "fail-1").await;
