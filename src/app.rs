@@ -96,6 +96,9 @@ impl App {
         let http = reqwest::Client::builder()
             .user_agent(concat!("botflow/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(10))
+            // A redirect would resend a signed request, and the event data, to a host
+            // the workflow did not name.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .context("cannot build the HTTP client")?;
         let deps = Arc::new(SupervisorDeps {
@@ -191,7 +194,6 @@ impl RunningApp {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        // Flush until nothing new arrives: a final flush can make supervisors write more.
         let flush_deadline = Instant::now() + Duration::from_secs(10);
         if tokio::time::timeout_at(flush_deadline.into(), self.journal.flush()).await.is_err() {
             tracing::warn!("the journal could not write everything before the deadline");

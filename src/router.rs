@@ -6,8 +6,9 @@
 //! protocol's ordering promise (events of one chatbot from one connection are matched
 //! in the order sent) and lets it stop idle supervisors without losing an event:
 //!
-//! - first use: the chatbot row is loaded, a supervisor is started on a worker
-//!   arbiter; events that arrive meanwhile wait in order;
+//! - first use: the chatbot row is loaded (events that arrive meanwhile wait in
+//!   order); the supervisor is started on a worker arbiter by the first event the
+//!   sender may send there, so another account's events never start one;
 //! - idle: the router takes the supervisor out of service, asks it to stop, and holds
 //!   that chatbot's new events until the answer (busy: back in service; stopped: a new
 //!   supervisor takes the held events);
@@ -18,7 +19,7 @@
 use crate::chatbot::supervisor::{ChatbotSupervisor, Reload, StopIfIdle, SupervisorDeps, SupervisorEvents};
 use crate::event::Event;
 use crate::ingest::connection::EventOutcomes;
-use crate::ingest::protocol::{Nack, NackCode, Outcome};
+use crate::ingest::protocol::{Nack, NackCode};
 use crate::store::accounts::{self, ChatbotRecord};
 use crate::store::listen::Change;
 use crate::telemetry::metrics as m;
@@ -62,16 +63,10 @@ pub struct RouteEvents {
 #[rtype(result = "()")]
 pub struct WorkflowsChanged(pub Change);
 
-/// Sent by the daemon at shutdown: answers once no supervisor has work in flight
-/// (or immediately with the number still busy when `force`).
+/// Sent by the daemon at shutdown: how many supervisors have work in flight now.
 #[derive(Message)]
 #[rtype(result = "usize")]
 pub struct BusySupervisors;
-
-/// Resolves a chatbot's owner for a subscription check; `None`: no such chatbot.
-#[derive(Message)]
-#[rtype(result = "Result<Option<Uuid>, String>")]
-pub struct ChatbotOwner(pub Uuid);
 
 /// A batch held while its chatbot's supervisor is starting or stopping.
 struct Held {
@@ -84,9 +79,12 @@ struct Held {
 enum Slot {
     /// The chatbot row is being read; batches wait in order.
     Loading(Vec<Held>),
+    /// The chatbot exists; no supervisor runs for it.
+    Known { record: Arc<ChatbotRecord>, since: Instant },
     Ready { record: Arc<ChatbotRecord>, addr: Addr<ChatbotSupervisor>, last_event: Instant },
-    /// Asked to stop because idle; batches wait for the answer.
-    Stopping { record: Arc<ChatbotRecord>, held: Vec<Held> },
+    /// Asked to stop because idle; batches wait for the answer, and a workflow change
+    /// that arrives meanwhile is passed on if it stays.
+    Stopping { held: Vec<Held>, reload: bool },
     /// No such chatbot, remembered briefly so a flood of bad ids costs no queries.
     Missing { until: Instant },
 }
@@ -114,7 +112,24 @@ impl Router {
 
     /// Routes one chatbot's share of a batch.
     fn route(&mut self, chatbot_id: Uuid, held: Held, ctx: &mut Context<Self>) {
+        // A supervisor whose thread died cannot answer: start a new one.
+        if let Some(Slot::Ready { record, addr, .. }) = self.slots.get(&chatbot_id) {
+            if !addr.connected() {
+                tracing::error!(%chatbot_id, "chatbot supervisor is gone; starting a new one");
+                let record = record.clone();
+                self.slots.insert(chatbot_id, Slot::Known { record, since: Instant::now() });
+            }
+        }
+        if let Some(Slot::Known { record, .. }) = self.slots.get(&chatbot_id) {
+            if held.scope.allows(record.account_id) {
+                let record = record.clone();
+                let addr = self.start_supervisor(record.clone());
+                self.slots.insert(chatbot_id, Slot::Ready { record, addr, last_event: Instant::now() });
+                self.publish_gauge();
+            }
+        }
         match self.slots.get_mut(&chatbot_id) {
+            Some(Slot::Known { .. }) => nack_all(held, forbidden(chatbot_id)),
             Some(Slot::Ready { record, addr, last_event }) => {
                 *last_event = Instant::now();
                 if held.scope.allows(record.account_id) {
@@ -151,10 +166,7 @@ impl Router {
             };
             match res {
                 Ok(Some(record)) => {
-                    let record = Arc::new(record);
-                    let addr = act.start_supervisor(record.clone());
-                    act.slots.insert(chatbot_id, Slot::Ready { record, addr, last_event: Instant::now() });
-                    act.publish_gauge();
+                    act.slots.insert(chatbot_id, Slot::Known { record: Arc::new(record), since: Instant::now() });
                     for held in waiting {
                         act.route(chatbot_id, held, ctx);
                     }
@@ -199,6 +211,7 @@ impl Router {
             .iter()
             .filter_map(|(id, s)| match s {
                 Slot::Ready { last_event, .. } if now.duration_since(*last_event) >= self.idle_after => Some(*id),
+                Slot::Known { since, .. } if now.duration_since(*since) >= self.idle_after => Some(*id),
                 Slot::Missing { until } if *until <= now => Some(*id),
                 _ => None,
             })
@@ -206,24 +219,29 @@ impl Router {
         for chatbot_id in idle {
             let Some(slot) = self.slots.remove(&chatbot_id) else { continue };
             let Slot::Ready { record, addr, .. } = slot else { continue };
-            self.slots.insert(chatbot_id, Slot::Stopping { record: record.clone(), held: Vec::new() });
+            self.slots.insert(chatbot_id, Slot::Stopping { held: Vec::new(), reload: false });
             let fut = addr.send(StopIfIdle);
             ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
-                let held = match act.slots.remove(&chatbot_id) {
-                    Some(Slot::Stopping { held, .. }) => held,
+                let (held, reload) = match act.slots.remove(&chatbot_id) {
+                    Some(Slot::Stopping { held, reload, .. }) => (held, reload),
                     Some(other) => {
                         act.slots.insert(chatbot_id, other);
                         return;
                     }
-                    None => Vec::new(),
+                    None => (Vec::new(), false),
                 };
                 match res {
                     Ok(false) => {
+                        if reload {
+                            addr.do_send(Reload);
+                        }
                         act.slots.insert(chatbot_id, Slot::Ready { record, addr, last_event: Instant::now() });
                     }
-                    // Stopped (or already gone): the next event starts a fresh one.
+                    // Stopped (or already gone): the next event starts a fresh one,
+                    // which reads the workflows as they are then.
                     Ok(true) | Err(_) => {
                         tracing::debug!(%chatbot_id, "stopped idle chatbot supervisor");
+                        act.slots.insert(chatbot_id, Slot::Known { record, since: Instant::now() });
                     }
                 }
                 for h in held {
@@ -232,6 +250,15 @@ impl Router {
                 act.publish_gauge();
             }));
         }
+    }
+}
+
+/// Passes a workflow change to the slot's supervisor, now or when it stays.
+fn reload(slot: &mut Slot) {
+    match slot {
+        Slot::Ready { addr, .. } => addr.do_send(Reload),
+        Slot::Stopping { reload, .. } => *reload = true,
+        Slot::Loading(_) | Slot::Known { .. } | Slot::Missing { .. } => {}
     }
 }
 
@@ -244,13 +271,8 @@ fn forbidden(chatbot_id: Uuid) -> Nack {
 }
 
 fn nack_all(held: Held, nack: Nack) {
-    m::hot().rejected(nack.code).increment(held.events.len() as u64);
-    let list = held
-        .events
-        .into_iter()
-        .map(|e| (e.id, Outcome::Nack(nack.clone()), held.received_at))
-        .collect();
-    held.reply_to.do_send(EventOutcomes(list));
+    let at = held.received_at;
+    EventOutcomes::nack_all(&held.reply_to, held.events.into_iter().map(|e| (e.id, at)), &nack);
 }
 
 impl Actor for Router {
@@ -296,37 +318,13 @@ impl Handler<WorkflowsChanged> for Router {
     fn handle(&mut self, msg: WorkflowsChanged, _ctx: &mut Context<Self>) {
         match msg.0 {
             Change::Workflows(id) => {
-                if let Some(Slot::Ready { addr, .. }) = self.slots.get(&id) {
-                    addr.do_send(Reload);
+                if let Some(slot) = self.slots.get_mut(&id) {
+                    reload(slot);
                 }
-                // A stopping or loading supervisor reads the workflows when it starts.
+                // A chatbot without a supervisor reads its workflows when one starts.
             }
-            Change::Resync => {
-                for slot in self.slots.values() {
-                    if let Slot::Ready { addr, .. } = slot {
-                        addr.do_send(Reload);
-                    }
-                }
-            }
+            Change::Resync => self.slots.values_mut().for_each(reload),
         }
-    }
-}
-
-impl Handler<ChatbotOwner> for Router {
-    type Result = ResponseFuture<Result<Option<Uuid>, String>>;
-
-    fn handle(&mut self, msg: ChatbotOwner, _ctx: &mut Context<Self>) -> Self::Result {
-        let known = match self.slots.get(&msg.0) {
-            Some(Slot::Ready { record, .. }) | Some(Slot::Stopping { record, .. }) => Some(record.account_id),
-            _ => None,
-        };
-        let store = self.deps.store.clone();
-        Box::pin(async move {
-            if let Some(owner) = known {
-                return Ok(Some(owner));
-            }
-            accounts::get_chatbot(&store, msg.0).await.map(|r| r.map(|r| r.account_id)).map_err(|e| e.to_string())
-        })
     }
 }
 
@@ -334,6 +332,8 @@ impl Handler<BusySupervisors> for Router {
     type Result = ResponseFuture<usize>;
 
     fn handle(&mut self, _msg: BusySupervisors, _ctx: &mut Context<Self>) -> Self::Result {
+        // One being asked to stop may still answer that it is busy.
+        let stopping = self.slots.values().filter(|s| matches!(s, Slot::Stopping { .. })).count();
         let addrs: Vec<Addr<ChatbotSupervisor>> = self
             .slots
             .values()
@@ -343,7 +343,7 @@ impl Handler<BusySupervisors> for Router {
             })
             .collect();
         Box::pin(async move {
-            let mut busy = 0;
+            let mut busy = stopping;
             for a in addrs {
                 if let Ok(true) = a.send(crate::chatbot::supervisor::IsBusy).await {
                     busy += 1;

@@ -263,6 +263,11 @@ async fn the_quickstart_and_worked_example_work_with_the_real_binary() {
     assert!(!o.status.success());
     assert!(stdout(&o).contains("unknown_chatbot"));
 
+    // Lines the daemon could not answer by id are refused by `send` itself.
+    let o = send(r#"{"id":"","chatbot_id":"x","type":"x.a","conversation_id":"c"}"#, "0");
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("skipping input line"), "{}", stderr(&o));
+
     // SIGTERM: a clean exit, and the embedded PostgreSQL stopped with it.
     let pg_pid = postmaster_pid(&var).expect("the embedded PostgreSQL runs");
     unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) };
@@ -316,7 +321,36 @@ fn killing_the_daemon_stops_its_postgres_and_a_restart_keeps_the_data() {
     c.args(["keys", "create", "--account", &account, "--role", "ingest"]).current_dir(dir.path());
     let o = run(&mut c);
     assert!(o.status.success(), "the account survived the crash: {}", stderr(&o));
+    // `migrate` shares the running daemon's PostgreSQL and finds nothing to do.
+    let o = run(botflow().arg("migrate").current_dir(dir.path()));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("latest schema version"), "{}", stderr(&o));
     unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
     let status = d.child.wait().unwrap();
     assert!(status.success(), "{status}");
+}
+
+#[test]
+fn logs_can_be_json() {
+    let dir = TempDir::new("jsonlog");
+    let mut c = botflow();
+    c.arg("serve")
+        .current_dir(dir.path())
+        .env("BOTFLOW_LOG__FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .env("BOTFLOW_INGEST__TCP", "")
+        .env("BOTFLOW_METRICS__LISTEN", "")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut d = Serve { child: c.spawn().unwrap() };
+    let sock = dir.path().join("var/botflow.sock");
+    wait_for("the daemon's socket", || sock.exists());
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
+    assert!(d.child.wait().unwrap().success());
+    let mut log = String::new();
+    use std::io::Read;
+    d.child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+    let lines: Vec<Value> = log.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}"))).collect();
+    assert!(lines.iter().any(|l| l["message"] == "botflow is ready" && l["level"] == "INFO"), "{log}");
+    assert!(lines.iter().any(|l| l["message"] == "botflow stopped"), "{log}");
 }

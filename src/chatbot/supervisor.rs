@@ -106,12 +106,7 @@ pub struct ChatbotSupervisor {
 
 impl ChatbotSupervisor {
     pub fn new(chatbot: Arc<ChatbotRecord>, deps: Arc<SupervisorDeps>) -> ChatbotSupervisor {
-        let env = Arc::new(ExecEnv {
-            http: deps.http.clone(),
-            outbox: deps.outbox.clone(),
-            chatbot: chatbot.clone(),
-            notify_url: deps.notify_url.clone(),
-        });
+        let env = Arc::new(ExecEnv::from_deps(&deps, chatbot.clone()));
         ChatbotSupervisor {
             lane: deps.journal.lane_for(chatbot.id),
             chatbot,
@@ -131,10 +126,6 @@ impl ChatbotSupervisor {
 
     fn busy(&self) -> bool {
         self.running > 0 || !self.ready.is_empty() || !self.awaiting_commit.is_empty() || self.progress_scheduled
-    }
-
-    fn waiting(&self) -> usize {
-        self.awaiting_commit.len() + self.ready.len()
     }
 
     /// Starts executors while there is room.
@@ -177,6 +168,14 @@ impl ChatbotSupervisor {
 /// cannot compile is skipped with an error in the log rather than blocking the others.
 async fn load_index(store: Store, chatbot_id: Uuid) -> Result<TriggerIndex, StoreError> {
     let stored = workflows::load_enabled(&store, chatbot_id).await?;
+    // Compiling thousands of workflows (regexes, the keyword automaton) takes a while:
+    // off the worker thread that serves connections.
+    tokio::task::spawn_blocking(move || compile_index(stored))
+        .await
+        .map_err(|e| StoreError::Invalid(format!("building the trigger index failed: {e}")))
+}
+
+fn compile_index(stored: Vec<workflows::StoredWorkflow>) -> TriggerIndex {
     let mut compiled = Vec::with_capacity(stored.len());
     for w in stored {
         let spec: WorkflowSpec = match serde_json::from_value(w.definition) {
@@ -191,7 +190,7 @@ async fn load_index(store: Store, chatbot_id: Uuid) -> Result<TriggerIndex, Stor
             Err(error) => tracing::error!(%error, workflow_id = %w.id, "stored workflow is invalid; skipping it"),
         }
     }
-    Ok(TriggerIndex::build(compiled))
+    TriggerIndex::build(compiled)
 }
 
 impl Actor for ChatbotSupervisor {
@@ -248,9 +247,7 @@ impl Handler<SupervisorEvents> for ChatbotSupervisor {
         let hot = m::hot();
         if !matches!(self.state, LoadState::Ready) {
             let nack = Nack::new(NackCode::Unavailable, "the chatbot's workflows cannot be loaded (database unreachable); send the event again later");
-            hot.rejected(NackCode::Unavailable).increment(events.len() as u64);
-            let list = events.into_iter().map(|e| (e.id, Outcome::Nack(nack.clone()), received_at)).collect();
-            reply_to.do_send(EventOutcomes(list));
+            EventOutcomes::nack_all(&reply_to, events.into_iter().map(|e| (e.id, received_at)), &nack);
             return;
         }
         let mut answers = Vec::new();
@@ -277,11 +274,13 @@ impl Handler<SupervisorEvents> for ChatbotSupervisor {
                 answers.push((event.id, Outcome::Ack { executions: Vec::new(), duplicate: false }, received_at));
                 continue;
             }
-            if self.waiting() + self.matched.len() > self.deps.queue_capacity {
+            // Bounded by executions waiting for an executor; an event is never refused
+            // for its own number of matches alone.
+            if !self.ready.is_empty() && self.ready.len() + self.matched.len() > self.deps.queue_capacity {
                 overloaded += 1;
                 let mut nack = Nack::new(
                     NackCode::Overloaded,
-                    format!("chatbot {} has {} executions waiting; send the event again later", self.chatbot.id, self.waiting()),
+                    format!("chatbot {} has {} executions waiting; send the event again later", self.chatbot.id, self.ready.len()),
                 );
                 nack.retry_after_ms = Some(1000);
                 answers.push((event.id, Outcome::Nack(nack), received_at));

@@ -5,9 +5,11 @@
 
 use anyhow::{bail, Context};
 use clap::Args;
-use std::collections::HashSet;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::{mpsc, Semaphore};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 
 #[derive(Args, Debug)]
@@ -38,7 +40,7 @@ pub struct SendArgs {
 pub fn run(config: crate::config::Config, args: SendArgs) -> anyhow::Result<bool> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
-        let input: Box<dyn AsyncRead + Unpin> = if args.file.as_os_str() == "-" {
+        let input: Box<dyn AsyncRead + Unpin + Send> = if args.file.as_os_str() == "-" {
             Box::new(tokio::io::stdin())
         } else {
             Box::new(
@@ -66,22 +68,34 @@ pub fn run(config: crate::config::Config, args: SendArgs) -> anyhow::Result<bool
     })
 }
 
-/// Adds `"op":"event"` to an event object that has no `op`.
-fn as_event_line(line: &str) -> Result<(String, Option<String>), String> {
+/// Adds `"op":"event"` to an event object that has no `op`, and checks what the daemon
+/// would refuse without naming the event (so every event sent gets an answer naming
+/// it): the id, and the line length. Returns the line and whether it is an event.
+fn as_event_line(line: &str, max_frame_bytes: usize) -> Result<(String, bool), String> {
     let mut v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
     let obj = v.as_object_mut().ok_or("not a JSON object")?;
     let op = obj.entry("op").or_insert_with(|| "event".into()).clone();
-    let id = obj.get("id").and_then(|i| i.as_str()).map(str::to_string);
-    if op == "event" && id.is_none() {
-        return Err("an event needs a string \"id\"".into());
+    let is_event = op == "event";
+    if is_event {
+        match obj.get("id").and_then(|i| i.as_str()) {
+            None => return Err("an event needs a string \"id\"".into()),
+            Some(id) if id.is_empty() || id.len() > 256 || id.chars().any(char::is_control) => {
+                return Err("an event id must be 1 to 256 bytes without control characters".into())
+            }
+            Some(_) => {}
+        }
     }
-    Ok((v.to_string(), if op == "event" { id } else { None }))
+    let text = v.to_string();
+    if text.len() > max_frame_bytes {
+        return Err(format!("{} bytes, over the daemon's max_frame_bytes ({max_frame_bytes})", text.len()));
+    }
+    Ok((text, is_event))
 }
 
-async fn session<R, W>(r: R, mut w: W, input: Box<dyn AsyncRead + Unpin>, args: &SendArgs) -> anyhow::Result<bool>
+async fn session<R, W>(r: R, mut w: W, input: Box<dyn AsyncRead + Unpin + Send>, args: &SendArgs) -> anyhow::Result<bool>
 where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
 {
     let mut daemon = BufReader::new(r).lines();
     let hello = serde_json::json!({
@@ -99,45 +113,71 @@ where
     if welcome["op"] != "welcome" {
         bail!("the daemon refused the connection: {}", welcome["error"]["message"].as_str().unwrap_or("no reason given"));
     }
-    let window = welcome["max_in_flight"].as_u64().unwrap_or(64).max(1) as usize;
+    let window = Arc::new(Semaphore::new(welcome["max_in_flight"].as_u64().unwrap_or(64).max(1) as usize));
+    let max_frame = welcome["max_frame_bytes"].as_u64().unwrap_or(1 << 20) as usize;
 
-    let mut lines = BufReader::new(input).lines();
-    let mut outstanding: HashSet<String> = HashSet::new();
-    let mut input_done = false;
+    // The writer streams the input within the window and writes the command acks; this
+    // task reads, so the daemon's answers never wait behind our writes.
+    let (acks_tx, mut acks_rx) = mpsc::unbounded_channel::<String>();
+    let sent = Arc::new(AtomicU64::new(0));
+    let skipped = Arc::new(AtomicU64::new(0));
+    let (done_tx, mut done_rx) = tokio::sync::watch::channel(false);
+    let writer = {
+        let (window, sent, skipped) = (window.clone(), sent.clone(), skipped.clone());
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(input).lines();
+            let mut input_open = true;
+            loop {
+                tokio::select! {
+                    ack = acks_rx.recv() => match ack {
+                        Some(a) => w.write_all(a.as_bytes()).await?,
+                        None => break,
+                    },
+                    permit = window.clone().acquire_owned(), if input_open => {
+                        let Ok(permit) = permit else { break };
+                        match lines.next_line().await? {
+                            None => {
+                                input_open = false;
+                                let _ = done_tx.send(true);
+                            }
+                            Some(l) if l.trim().is_empty() => {}
+                            Some(l) => match as_event_line(&l, max_frame) {
+                                Ok((frame, is_event)) => {
+                                    w.write_all(format!("{frame}\n").as_bytes()).await?;
+                                    if is_event {
+                                        permit.forget();
+                                        sent.fetch_add(1, Ordering::SeqCst);
+                                    }
+                                }
+                                Err(e) => {
+                                    eprintln!("skipping input line: {e}: {l}");
+                                    skipped.fetch_add(1, Ordering::SeqCst);
+                                }
+                            },
+                        }
+                    }
+                }
+            }
+            let _ = w.shutdown().await;
+            anyhow::Ok(())
+        })
+    };
+
     let mut ok = true;
-    let (mut sent, mut acked, mut nacked) = (0u64, 0u64, 0u64);
+    let (mut acked, mut nacked) = (0u64, 0u64);
     let linger = Duration::from_millis(args.linger_ms.unwrap_or(if args.subscribe.is_empty() { 0 } else { 2000 }));
     loop {
-        if input_done && outstanding.is_empty() {
+        if *done_rx.borrow() && acked + nacked == sent.load(Ordering::SeqCst) {
             break;
         }
         tokio::select! {
-            line = lines.next_line(), if !input_done && outstanding.len() < window => {
-                match line? {
-                    None => input_done = true,
-                    Some(l) if l.trim().is_empty() => {}
-                    Some(l) => match as_event_line(&l) {
-                        Ok((frame, id)) => {
-                            w.write_all(frame.as_bytes()).await?;
-                            w.write_all(b"\n").await?;
-                            if let Some(id) = id {
-                                outstanding.insert(id);
-                                sent += 1;
-                            }
-                        }
-                        Err(e) => {
-                            eprintln!("skipping input line: {e}: {l}");
-                            ok = false;
-                        }
-                    },
-                }
-            }
+            _ = done_rx.changed() => {}
             answer = daemon.next_line() => {
                 let Some(answer) = answer? else {
-                    eprintln!("the daemon closed the connection with {} events unanswered", outstanding.len());
+                    eprintln!("the daemon closed the connection with {} events unanswered", sent.load(Ordering::SeqCst) - acked - nacked);
                     return Ok(false);
                 };
-                ok &= handle_answer(&answer, &mut w, &mut outstanding, &mut acked, &mut nacked).await?;
+                ok &= handle_answer(&answer, &acks_tx, &window, &mut acked, &mut nacked);
             }
         }
     }
@@ -145,50 +185,47 @@ where
     let until = tokio::time::Instant::now() + linger;
     while let Ok(answer) = tokio::time::timeout_at(until, daemon.next_line()).await {
         let Some(answer) = answer? else { break };
-        ok &= handle_answer(&answer, &mut w, &mut outstanding, &mut acked, &mut nacked).await?;
+        ok &= handle_answer(&answer, &acks_tx, &window, &mut acked, &mut nacked);
     }
-    let _ = w.shutdown().await;
-    eprintln!("sent {sent} events: {acked} acked, {nacked} nacked");
-    Ok(ok && nacked == 0)
+    drop(acks_tx);
+    writer.await.context("the writer stopped")??;
+    let skipped = skipped.load(Ordering::SeqCst);
+    eprintln!("sent {} events: {acked} acked, {nacked} nacked; {skipped} input lines skipped", sent.load(Ordering::SeqCst));
+    Ok(ok && nacked == 0 && skipped == 0)
 }
 
 /// Prints a daemon line and does what it asks; `false` for a nack or an error.
-async fn handle_answer<W: AsyncWrite + Unpin>(
+fn handle_answer(
     answer: &str,
-    w: &mut W,
-    outstanding: &mut HashSet<String>,
+    acks: &mpsc::UnboundedSender<String>,
+    window: &Semaphore,
     acked: &mut u64,
     nacked: &mut u64,
-) -> anyhow::Result<bool> {
+) -> bool {
     println!("{answer}");
     let v: serde_json::Value = match serde_json::from_str(answer) {
         Ok(v) => v,
-        Err(_) => return Ok(false),
+        Err(_) => return false,
     };
     match v["op"].as_str() {
         Some("ack") => {
-            if let Some(id) = v["id"].as_str() {
-                outstanding.remove(id);
-            }
             *acked += 1;
-            Ok(true)
+            window.add_permits(1);
+            true
         }
         Some("nack") => {
-            if let Some(id) = v["id"].as_str() {
-                outstanding.remove(id);
-            }
             *nacked += 1;
-            Ok(false)
+            window.add_permits(1);
+            false
         }
         Some("command") => {
             if let Some(id) = v["command_id"].as_str() {
-                let ack = serde_json::json!({"op": "ack", "command_id": id});
-                w.write_all(format!("{ack}\n").as_bytes()).await?;
+                let _ = acks.send(format!("{}\n", serde_json::json!({"op": "ack", "command_id": id})));
             }
-            Ok(true)
+            true
         }
-        Some("error") => Ok(false),
-        _ => Ok(true),
+        Some("error") => false,
+        _ => true,
     }
 }
 
@@ -197,14 +234,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn event_lines_get_an_op() {
-        let (line, id) = as_event_line(r#"{"id":"e1","type":"x.a"}"#).unwrap();
-        assert_eq!(id.as_deref(), Some("e1"));
+    fn event_lines_get_an_op_and_are_checked() {
+        let (line, is_event) = as_event_line(r#"{"id":"e1","type":"x.a"}"#, 1000).unwrap();
+        assert!(is_event);
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["op"], "event");
-        assert!(as_event_line(r#"{"type":"x.a"}"#).is_err());
-        assert!(as_event_line("nope").is_err());
-        let (_, id) = as_event_line(r#"{"op":"ping"}"#).unwrap();
-        assert_eq!(id, None);
+        assert!(as_event_line(r#"{"type":"x.a"}"#, 1000).is_err());
+        assert!(as_event_line(r#"{"id":""}"#, 1000).is_err());
+        assert!(as_event_line(r#"{"id":"a\nb"}"#, 1000).is_err());
+        assert!(as_event_line(r#"{"id":"e1","data":"long"}"#, 10).is_err());
+        assert!(as_event_line("nope", 1000).is_err());
+        let (_, is_event) = as_event_line(r#"{"op":"ping"}"#, 1000).unwrap();
+        assert!(!is_event);
     }
 }

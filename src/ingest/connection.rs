@@ -16,10 +16,10 @@
 //! that does not read its acks has at most `max_in_flight` events in the daemon.
 
 use super::codec::{Frame, LineDecoder};
-use super::protocol::{self, ClientFrame, FrameError, Hello, Nack, NackCode, Outcome};
+use super::protocol::{self, ClientFrame, ErrorCode, FrameError, Hello, Nack, NackCode, Outcome};
 use crate::event::Event;
 use crate::outbox::{DeliverCommand, Outbox, Subscribe, Unsubscribe};
-use crate::router::{ChatbotOwner, RouteEvents, Router, Scope};
+use crate::router::{RouteEvents, Router, Scope};
 use crate::store::accounts::{self, Principal, Role};
 use crate::store::Store;
 use crate::telemetry::metrics as m;
@@ -58,6 +58,15 @@ pub struct IngestDeps {
 #[rtype(result = "()")]
 pub struct EventOutcomes(pub Vec<(Box<str>, Outcome, Instant)>);
 
+impl EventOutcomes {
+    /// Nacks events (id, time read) for one reason, counting them in the metrics.
+    pub fn nack_all(to: &Recipient<EventOutcomes>, events: impl IntoIterator<Item = (Box<str>, Instant)>, nack: &Nack) {
+        let list: Vec<_> = events.into_iter().map(|(id, at)| (id, Outcome::Nack(nack.clone()), at)).collect();
+        m::hot().rejected(nack.code).increment(list.len() as u64);
+        to.do_send(EventOutcomes(list));
+    }
+}
+
 /// One item the reader decoded.
 #[derive(Debug)]
 enum Incoming {
@@ -85,6 +94,9 @@ struct Outgoing {
     drained: Notify,
     /// The in-flight window, refilled as answers reach the socket.
     window: Arc<Semaphore>,
+    /// Stops the reader once the client cannot be written to: it would only create
+    /// work whose answers nobody receives.
+    reader: CancellationToken,
 }
 
 struct OutState {
@@ -96,7 +108,7 @@ struct OutState {
 }
 
 impl Outgoing {
-    fn new(window: Arc<Semaphore>) -> Outgoing {
+    fn new(window: Arc<Semaphore>, reader: CancellationToken) -> Outgoing {
         Outgoing {
             state: Mutex::new(OutState {
                 buf: BytesMut::with_capacity(16 * 1024),
@@ -107,6 +119,7 @@ impl Outgoing {
             wake_writer: Notify::new(),
             drained: Notify::new(),
             window,
+            reader,
         }
     }
 
@@ -184,6 +197,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut w: W, out: Arc<Outgoing>) {
                     drop(s);
                     out.window.add_permits(pending);
                     out.drained.notify_waiters();
+                    out.reader.cancel();
                     return;
                 }
                 out.drained.notify_waiters();
@@ -284,8 +298,8 @@ impl Connection {
         W: AsyncWrite + Unpin + 'static,
     {
         let window = Arc::new(Semaphore::new(deps.max_in_flight));
-        let out = Arc::new(Outgoing::new(window.clone()));
         let cancel = shutdown.child_token();
+        let out = Arc::new(Outgoing::new(window.clone(), cancel.clone()));
         actix_rt::spawn(write_loop(writer, out.clone()));
         let max_frame = deps.max_frame_bytes;
         let conn = Connection {
@@ -310,14 +324,14 @@ impl Connection {
         })
     }
 
-    fn error(&self, code: &str, message: &str) {
-        metrics::counter!(m::FRAMES_REJECTED, "reason" => code_label(code)).increment(1);
+    fn error(&self, code: ErrorCode, message: &str) {
+        metrics::counter!(m::FRAMES_REJECTED, "reason" => code.as_str()).increment(1);
         self.out.push(|b| protocol::write_error(b, code, message));
     }
 
     /// Writes a last error, stops reading and closes once the error is written.
-    fn fatal(&mut self, code: &str, message: &str, ctx: &mut Context<Self>) {
-        tracing::info!(connection = self.id, peer = %self.peer, code, message, "closing connection");
+    fn fatal(&mut self, code: ErrorCode, message: &str, ctx: &mut Context<Self>) {
+        tracing::info!(connection = self.id, peer = %self.peer, code = code.as_str(), message, "closing connection");
         self.error(code, message);
         self.cancel.cancel();
         self.backlog.clear();
@@ -345,7 +359,7 @@ impl Connection {
         while let Some(item) = items.next() {
             match item {
                 Incoming::TooLarge => self.error(
-                    "frame_too_large",
+                    ErrorCode::FrameTooLarge,
                     &format!("the line is longer than max_frame_bytes ({}) and was skipped", self.deps.max_frame_bytes),
                 ),
                 Incoming::Frame(Err(e @ FrameError::InvalidFrame { op: "hello", .. })) if self.principal.is_none() => {
@@ -359,7 +373,7 @@ impl Connection {
                 Incoming::Frame(Ok(ClientFrame::Ping)) => self.out.push(protocol::write_pong),
                 Incoming::Frame(Ok(ClientFrame::Hello(hello))) => {
                     if self.principal.is_some() {
-                        self.error("protocol_error", "hello was already received on this connection");
+                        self.error(ErrorCode::ProtocolError, "hello was already received on this connection");
                         continue;
                     }
                     self.backlog = items.collect();
@@ -370,7 +384,7 @@ impl Connection {
                     if matches!(frame, ClientFrame::Event(_)) {
                         self.window.add_permits(1);
                     }
-                    self.fatal("unauthenticated", "the first frame must be a hello with a valid token", ctx);
+                    self.fatal(ErrorCode::Unauthenticated, "the first frame must be a hello with a valid token", ctx);
                     return;
                 }
                 Incoming::Frame(Ok(ClientFrame::Event(e))) => {
@@ -395,10 +409,10 @@ impl Connection {
 
     fn frame_error(&self, e: FrameError) {
         match e {
-            FrameError::Malformed(m) => self.error("invalid_frame", &m),
-            FrameError::UnknownOp(m) => self.error("unknown_op", &m),
+            FrameError::Malformed(m) => self.error(ErrorCode::InvalidFrame, &m),
+            FrameError::UnknownOp(m) => self.error(ErrorCode::UnknownOp, &m),
             FrameError::InvalidFrame { op, field, message } => {
-                self.error("invalid_frame", &format!("{op}: field {field:?} {message}"))
+                self.error(ErrorCode::InvalidFrame, &format!("{op}: field {field:?} {message}"))
             }
             FrameError::InvalidEvent { id, field, message } => {
                 let nack = Nack {
@@ -417,22 +431,21 @@ impl Connection {
     fn authenticate(&mut self, hello: Hello, ctx: &mut Context<Self>) {
         if hello.version != protocol::PROTOCOL_VERSION {
             let msg = format!("protocol version {} is not supported; this daemon speaks version 1", hello.version);
-            self.fatal("unsupported_version", &msg, ctx);
+            self.fatal(ErrorCode::UnsupportedVersion, &msg, ctx);
             return;
         }
         let store = self.deps.store.clone();
-        let router = self.deps.router.clone();
         let fut = async move {
             let principal = match accounts::authenticate(&store, &hello.token).await {
                 Ok(p) => p,
-                Err(e) => return Err(("unavailable", format!("cannot check the token now: {e}"))),
+                Err(e) => return Err((ErrorCode::Unavailable, format!("cannot check the token now: {e}"))),
             };
             let Some(principal) = principal else {
-                return Err(("unauthenticated", "the token is not valid".to_string()));
+                return Err((ErrorCode::Unauthenticated, "the token is not valid".to_string()));
             };
             if principal.role == Role::Admin {
                 return Err((
-                    "forbidden",
+                    ErrorCode::Forbidden,
                     "an admin key cannot stream events; use an ingest key".to_string(),
                 ));
             }
@@ -441,16 +454,26 @@ impl Connection {
                 _ => Scope::Account(principal.account_id),
             };
             // Each subscription is checked like an event: unknown or another account's
-            // chatbot gets an error line, the others are kept.
+            // chatbot gets an error line, the others are kept. One query for all.
             let mut allowed = Vec::new();
             let mut refused = Vec::new();
-            for chatbot in hello.subscribe {
-                match router.send(ChatbotOwner(chatbot)).await {
-                    Ok(Ok(Some(owner))) if scope.allows(owner) => allowed.push(chatbot),
-                    Ok(Ok(Some(_))) => refused.push(("forbidden", format!("cannot subscribe to chatbot {chatbot}: it belongs to another account"))),
-                    Ok(Ok(None)) => refused.push(("unknown_chatbot", format!("cannot subscribe to chatbot {chatbot}: it does not exist"))),
-                    Ok(Err(e)) => refused.push(("unavailable", format!("cannot subscribe to chatbot {chatbot} now: {e}"))),
-                    Err(e) => refused.push(("internal", format!("cannot subscribe to chatbot {chatbot}: {e}"))),
+            if !hello.subscribe.is_empty() {
+                let owners = match accounts::chatbot_owners(&store, &hello.subscribe).await {
+                    Ok(o) => o,
+                    Err(e) => return Err((ErrorCode::Unavailable, format!("cannot check the subscriptions now: {e}"))),
+                };
+                for chatbot in hello.subscribe {
+                    match owners.get(&chatbot) {
+                        Some(owner) if scope.allows(*owner) => allowed.push(chatbot),
+                        Some(_) => refused.push((
+                            ErrorCode::Forbidden,
+                            format!("cannot subscribe to chatbot {chatbot}: it belongs to another account"),
+                        )),
+                        None => refused.push((
+                            ErrorCode::UnknownChatbot,
+                            format!("cannot subscribe to chatbot {chatbot}: it does not exist"),
+                        )),
+                    }
                 }
             }
             Ok((principal, scope, hello.client, allowed, refused))
@@ -489,24 +512,6 @@ impl Connection {
     }
 }
 
-/// Error codes are a fixed set; anything else is counted as `other`.
-fn code_label(code: &str) -> &'static str {
-    match code {
-        "invalid_frame" => "invalid_frame",
-        "unknown_op" => "unknown_op",
-        "frame_too_large" => "frame_too_large",
-        "unauthenticated" => "unauthenticated",
-        "forbidden" => "forbidden",
-        "unknown_chatbot" => "unknown_chatbot",
-        "protocol_error" => "protocol_error",
-        "handshake_timeout" => "handshake_timeout",
-        "incomplete_frame" => "incomplete_frame",
-        "unsupported_version" => "unsupported_version",
-        "unavailable" => "unavailable",
-        _ => "other",
-    }
-}
-
 impl Actor for Connection {
     type Context = Context<Self>;
 
@@ -516,7 +521,7 @@ impl Actor for Connection {
         ctx.run_later(self.deps.handshake_timeout, |act, ctx| {
             if act.principal.is_none() {
                 let ms = act.deps.handshake_timeout.as_millis();
-                act.fatal("handshake_timeout", &format!("no hello within {ms} ms"), ctx);
+                act.fatal(ErrorCode::HandshakeTimeout, &format!("no hello within {ms} ms"), ctx);
             }
         });
     }
@@ -583,7 +588,7 @@ impl Handler<ReaderStopped> for Connection {
         } else if msg.leftover > 0 && !self.cancel.is_cancelled() {
             // The peer closed in the middle of a line; the half line is dropped.
             tracing::info!(connection = self.id, peer = %self.peer, bytes = msg.leftover, "client closed in the middle of a line");
-            self.error("incomplete_frame", "the connection closed in the middle of a line; that line was ignored");
+            self.error(ErrorCode::IncompleteFrame, "the connection closed in the middle of a line; that line was ignored");
         }
         self.maybe_finish(ctx);
     }

@@ -17,8 +17,35 @@ use uuid::Uuid;
 
 /// The protocol version this daemon speaks.
 pub const PROTOCOL_VERSION: u64 = 1;
-/// Longest event id, conversation id or client name accepted.
+/// Longest event id, conversation id or client name accepted, in bytes.
 const MAX_ID_LEN: usize = 256;
+
+/// An id the daemon can store, log and put in a header: 1 to 256 bytes, no control
+/// characters (PostgreSQL text cannot hold NUL; HTTP headers cannot hold the others).
+fn check_id(id: &str) -> Result<(), &'static str> {
+    if id.is_empty() || id.len() > MAX_ID_LEN {
+        Err("must be 1 to 256 bytes")
+    } else if id.chars().any(char::is_control) {
+        Err("must not contain control characters")
+    } else {
+        Ok(())
+    }
+}
+
+/// Whether the JSON text holds a `\u0000` escape (a NUL character, which PostgreSQL's
+/// jsonb cannot store). An escaped backslash followed by `u0000` is not one.
+fn has_nul_escape(line: &[u8]) -> bool {
+    let mut from = 0;
+    while let Some(i) = line[from..].windows(6).position(|w| w.eq_ignore_ascii_case(b"\\u0000")) {
+        let at = from + i;
+        let backslashes = line[..at].iter().rev().take_while(|&&b| b == b'\\').count();
+        if backslashes % 2 == 0 {
+            return true;
+        }
+        from = at + 1;
+    }
+    false
+}
 
 /// A decoded client frame.
 #[derive(Debug)]
@@ -175,13 +202,11 @@ pub fn decode(line: &Bytes) -> Result<ClientFrame, FrameError> {
         "event" => decode_event(line, &frame).map(ClientFrame::Event),
         "hello" => decode_hello(&frame).map(ClientFrame::Hello),
         "ack" => match read_str(frame.command_id) {
-            Ok(Some(id)) if !id.is_empty() && id.len() <= MAX_ID_LEN => {
-                Ok(ClientFrame::CommandAck { command_id: id.into_owned() })
-            }
+            Ok(Some(id)) if check_id(&id).is_ok() => Ok(ClientFrame::CommandAck { command_id: id.into_owned() }),
             Ok(_) => Err(FrameError::InvalidFrame {
                 op: "ack",
                 field: "command_id".into(),
-                message: "is required (1 to 256 characters)".into(),
+                message: "is required (1 to 256 bytes, no control characters)".into(),
             }),
             Err(m) => Err(FrameError::InvalidFrame { op: "ack", field: "command_id".into(), message: m }),
         },
@@ -207,8 +232,8 @@ fn decode_hello(frame: &RawFrame<'_>) -> Result<Hello, FrameError> {
         Err(m) => return Err(bad("token", m)),
     };
     let client = match read_str(frame.client) {
-        Ok(c) if c.as_ref().is_none_or(|c| c.len() <= MAX_ID_LEN) => c.map(Cow::into_owned),
-        Ok(_) => return Err(bad("client", "is longer than 256 characters".into())),
+        Ok(c) if c.as_ref().is_none_or(|c| check_id(c).is_ok()) => c.map(Cow::into_owned),
+        Ok(_) => return Err(bad("client", "must be 1 to 256 bytes without control characters".into())),
         Err(m) => return Err(bad("client", m)),
     };
     let subscribe = match frame.subscribe {
@@ -241,8 +266,10 @@ fn valid_type_name(t: &str) -> bool {
 fn decode_event(line: &Bytes, f: &RawFrame<'_>) -> Result<Event, FrameError> {
     // The id first, so every later nack can echo it.
     let id = match read_str(f.id) {
-        Ok(Some(id)) if !id.is_empty() && id.len() <= MAX_ID_LEN => id,
-        Ok(Some(_)) => return Err(FrameError::event(None, "id", "must be 1 to 256 characters")),
+        Ok(Some(id)) => match check_id(&id) {
+            Ok(()) => id,
+            Err(m) => return Err(FrameError::event(None, "id", m)),
+        },
         Ok(None) => return Err(FrameError::event(None, "id", "is required")),
         Err(m) => return Err(FrameError::event(None, "id", m)),
     };
@@ -267,8 +294,10 @@ fn decode_event(line: &Bytes, f: &RawFrame<'_>) -> Result<Event, FrameError> {
         Err(m) => return Err(FrameError::event(idr, "type", m)),
     };
     let conversation_id = match read_str(f.conversation_id) {
-        Ok(Some(c)) if !c.is_empty() && c.len() <= MAX_ID_LEN => c,
-        Ok(Some(_)) => return Err(FrameError::event(idr, "conversation_id", "must be 1 to 256 characters")),
+        Ok(Some(c)) => match check_id(&c) {
+            Ok(()) => c,
+            Err(m) => return Err(FrameError::event(idr, "conversation_id", m)),
+        },
         Ok(None) => return Err(FrameError::event(idr, "conversation_id", "is required")),
         Err(m) => return Err(FrameError::event(idr, "conversation_id", m)),
     };
@@ -293,6 +322,10 @@ fn decode_event(line: &Bytes, f: &RawFrame<'_>) -> Result<Event, FrameError> {
         }
     };
     check_data(&kind, &data).map_err(|(field, message)| FrameError::event(idr, field, message))?;
+    if has_nul_escape(line) {
+        let field = if f.data.is_some_and(|d| has_nul_escape(d.get().as_bytes())) { "data" } else { "event" };
+        return Err(FrameError::event(idr, field, "must not contain the NUL character (\\u0000)"));
+    }
     Ok(Event {
         id: id.into_owned().into_boxed_str(),
         chatbot_id,
@@ -384,6 +417,42 @@ fn check_data(kind: &EventType, d: &RawData<'_>) -> Result<(), DataError> {
 
 // ---------------------------------------------------------------------------
 // Daemon → client
+
+/// Codes of `error` lines (frames the daemon refuses outside an event's nack).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    InvalidFrame,
+    UnknownOp,
+    FrameTooLarge,
+    Unauthenticated,
+    Forbidden,
+    UnknownChatbot,
+    UnsupportedVersion,
+    HandshakeTimeout,
+    IncompleteFrame,
+    ProtocolError,
+    Unavailable,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidFrame => "invalid_frame",
+            ErrorCode::UnknownOp => "unknown_op",
+            ErrorCode::FrameTooLarge => "frame_too_large",
+            ErrorCode::Unauthenticated => "unauthenticated",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::UnknownChatbot => "unknown_chatbot",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::HandshakeTimeout => "handshake_timeout",
+            ErrorCode::IncompleteFrame => "incomplete_frame",
+            ErrorCode::ProtocolError => "protocol_error",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
 
 /// Nack codes of the protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -516,8 +585,8 @@ pub fn write_nack(buf: &mut BytesMut, event_id: Option<&str>, n: &Nack) {
     );
 }
 
-pub fn write_error(buf: &mut BytesMut, code: &str, message: &str) {
-    put(buf, &Out::Error { error: ErrorBody { code, message, field: None, retry_after_ms: None } });
+pub fn write_error(buf: &mut BytesMut, code: ErrorCode, message: &str) {
+    put(buf, &Out::Error { error: ErrorBody { code: code.as_str(), message, field: None, retry_after_ms: None } });
 }
 
 pub fn write_command(buf: &mut BytesMut, command: &Command) {
@@ -610,6 +679,22 @@ mod tests {
             assert_eq!(got, field, "{line}: {message}");
             assert!(!message.is_empty());
         }
+    }
+
+    #[test]
+    fn ids_with_control_characters_and_nul_escapes_are_refused() {
+        let line = |id: &str, data: &str| {
+            format!(r#"{{"op":"event","id":"{id}","chatbot_id":"{BOT}","type":"x.a","conversation_id":"c","data":{data}}}"#)
+        };
+        assert_eq!(event_err(&line(r"a\u0000b", "{}")).1, "id");
+        assert_eq!(event_err(&line(r"a\nb", "{}")).1, "id");
+        assert_eq!(event_err(&line(&"x".repeat(257), "{}")).1, "id");
+        assert_eq!(event_err(&line("ok", r#"{"t":"a\u0000"}"#)).1, "data");
+        // An escaped backslash before "u0000" is text, not a NUL.
+        assert!(dec(&line("ok", r#"{"t":"a\\u0000"}"#)).is_ok());
+        assert!(has_nul_escape(br#""\U0000""#));
+        assert!(!has_nul_escape(br#""\\u0000""#));
+        assert!(has_nul_escape(br#""\\\u0000""#));
     }
 
     #[test]

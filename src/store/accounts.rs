@@ -169,6 +169,13 @@ pub async fn get_chatbot(store: &Store, id: Uuid) -> StoreResult<Option<ChatbotR
     }))
 }
 
+/// The owning account of each of `ids` that exists, in one query.
+pub async fn chatbot_owners(store: &Store, ids: &[Uuid]) -> StoreResult<std::collections::HashMap<Uuid, Uuid>> {
+    let client = store.pool().get().await?;
+    let rows = client.query("SELECT id, account_id FROM chatbots WHERE id = ANY($1)", &[&ids]).await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
 /// On the first start against an empty database there is no key at all, so nobody
 /// could create one through the API: make an `operators` account with an operator key.
 /// Returns the new key, or `None` when keys already exist. Safe against two daemons

@@ -1028,7 +1028,6 @@ impl Supervised {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{BufRead, BufReader};
 
     /// A directory under the temp dir, removed when dropped (after any server in it, since it
     /// is declared first).
@@ -1082,19 +1081,6 @@ mod tests {
                 state != Some('Z')
             }
             Err(_) => false,
-        }
-    }
-
-    fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if cond() {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

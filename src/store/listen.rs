@@ -1,6 +1,7 @@
 //! LISTEN for workflow changes made by any process on the database (the CLI, the admin
 //! API, another daemon) and pass the chatbot ids on. Reconnects by itself; after a
-//! reconnect it reports `Resync`, because notifications sent while it was away are lost.
+//! (re)connect it reports `Resync`, because notifications sent while it was not
+//! listening are lost.
 
 use super::Store;
 use futures::StreamExt;
@@ -19,7 +20,6 @@ pub enum Change {
 
 /// Runs until `cancel`; sends changes on `tx`.
 pub async fn run(store: Store, channel: &'static str, tx: mpsc::UnboundedSender<Change>, cancel: CancellationToken) {
-    let mut first = true;
     loop {
         if cancel.is_cancelled() {
             return;
@@ -50,10 +50,9 @@ pub async fn run(store: Store, channel: &'static str, tx: mpsc::UnboundedSender<
                     tracing::warn!(%error, "cannot LISTEN for workflow changes");
                     driver.abort();
                 } else {
-                    if !first {
-                        let _ = tx.send(Change::Resync);
-                    }
-                    first = false;
+                    // Changes made before LISTEN took effect (at start, or while
+                    // disconnected) were not heard: reload everything once.
+                    let _ = tx.send(Change::Resync);
                     loop {
                         tokio::select! {
                             _ = cancel.cancelled() => { driver.abort(); return; }
