@@ -34,7 +34,8 @@ pub fn keys(config: Config, cmd: KeysCmd) -> anyhow::Result<()> {
     match cmd {
         KeysCmd::Create { account, role } => {
             let key = run(&config, async |s| Ok(accounts::create_key(s, account, role).await?))?;
-            eprintln!("created a {role} key for account {account}; it is shown only now");
+            let article = if role == crate::store::accounts::Role::Ingest { "an" } else { "a" };
+            eprintln!("created {article} {role} key for account {account}; it is shown only now");
             println!("{key}");
         }
     }
