@@ -12,9 +12,13 @@ use crate::config::Config;
 use crate::ingest::connection::IngestDeps;
 use crate::ingest::listener::{self, Workers};
 use crate::outbox::Outbox;
-use crate::router::{BusySupervisors, Router, WorkflowsChanged};
+use crate::notify::Notifier;
+use crate::router::{BusySupervisors, Router, Wake, WorkflowsChanged};
+use crate::scheduler::Scheduler;
 use crate::store::journal::Journal;
-use crate::store::{accounts, listen, migrate, workflows, Store};
+use crate::store::leases::{self, LeaseHealth};
+use crate::store::listen::Change;
+use crate::store::{accounts, listen, migrate, Store};
 use crate::telemetry::metrics as m;
 use actix::prelude::*;
 use anyhow::Context as _;
@@ -57,6 +61,12 @@ impl App {
         for applied in &report.applied {
             tracing::info!(migration = %applied, "applied migration");
         }
+        let node = leases::node_id(&config.data_dir)
+            .with_context(|| format!("cannot read or write {}", config.data_dir.join("node.id").display()))?;
+        let freed = leases::register(&store, node).await?;
+        if freed > 0 {
+            tracing::info!(executions = freed, "freed the executions a previous run of this node held; they resume");
+        }
         let operator_key = accounts::bootstrap_operator_key(&store).await?;
         if let Some(key) = &operator_key {
             let path = config.operator_token_path();
@@ -87,12 +97,13 @@ impl App {
 
         let journal = Journal::start(
             &store,
+            node,
             &journal_arbiter,
             config.journal.lanes,
             config.journal.max_batch,
             Duration::from_millis(config.database.unavailable_after_ms),
         );
-        let outbox = Outbox::default().start();
+        let outbox = Outbox::new(store.clone(), journal.clone()).start();
         let http = reqwest::Client::builder()
             .user_agent(concat!("botflow/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(10))
@@ -101,25 +112,62 @@ impl App {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .context("cannot build the HTTP client")?;
+        let notify_url = (!config.notify.webhook_url.is_empty()).then(|| config.notify.webhook_url.clone());
+        let notifier = Notifier::new(
+            http.clone(),
+            notify_url.clone(),
+            Duration::from_secs(config.notify.window_seconds),
+            config.notify.failing_threshold,
+        )
+        .start();
+        let ttl = Duration::from_millis(config.lease.ttl_ms);
+        let health = LeaseHealth::new(ttl);
+        // The registration above was a heartbeat.
+        health.beat(std::time::Instant::now());
         let deps = Arc::new(SupervisorDeps {
             store: store.clone(),
             journal: journal.clone(),
             outbox: outbox.clone(),
+            notifier: notifier.clone(),
             http,
+            node,
+            health: health.clone(),
             concurrency: config.executor.concurrency_per_chatbot,
             queue_capacity: config.executor.queue_capacity,
             unavailable_after: Duration::from_millis(config.database.unavailable_after_ms),
-            notify_url: (!config.notify.webhook_url.is_empty()).then(|| config.notify.webhook_url.clone()),
+            notify_url,
+            step_timeout: Duration::from_millis(config.executor.step_timeout_ms),
+            ack_timeout: Duration::from_millis(config.outbox.ack_timeout_ms),
+            execution_timeout: Duration::from_millis(config.executor.execution_timeout_ms),
+            retry: config.retry.clone(),
         });
         let router = Router::new(deps, workers.handles(), Duration::from_secs(config.executor.idle_supervisor_seconds)).start();
+        let scheduler = Scheduler {
+            store: store.clone(),
+            node,
+            router: router.clone(),
+            notifier,
+            health,
+            ttl,
+            scan_interval: Duration::from_millis(config.scheduler.scan_interval_ms),
+            unreachable_after: Duration::from_secs(config.notify.database_unreachable_seconds),
+        };
+        actix_rt::spawn(scheduler.run(shutdown.clone()));
 
-        // Workflow changes from any process on this database.
+        // Workflow changes and dead-letter replays from any process on this database.
         let (change_tx, mut change_rx) = tokio::sync::mpsc::unbounded_channel();
-        actix_rt::spawn(listen::run(store.clone(), workflows::WORKFLOWS_CHANNEL, change_tx, shutdown.clone()));
+        actix_rt::spawn(listen::run(store.clone(), change_tx, shutdown.clone()));
         let r = router.clone();
         actix_rt::spawn(async move {
             while let Some(change) = change_rx.recv().await {
-                r.do_send(WorkflowsChanged(change));
+                match change {
+                    Change::Wake(chatbot_id) => r.do_send(Wake {
+                        chatbot_id,
+                        due_at: chrono::Utc::now(),
+                        dead: Arc::new(Vec::new()),
+                    }),
+                    other => r.do_send(WorkflowsChanged(other)),
+                }
             }
         });
 

@@ -31,6 +31,9 @@ pub struct Config {
     pub executor: ExecutorConfig,
     pub journal: JournalConfig,
     pub retry: RetryConfig,
+    pub lease: LeaseConfig,
+    pub scheduler: SchedulerConfig,
+    pub outbox: OutboxConfig,
     pub notify: NotifyConfig,
     pub log: LogConfig,
 }
@@ -96,9 +99,14 @@ pub struct LimitsConfig {
 pub struct ExecutorConfig {
     /// Executions of one chatbot that run their steps at the same time.
     pub concurrency_per_chatbot: usize,
-    /// Committed executions of one chatbot waiting for a free executor; past this,
-    /// new matching events are nacked `overloaded` rather than queued in memory.
+    /// Committed executions of one chatbot kept in memory waiting for an executor;
+    /// the rest wait as `queued` rows in PostgreSQL and are claimed as room frees up.
     pub queue_capacity: usize,
+    /// Longest one step may run (a webhook's own `timeout_ms` may be shorter).
+    pub step_timeout_ms: u64,
+    /// Longest one attempt of an execution may run, durable waits excluded (a
+    /// workflow's `timeout_ms` overrides it).
+    pub execution_timeout_ms: u64,
     /// A chatbot supervisor with no event for this long and nothing running is stopped.
     pub idle_supervisor_seconds: u64,
 }
@@ -123,11 +131,38 @@ pub struct RetryConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
+pub struct LeaseConfig {
+    /// A node whose heartbeat is older than this (PostgreSQL's clock) is dead and its
+    /// executions are taken over; it heartbeats every third of it.
+    pub ttl_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerConfig {
+    /// How often PostgreSQL is asked for due work this node did not schedule itself
+    /// (after a restart, another node's death, a replay).
+    pub scan_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutboxConfig {
+    /// A command no client acks within this time fails its step (which is retried).
+    pub ack_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
 pub struct NotifyConfig {
     /// Operator notifications (dead executions, critical failures) are POSTed here.
     pub webhook_url: String,
     /// One notification per workflow per window, carrying a count.
     pub window_seconds: u64,
+    /// Failed executions of one workflow within a window that make it "failing".
+    pub failing_threshold: u32,
+    /// Notify when the database has been unreachable this long.
+    pub database_unreachable_seconds: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -152,6 +187,9 @@ impl Default for Config {
             executor: ExecutorConfig::default(),
             journal: JournalConfig::default(),
             retry: RetryConfig::default(),
+            lease: LeaseConfig::default(),
+            scheduler: SchedulerConfig::default(),
+            outbox: OutboxConfig::default(),
             notify: NotifyConfig::default(),
             log: LogConfig::default(),
         }
@@ -197,7 +235,13 @@ impl Default for LimitsConfig {
 
 impl Default for ExecutorConfig {
     fn default() -> Self {
-        ExecutorConfig { concurrency_per_chatbot: 8, queue_capacity: 10_000, idle_supervisor_seconds: 300 }
+        ExecutorConfig {
+            concurrency_per_chatbot: 8,
+            queue_capacity: 10_000,
+            step_timeout_ms: 60_000,
+            execution_timeout_ms: 300_000,
+            idle_supervisor_seconds: 300,
+        }
     }
 }
 
@@ -213,9 +257,32 @@ impl Default for RetryConfig {
     }
 }
 
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig { ttl_ms: 10_000 }
+    }
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig { scan_interval_ms: 1_000 }
+    }
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig { ack_timeout_ms: 30_000 }
+    }
+}
+
 impl Default for NotifyConfig {
     fn default() -> Self {
-        NotifyConfig { webhook_url: String::new(), window_seconds: 300 }
+        NotifyConfig {
+            webhook_url: String::new(),
+            window_seconds: 300,
+            failing_threshold: 5,
+            database_unreachable_seconds: 30,
+        }
     }
 }
 
@@ -395,6 +462,23 @@ impl Config {
             && !(self.notify.webhook_url.starts_with("http://") || self.notify.webhook_url.starts_with("https://"))
         {
             bad("notify.webhook_url", "must be an http:// or https:// URL".into());
+        }
+        for (key, v) in [
+            ("executor.step_timeout_ms", self.executor.step_timeout_ms),
+            ("executor.execution_timeout_ms", self.executor.execution_timeout_ms),
+            ("outbox.ack_timeout_ms", self.outbox.ack_timeout_ms),
+            ("scheduler.scan_interval_ms", self.scheduler.scan_interval_ms),
+            ("notify.database_unreachable_seconds", self.notify.database_unreachable_seconds),
+        ] {
+            if v == 0 {
+                bad(key, "must be positive".into());
+            }
+        }
+        if self.lease.ttl_ms < 300 {
+            bad("lease.ttl_ms", format!("must be at least 300, got {}", self.lease.ttl_ms));
+        }
+        if self.notify.failing_threshold == 0 {
+            bad("notify.failing_threshold", "must be positive".into());
         }
         if self.notify.window_seconds == 0 {
             bad("notify.window_seconds", "must be positive".into());

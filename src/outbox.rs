@@ -1,18 +1,26 @@
-//! The Outbox actor: commands for chat services (reply, tag, handoff) and the
-//! connections subscribed to each chatbot.
+//! The Outbox actor: commands for chat services (reply, tag, handoff), the connections
+//! subscribed to each chatbot, and the steps waiting for a client's ack.
 //!
-//! A connection subscribes in its `hello`; a command for a chatbot goes to every
-//! connection subscribed to it. Commands are not persisted yet: one sent while nobody
-//! is subscribed reaches nobody (the step records `delivered: 0`), and a client's
-//! `ack` of a command is accepted but not tracked. Durable delivery with redelivery
-//! until acked belongs here once the outbox table exists.
+//! A command is in the `outbox` table (kept there by the journal) before it gets here.
+//! It is written to every connection subscribed to its chatbot and stays `pending`
+//! until a client acks it (`{"op":"ack","command_id":…}`): then the step waiting for it
+//! goes on and the row is marked `acked`. A connection that subscribes gets every
+//! command still pending for its chatbots, so nothing is lost to a disconnect or a
+//! restart; a client may see a command twice and drops it by its id.
 
 use crate::ingest::protocol::Command;
+use crate::router::Scope;
+use crate::store::journal::{Journal, RecordProgress};
+use crate::store::Store;
 use crate::telemetry::metrics as m;
 use actix::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;
+use tokio::sync::oneshot;
 use uuid::Uuid;
+
+/// Commands redelivered to a new subscriber at most (oldest first).
+const REDELIVER_LIMIT: i64 = 10_000;
 
 /// Sent by the outbox to a connection: write this command to the client.
 #[derive(Message, Clone)]
@@ -20,7 +28,7 @@ use uuid::Uuid;
 pub struct DeliverCommand(pub Arc<Command>);
 
 /// Sent by a connection after its hello: it wants the commands of these chatbots
-/// (ownership already checked).
+/// (ownership already checked), starting with those still pending.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Subscribe {
@@ -36,14 +44,50 @@ pub struct Unsubscribe {
     pub connection_id: u64,
 }
 
-/// Sent by an executor: deliver a command; answers how many connections took it.
+/// Sent by a step: write a command (already kept in PostgreSQL) to the subscribed
+/// connections and resolve `acked` when a client acks it. Answers how many
+/// connections it was written to.
 #[derive(Message)]
 #[rtype(result = "usize")]
-pub struct Deliver(pub Command);
+pub struct Deliver {
+    pub command: Arc<Command>,
+    /// The account owning the command's chatbot: only its keys (or an operator's) ack it.
+    pub account_id: Uuid,
+    pub acked: oneshot::Sender<()>,
+}
 
-#[derive(Default)]
+/// Sent by a step that gave up waiting for an ack.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Forget {
+    pub command_id: String,
+}
+
+/// Sent by a connection: its client acked a command.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ClientAck {
+    pub command_id: String,
+    pub scope: Scope,
+}
+
+struct Waiting {
+    chatbot_id: Uuid,
+    account_id: Uuid,
+    acked: Vec<oneshot::Sender<()>>,
+}
+
 pub struct Outbox {
+    store: Store,
+    journal: Journal,
     subscribers: HashMap<Uuid, Vec<(u64, Recipient<DeliverCommand>)>>,
+    waiting: HashMap<String, Waiting>,
+}
+
+impl Outbox {
+    pub fn new(store: Store, journal: Journal) -> Outbox {
+        Outbox { store, journal, subscribers: HashMap::new(), waiting: HashMap::new() }
+    }
 }
 
 impl Actor for Outbox {
@@ -56,13 +100,64 @@ impl Actor for Outbox {
 
 impl Handler<Subscribe> for Outbox {
     type Result = ();
-    fn handle(&mut self, msg: Subscribe, _ctx: &mut Context<Self>) {
-        for chatbot in msg.chatbots {
-            let list = self.subscribers.entry(chatbot).or_default();
+    fn handle(&mut self, msg: Subscribe, ctx: &mut Context<Self>) {
+        for chatbot in &msg.chatbots {
+            let list = self.subscribers.entry(*chatbot).or_default();
             if !list.iter().any(|(id, _)| *id == msg.connection_id) {
                 list.push((msg.connection_id, msg.recipient.clone()));
             }
         }
+        // What is still pending for these chatbots goes to the new subscriber.
+        let store = self.store.clone();
+        let recipient = msg.recipient;
+        let chatbots = msg.chatbots;
+        ctx.spawn(
+            async move {
+                match pending_commands(&store, &chatbots).await {
+                    Ok(commands) => {
+                        let n = commands.len();
+                        for c in commands {
+                            recipient.do_send(DeliverCommand(Arc::new(c)));
+                        }
+                        if n > 0 {
+                            tracing::info!(commands = n, "redelivered pending commands to a new subscriber");
+                        }
+                    }
+                    Err(error) => tracing::warn!(%error, "cannot read pending commands for a new subscriber"),
+                }
+            }
+            .into_actor(self),
+        );
+    }
+}
+
+async fn pending_commands(store: &Store, chatbots: &[Uuid]) -> Result<Vec<Command>, crate::store::StoreError> {
+    let client = store.pool().get().await?;
+    let rows = client
+        .query(
+            "SELECT command_id, chatbot_id, conversation_id, kind, payload, execution_id FROM outbox
+             WHERE chatbot_id = ANY($1) AND status = 'pending' ORDER BY created_at LIMIT $2",
+            &[&chatbots, &REDELIVER_LIMIT],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Command {
+            command_id: r.get(0),
+            chatbot_id: r.get(1),
+            conversation_id: r.get(2),
+            kind: command_kind(&r.get::<_, String>(3)),
+            payload: r.get(4),
+            execution_id: r.get(5),
+        })
+        .collect())
+}
+
+fn command_kind(kind: &str) -> &'static str {
+    match kind {
+        "tag" => "tag",
+        "handoff" => "handoff",
+        _ => "reply",
     }
 }
 
@@ -79,17 +174,23 @@ impl Handler<Unsubscribe> for Outbox {
 impl Handler<Deliver> for Outbox {
     type Result = ResponseFuture<usize>;
     fn handle(&mut self, msg: Deliver, _ctx: &mut Context<Self>) -> Self::Result {
+        let Deliver { command, account_id, acked } = msg;
+        self.waiting
+            .entry(command.command_id.clone())
+            .or_insert_with(|| Waiting { chatbot_id: command.chatbot_id, account_id, acked: Vec::new() })
+            .acked
+            .push(acked);
         let targets: Vec<Recipient<DeliverCommand>> = self
             .subscribers
-            .get(&msg.0.chatbot_id)
+            .get(&command.chatbot_id)
             .map(|l| l.iter().map(|(_, r)| r.clone()).collect())
             .unwrap_or_default();
-        let kind = msg.0.kind;
-        let command = Arc::new(msg.0);
         Box::pin(async move {
+            let kind = command.kind;
             let mut delivered = 0;
             for t in targets {
-                // A connection refuses (false) when its output is over its limit.
+                // A connection refuses (false) when its output is over its limit; the
+                // command stays pending and comes back when it subscribes again.
                 if let Ok(true) = t.send(DeliverCommand(command.clone())).await {
                     delivered += 1;
                 }
@@ -98,4 +199,76 @@ impl Handler<Deliver> for Outbox {
             delivered
         })
     }
+}
+
+impl Handler<Forget> for Outbox {
+    type Result = ();
+    fn handle(&mut self, msg: Forget, _ctx: &mut Context<Self>) {
+        if let Some(w) = self.waiting.get_mut(&msg.command_id) {
+            w.acked.retain(|tx| !tx.is_closed());
+            if w.acked.is_empty() {
+                self.waiting.remove(&msg.command_id);
+            }
+        }
+    }
+}
+
+impl Handler<ClientAck> for Outbox {
+    type Result = ();
+    fn handle(&mut self, msg: ClientAck, ctx: &mut Context<Self>) {
+        match self.waiting.get(&msg.command_id) {
+            Some(w) if msg.scope.allows(w.account_id) => {}
+            Some(_) => {
+                // Not this client's to ack; leave it pending.
+                return;
+            }
+            None => {
+                // Not waited for here (sent before a restart, or by another node):
+                // mark it acked if it is the client's.
+                let store = self.store.clone();
+                ctx.spawn(
+                    async move {
+                        if let Err(error) = ack_unwaited(&store, &msg.command_id, msg.scope).await {
+                            tracing::warn!(%error, command_id = %msg.command_id, "cannot record a command ack");
+                        }
+                    }
+                    .into_actor(self),
+                );
+                return;
+            }
+        }
+        if let Some(w) = self.waiting.remove(&msg.command_id) {
+            for tx in w.acked {
+                let _ = tx.send(());
+            }
+            self.journal.lane_for(w.chatbot_id).do_send(RecordProgress {
+                acked_commands: vec![msg.command_id],
+                ..Default::default()
+            });
+        }
+    }
+}
+
+async fn ack_unwaited(store: &Store, command_id: &str, scope: Scope) -> Result<(), crate::store::StoreError> {
+    let client = store.pool().get().await?;
+    match scope {
+        Scope::All => {
+            client
+                .execute(
+                    "UPDATE outbox SET status = 'acked', acked_at = now() WHERE command_id = $1 AND status = 'pending'",
+                    &[&command_id],
+                )
+                .await?
+        }
+        Scope::Account(account) => {
+            client
+                .execute(
+                    "UPDATE outbox o SET status = 'acked', acked_at = now() FROM chatbots c
+                     WHERE o.command_id = $1 AND o.status = 'pending' AND c.id = o.chatbot_id AND c.account_id = $2",
+                    &[&command_id, &account],
+                )
+                .await?
+        }
+    };
+    Ok(())
 }

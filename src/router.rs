@@ -16,7 +16,7 @@
 //!
 //! Forwarding costs a hash lookup per chatbot per batch, not per event.
 
-use crate::chatbot::supervisor::{ChatbotSupervisor, Reload, StopIfIdle, SupervisorDeps, SupervisorEvents};
+use crate::chatbot::supervisor::{ChatbotSupervisor, Reload, StopIfIdle, SupervisorDeps, SupervisorEvents, WakeUp};
 use crate::event::Event;
 use crate::ingest::connection::EventOutcomes;
 use crate::ingest::protocol::{Nack, NackCode};
@@ -58,12 +58,24 @@ pub struct RouteEvents {
     pub reply_to: Recipient<EventOutcomes>,
 }
 
+/// Sent by the scheduler (and the change listener, for replays): this chatbot has
+/// executions due at `due_at` that no node holds, or that `dead` nodes held. The
+/// supervisor is started if none runs.
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct Wake {
+    pub chatbot_id: Uuid,
+    pub due_at: chrono::DateTime<chrono::Utc>,
+    pub dead: Arc<Vec<Uuid>>,
+}
+
 /// Sent by the change listener: reload the workflows of one chatbot, or of all.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct WorkflowsChanged(pub Change);
 
-/// Sent by the daemon at shutdown: how many supervisors have work in flight now.
+/// Sent by the daemon at shutdown: how many supervisors have work in flight now. The
+/// first one also tells every supervisor to claim nothing new.
 #[derive(Message)]
 #[rtype(result = "usize")]
 pub struct BusySupervisors;
@@ -94,12 +106,24 @@ pub struct Router {
     arbiters: Vec<ArbiterHandle>,
     next_arbiter: usize,
     slots: HashMap<Uuid, Slot>,
+    /// Wakes for chatbots being loaded, delivered once they are.
+    wakes: HashMap<Uuid, Wake>,
+    /// Shutting down: no supervisor is started for wakes.
+    draining: bool,
     idle_after: Duration,
 }
 
 impl Router {
     pub fn new(deps: Arc<SupervisorDeps>, arbiters: Vec<ArbiterHandle>, idle_after: Duration) -> Router {
-        Router { deps, arbiters, next_arbiter: 0, slots: HashMap::new(), idle_after }
+        Router {
+            deps,
+            arbiters,
+            next_arbiter: 0,
+            slots: HashMap::new(),
+            wakes: HashMap::new(),
+            draining: false,
+            idle_after,
+        }
     }
 
     fn supervisors_active(&self) -> usize {
@@ -170,8 +194,12 @@ impl Router {
                     for held in waiting {
                         act.route(chatbot_id, held, ctx);
                     }
+                    if let Some(wake) = act.wakes.remove(&chatbot_id) {
+                        act.wake(wake, ctx);
+                    }
                 }
                 Ok(None) => {
+                    act.wakes.remove(&chatbot_id);
                     act.slots.insert(chatbot_id, Slot::Missing { until: Instant::now() + Duration::from_secs(1) });
                     for held in waiting {
                         nack_all(held, unknown(chatbot_id));
@@ -191,6 +219,33 @@ impl Router {
         }));
     }
 
+    /// Passes a wake to the chatbot's supervisor, starting one if needed.
+    fn wake(&mut self, wake: Wake, ctx: &mut Context<Self>) {
+        let chatbot_id = wake.chatbot_id;
+        if let Some(Slot::Known { record, .. }) = self.slots.get(&chatbot_id) {
+            let record = record.clone();
+            let addr = self.start_supervisor(record.clone());
+            self.slots.insert(chatbot_id, Slot::Ready { record, addr, last_event: Instant::now() });
+            self.publish_gauge();
+        }
+        match self.slots.get_mut(&chatbot_id) {
+            Some(Slot::Ready { addr, last_event, .. }) => {
+                *last_event = Instant::now();
+                addr.do_send(WakeUp { due_at: wake.due_at, dead: wake.dead });
+            }
+            Some(Slot::Loading(_)) => {
+                self.wakes.insert(chatbot_id, wake);
+            }
+            // The next scan wakes it again once the stop is settled.
+            Some(Slot::Stopping { .. }) | Some(Slot::Missing { .. }) | Some(Slot::Known { .. }) => {}
+            None => {
+                self.wakes.insert(chatbot_id, wake);
+                self.slots.insert(chatbot_id, Slot::Loading(Vec::new()));
+                self.load(chatbot_id, ctx);
+            }
+        }
+    }
+
     fn start_supervisor(&mut self, record: Arc<ChatbotRecord>) -> Addr<ChatbotSupervisor> {
         let arbiter = &self.arbiters[self.next_arbiter % self.arbiters.len()];
         self.next_arbiter = self.next_arbiter.wrapping_add(1);
@@ -199,7 +254,7 @@ impl Router {
             // The router is the only sender and every event it sends is bounded by a
             // connection's in-flight window, so the mailbox need not be.
             ctx.set_mailbox_capacity(0);
-            ChatbotSupervisor::new(record, deps)
+            ChatbotSupervisor::new(record, deps, ctx.address())
         })
     }
 
@@ -312,6 +367,16 @@ impl Handler<RouteEvents> for Router {
     }
 }
 
+impl Handler<Wake> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: Wake, ctx: &mut Context<Self>) {
+        if !self.draining {
+            self.wake(msg, ctx);
+        }
+    }
+}
+
 impl Handler<WorkflowsChanged> for Router {
     type Result = ();
 
@@ -324,6 +389,8 @@ impl Handler<WorkflowsChanged> for Router {
                 // A chatbot without a supervisor reads its workflows when one starts.
             }
             Change::Resync => self.slots.values_mut().for_each(reload),
+            // Delivered as a `Wake` by the daemon; nothing to reload.
+            Change::Wake(_) => {}
         }
     }
 }
@@ -334,6 +401,7 @@ impl Handler<BusySupervisors> for Router {
     fn handle(&mut self, _msg: BusySupervisors, _ctx: &mut Context<Self>) -> Self::Result {
         // One being asked to stop may still answer that it is busy.
         let stopping = self.slots.values().filter(|s| matches!(s, Slot::Stopping { .. })).count();
+        self.draining = true;
         let addrs: Vec<Addr<ChatbotSupervisor>> = self
             .slots
             .values()
@@ -345,6 +413,7 @@ impl Handler<BusySupervisors> for Router {
         Box::pin(async move {
             let mut busy = stopping;
             for a in addrs {
+                a.do_send(crate::chatbot::supervisor::Drain);
                 if let Ok(true) = a.send(crate::chatbot::supervisor::IsBusy).await {
                     busy += 1;
                 }

@@ -654,6 +654,8 @@ async fn hanging_and_failing_webhooks_fail_their_execution_without_holding_up_an
             json!([{
                 "name": format!("hook {path}"),
                 "trigger": {"event": "message.received"},
+                // One attempt: this test is about isolation, retries are tested elsewhere.
+                "retry": {"max_attempts": 1},
                 "steps": [
                     {"id": "page", "action": "webhook", "url": receiver.url(path),
                      "body": {"event": "{{event.id}}"}, "timeout_ms": timeout},
@@ -691,10 +693,11 @@ async fn hanging_and_failing_webhooks_fail_their_execution_without_holding_up_an
     }
     let ok_ack = other.recv().await;
     assert_eq!(ok_ack["op"], "ack", "{ok_ack}");
-    let (ok_exec, status, error) = wait_finished(&db, ok_bot, "ok-1").await;
-    assert_eq!(status, "succeeded", "{error:?}");
     let (cmd, _) = c.recv_until(|v| v["op"] == "command").await;
     assert_eq!(cmd["payload"]["text"], "done T-1");
+    c.send(&json!({"op": "ack", "command_id": cmd["command_id"]})).await;
+    let (ok_exec, status, error) = wait_finished(&db, ok_bot, "ok-1").await;
+    assert_eq!(status, "succeeded", "{error:?}");
     assert_eq!(cmd["execution_id"], ok_exec.to_string());
     assert!(
         hang_hit.elapsed() < Duration::from_millis(HANG_MS),
@@ -712,9 +715,9 @@ async fn hanging_and_failing_webhooks_fail_their_execution_without_holding_up_an
     }
     assert_eq!(status, "running", "the hanging execution shows as running while it hangs");
 
-    // The 500: failed, the step records the status and the body.
+    // The 500 with its only attempt used: dead, the step records the status and the body.
     let (fail_exec, status, error) = wait_finished(&db, fail_bot, "fail-1").await;
-    assert_eq!(status, "failed");
+    assert_eq!(status, "dead");
     let error = error.expect("a failed execution records its error");
     assert!(error.contains("500") && error.contains("page"), "{error}");
     let steps = steps_of(&db, fail_exec).await;
@@ -723,9 +726,9 @@ async fn hanging_and_failing_webhooks_fail_their_execution_without_holding_up_an
     assert!(steps[0].2.as_deref().unwrap_or_default().contains("500"), "{steps:?}");
     assert_eq!(steps[0].3, Some(json!({"status": 500, "response": {"error": "boom"}})));
 
-    // The hang: failed at its timeout, named as such.
+    // The hang: failed at its timeout, named as such (and dead: no attempt left).
     let (_, status, error) = wait_finished(&db, hang_bot, "hang-1").await;
-    assert_eq!(status, "failed");
+    assert_eq!(status, "dead");
     let error = error.expect("a failed execution records its error");
     assert!(error.contains("timed out") && error.contains(&HANG_MS.to_string()), "{error}");
     let steps = steps_of(&db, hang_exec).await;
@@ -738,12 +741,14 @@ async fn hanging_and_failing_webhooks_fail_their_execution_without_holding_up_an
         "the step should end at its timeout, took {took} s"
     );
     let (_, status, _) = wait_finished(&db, hang_bot, "hang-2").await;
-    assert_eq!(status, "failed");
+    assert_eq!(status, "dead");
     assert_eq!(receiver.count("/ok"), 1);
 
     // Both connections still serve.
     other.send(&ping("ok-2", ok_bot)).await;
     assert_eq!(other.recv().await["op"], "ack");
+    let (cmd, _) = c.recv_until(|v| v["op"] == "command").await;
+    c.send(&json!({"op": "ack", "command_id": cmd["command_id"]})).await;
     assert_eq!(wait_finished(&db, ok_bot, "ok-2").await.1, "succeeded");
 }
 
@@ -827,11 +832,14 @@ async fn a_client_that_does_not_read_is_pushed_back_instead_of_buffered() {
     let (answers, _) = c.answers(EVENTS).await;
     let acks = answers.values().filter(|v| v["op"] == "ack").count();
     assert_eq!(acks, EVENTS, "every event acked: {:?}", answers.values().find(|v| v["op"] != "ack"));
-    let _writer = tokio::time::timeout(DEADLINE, writing).await.expect("the writes complete").unwrap();
+    // The socket's write half comes back, for the command acks below.
+    c.writer = tokio::time::timeout(DEADLINE, writing).await.expect("the writes complete").unwrap();
     eventually("all executions recorded", || async { count().await == EVENTS as i64 + 1 }).await;
     let mut echoes = 0;
     while echoes < EVENTS {
         let (cmd, _) = c.recv_until(|v| v["op"] == "command").await;
+        // Each reply step waits for the client's ack before its executor is free.
+        c.send(&json!({"op": "ack", "command_id": cmd["command_id"]})).await;
         if cmd["payload"]["text"] == text.as_str() {
             echoes += 1;
         }

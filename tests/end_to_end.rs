@@ -139,6 +139,16 @@ async fn events_flow_end_to_end_over_unix_and_tcp() {
         assert!(client.try_recv(std::time::Duration::from_millis(300)).await.is_none());
     }
 
+    // It waits in the outbox: a connection that subscribes to chatbots[1] gets it.
+    for (t, unix) in [(&a, true), (&b, false)] {
+        let late = if unix { Client::unix(&daemon.unix()).await } else { Client::tcp(daemon.tcp()).await };
+        let mut late = late.hello(&t.key, &[t.chatbots[1]]).await;
+        let (cmd, _) = late.recv_until(|v| v["op"] == "command").await;
+        assert_eq!(cmd["chatbot_id"], t.chatbots[1].to_string());
+        assert_eq!(cmd["payload"]["text"], format!("Hello from {}", t.chatbots[1]));
+        late.send(&json!({"op": "ack", "command_id": cmd["command_id"]})).await;
+    }
+
     // Every execution finished with its steps recorded.
     eventually("executions finish", || async {
         let n: i64 = db

@@ -24,7 +24,7 @@ async fn idle_supervisors_stop_and_restart_on_demand() {
     apply(
         &daemon.store,
         bot,
-        json!({"name": "w", "trigger": {"event": "x.a"}, "steps": [{"id": "r", "action": "reply", "text": "x"}]}),
+        json!({"name": "w", "trigger": {"event": "x.a"}, "steps": [{"id": "r", "action": "delay", "duration": "0s"}]}),
     )
     .await;
     let mut c = Client::tcp(daemon.tcp()).await.hello(&t.key, &[]).await;
@@ -51,7 +51,7 @@ async fn metrics_count_what_happened() {
         &daemon.store,
         bot,
         json!({"name": "w", "trigger": {"event": "intent.detected", "intent": {"names": ["refund"], "min_confidence": 0.5}},
-               "steps": [{"id": "r", "action": "reply", "text": "x"}]}),
+               "steps": [{"id": "r", "action": "delay", "duration": "0s"}]}),
     )
     .await;
     // The recorder is process-wide: compare before and after.

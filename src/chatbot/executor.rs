@@ -1,129 +1,231 @@
-//! Running one execution: its steps in order, each rendered from the event and the
-//! outputs of earlier steps, each recorded with its timing and outcome.
+//! Running one attempt of one execution: its steps in order from where it stands,
+//! each rendered from the event and the outputs of earlier steps, each recorded (with
+//! the execution's new resume point) as soon as it ends.
 //!
 //! This is a plain async function the supervisor spawns on its arbiter; the pool is
-//! the supervisor's count of running executions. A step that panics is caught and
-//! recorded as a failed step (a panic inside an actor's future would otherwise take
-//! the whole arbiter down), and the execution stops at the first failed step.
+//! the supervisor's count of running executions. It ends when every step succeeded,
+//! at a `delay` step (the supervisor makes the wait durable), at a failed step (the
+//! supervisor applies the retry policy), or when the lease is gone. A step that panics
+//! is caught and recorded as a failed step: a panic inside an actor's future would
+//! otherwise take the whole arbiter down.
 
 use crate::chatbot::supervisor::SupervisorDeps;
+use crate::ingest::protocol::Command;
 use crate::outbox::Outbox;
 use crate::store::accounts::ChatbotRecord;
-use crate::store::journal::{ExecutionResult, FinalStatus, StepRecord};
+use crate::store::journal::{ExecutionUpdate, JournalLane, LeaseLost, RecordProgress, Status, StepRecord};
+use crate::store::leases::LeaseHealth;
 use crate::telemetry::metrics as m;
 use crate::workflow::actions::{self, StepError};
-use crate::workflow::{CompiledAction, CompiledStep, CompiledWorkflow, TemplateContext};
-use actix::Addr;
+use crate::workflow::{CompiledAction, CompiledStep, CompiledWorkflow, DelaySpec, TemplateContext};
+use actix::{Addr, Recipient};
 use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use serde_json::{Map, Value};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use uuid::Uuid;
 
-/// What steps need from the daemon.
+/// What steps need from the daemon, per chatbot.
 pub struct ExecEnv {
     pub http: reqwest::Client,
     pub outbox: Addr<Outbox>,
     pub chatbot: Arc<ChatbotRecord>,
     pub notify_url: Option<String>,
+    pub lane: Addr<JournalLane>,
+    pub lease_lost: Recipient<LeaseLost>,
+    pub health: LeaseHealth,
+    pub step_timeout: Duration,
+    pub ack_timeout: Duration,
+    pub execution_timeout: Duration,
 }
 
 impl ExecEnv {
-    pub fn from_deps(deps: &SupervisorDeps, chatbot: Arc<ChatbotRecord>) -> ExecEnv {
-        ExecEnv { http: deps.http.clone(), outbox: deps.outbox.clone(), chatbot, notify_url: deps.notify_url.clone() }
+    pub fn new(deps: &SupervisorDeps, chatbot: Arc<ChatbotRecord>, lane: Addr<JournalLane>, lease_lost: Recipient<LeaseLost>) -> ExecEnv {
+        ExecEnv {
+            http: deps.http.clone(),
+            outbox: deps.outbox.clone(),
+            chatbot,
+            notify_url: deps.notify_url.clone(),
+            lane,
+            lease_lost,
+            health: deps.health.clone(),
+            step_timeout: deps.step_timeout,
+            ack_timeout: deps.ack_timeout,
+            execution_timeout: deps.execution_timeout,
+        }
+    }
+
+    /// Sends updates to the journal, asking to hear if the lease is gone.
+    fn record(&self, update: ExecutionUpdate) {
+        self.lane.do_send(RecordProgress {
+            updates: vec![update],
+            lease_lost: Some(self.lease_lost.clone()),
+            ..Default::default()
+        });
     }
 }
 
-/// One committed execution, ready to run.
+/// An execution this node holds the lease of, at its resume point.
+#[derive(Debug, Clone)]
 pub struct Job {
     pub execution_id: Uuid,
+    pub epoch: i64,
+    pub attempt: i32,
     pub workflow: Arc<CompiledWorkflow>,
     pub event: Arc<Value>,
     pub conversation_id: Arc<str>,
-    pub started_at: DateTime<Utc>,
+    /// The next step to run.
+    pub step_index: usize,
+    /// Outputs of the steps before `step_index`.
+    pub outputs: Arc<Value>,
 }
 
-pub async fn run(job: Job, env: Arc<ExecEnv>) -> ExecutionResult {
-    let clock = std::time::Instant::now();
-    let mut outputs = Map::new();
-    let mut records = Vec::with_capacity(job.workflow.steps.len());
-    let mut error = None;
-    for (index, step) in job.workflow.steps.iter().enumerate() {
+impl Job {
+    /// An update of this execution's state; the caller fills in the rest.
+    pub fn update(&self, status: Status) -> ExecutionUpdate {
+        ExecutionUpdate {
+            id: self.execution_id,
+            epoch: self.epoch,
+            status,
+            attempt: self.attempt,
+            step_index: self.step_index as i32,
+            outputs: None,
+            run_after: None,
+            started_at: None,
+            finished_at: None,
+            error: None,
+            release: false,
+            steps: Vec::new(),
+        }
+    }
+}
+
+/// How an attempt ended.
+#[derive(Debug)]
+pub enum RunEnd {
+    Succeeded,
+    /// At a `delay` step: the execution goes on at `until` (the step is recorded).
+    Wait { until: DateTime<Utc> },
+    /// A step failed; a retry may fix it when `retryable`, not before `retry_after`.
+    Failed { error: String, retryable: bool, retry_after: Option<Duration> },
+}
+
+/// Runs the job from its resume point. Every step's outcome, with the new resume
+/// point and outputs, is sent to the journal as soon as the step ends.
+pub async fn run(mut job: Job, env: Arc<ExecEnv>) -> (Job, RunEnd) {
+    let timeout = job.workflow.spec.timeout_ms.map(Duration::from_millis).unwrap_or(env.execution_timeout);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut outputs: Map<String, Value> = job.outputs.as_object().cloned().unwrap_or_default();
+    while job.step_index < job.workflow.steps.len() {
+        // Never start a step while another node may be taking this execution over.
+        if !env.health.healthy() {
+            tracing::warn!(execution_id = %job.execution_id, "lease heartbeat late; waiting before the next step");
+            if tokio::time::timeout_at(deadline, env.health.wait_healthy()).await.is_err() {
+                let error = format!("the execution timed out after {} ms waiting for the database", timeout.as_millis());
+                return (job, RunEnd::Failed { error, retryable: true, retry_after: None });
+            }
+        }
+        let index = job.step_index;
+        let step = &job.workflow.steps[index];
         let started_at = Utc::now();
-        let step_clock = std::time::Instant::now();
-        let result = AssertUnwindSafe(run_step(&job, &env, step, &outputs)).catch_unwind().await;
-        let result = match result {
-            Ok(r) => r,
-            Err(panic) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                tracing::error!(execution_id = %job.execution_id, step = %step.id, panic = %what, "step panicked");
-                Err(StepError::new(format!("step panicked: {what}")))
+        let clock = Instant::now();
+        let result = match &step.action {
+            CompiledAction::Delay { until } => {
+                let due = match until {
+                    DelaySpec::For(d) => started_at + chrono::Duration::from_std(*d).unwrap_or(chrono::Duration::zero()),
+                    DelaySpec::Until(t) => *t,
+                };
+                Ok(StepOutcome::Delay(due))
+            }
+            _ => {
+                let work = AssertUnwindSafe(run_step(&job, &env, step, &outputs)).catch_unwind();
+                match tokio::time::timeout_at(deadline, tokio::time::timeout(env.step_timeout, work)).await {
+                    Err(_) => Err(StepError::retryable(format!("the execution timed out after {} ms", timeout.as_millis()))),
+                    Ok(Err(_)) => Err(StepError::retryable(format!("the step timed out after {} ms", env.step_timeout.as_millis()))),
+                    Ok(Ok(Ok(r))) => r.map(StepOutcome::Output),
+                    Ok(Ok(Err(panic))) => {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "unknown panic".into());
+                        tracing::error!(execution_id = %job.execution_id, step = %step.id, panic = %what, "step panicked");
+                        Err(StepError::new(format!("step panicked: {what}")))
+                    }
+                }
             }
         };
         let action = step.action.name();
-        let seconds = step_clock.elapsed().as_secs_f64();
-        metrics::histogram!(m::STEP_DURATION, "action" => action).record(seconds);
-        let finished_at = Utc::now();
+        metrics::histogram!(m::STEP_DURATION, "action" => action).record(clock.elapsed().as_secs_f64());
+        let record = |succeeded: bool, output: Option<Value>, error: Option<String>| StepRecord {
+            index: index as i32,
+            attempt: job.attempt,
+            step_id: step.id.clone(),
+            action,
+            succeeded,
+            started_at,
+            finished_at: Utc::now(),
+            output,
+            error,
+        };
         match result {
-            Ok(output) => {
+            Ok(StepOutcome::Output(output)) => {
                 metrics::counter!(m::STEPS, "action" => action, "outcome" => "succeeded").increment(1);
-                records.push(StepRecord {
-                    index: index as i32,
-                    attempt: 1,
-                    step_id: step.id.clone(),
-                    action,
-                    succeeded: true,
-                    started_at,
-                    finished_at,
-                    output: Some(output.clone()),
-                    error: None,
-                });
-                outputs.insert(step.id.clone(), output);
+                outputs.insert(step.id.clone(), output.clone());
+                let step_record = record(true, Some(output), None);
+                job.step_index += 1;
+                job.outputs = Arc::new(Value::Object(outputs.clone()));
+                let mut u = job.update(Status::Running);
+                u.outputs = Some(job.outputs.clone());
+                u.steps.push(step_record);
+                env.record(u);
+            }
+            Ok(StepOutcome::Delay(due)) => {
+                metrics::counter!(m::STEPS, "action" => action, "outcome" => "succeeded").increment(1);
+                let step_record = record(true, Some(serde_json::json!({ "until": due })), None);
+                job.step_index += 1;
+                if due > Utc::now() {
+                    // The supervisor writes the wait with this step's record.
+                    let mut u = job.update(Status::Running);
+                    u.steps.push(step_record);
+                    env.record(u);
+                    return (job, RunEnd::Wait { until: due });
+                }
+                let mut u = job.update(Status::Running);
+                u.steps.push(step_record);
+                env.record(u);
             }
             Err(e) => {
                 metrics::counter!(m::STEPS, "action" => action, "outcome" => "failed").increment(1);
-                tracing::info!(execution_id = %job.execution_id, step = %step.id, error = %e.message, "step failed");
-                records.push(StepRecord {
-                    index: index as i32,
-                    attempt: 1,
-                    step_id: step.id.clone(),
-                    action,
-                    succeeded: false,
-                    started_at,
-                    finished_at,
-                    output: e.output,
-                    error: Some(e.message.clone()),
-                });
-                error = Some(format!("step {:?} ({action}) failed: {}", step.id, e.message));
-                break;
+                tracing::info!(execution_id = %job.execution_id, step = %step.id, attempt = job.attempt, error = %e.message, "step failed");
+                let mut u = job.update(Status::Running);
+                u.steps.push(record(false, e.output.clone(), Some(e.message.clone())));
+                env.record(u);
+                let error = format!("step {:?} ({action}) failed: {}", step.id, e.message);
+                return (job, RunEnd::Failed { error, retryable: e.retryable, retry_after: e.retry_after });
             }
         }
     }
-    metrics::histogram!(m::EXECUTION_DURATION).record(clock.elapsed().as_secs_f64());
-    ExecutionResult {
-        id: job.execution_id,
-        status: if error.is_none() { FinalStatus::Succeeded } else { FinalStatus::Failed },
-        started_at: job.started_at,
-        finished_at: Utc::now(),
-        error,
-        steps: records,
-    }
+    (job, RunEnd::Succeeded)
+}
+
+enum StepOutcome {
+    Output(Value),
+    Delay(DateTime<Utc>),
 }
 
 async fn run_step(job: &Job, env: &ExecEnv, step: &CompiledStep, outputs: &Map<String, Value>) -> Result<Value, StepError> {
     let ctx = TemplateContext { event: &job.event, steps: outputs };
-    let command = |kind: &'static str, payload: Value| actions::command::Request {
-        kind,
-        payload,
+    let command = |kind: &'static str, payload: Value| Command {
+        // Stable across attempts, so a client can drop repeats.
+        command_id: format!("{}:{}", job.execution_id, step.id),
         chatbot_id: env.chatbot.id,
         conversation_id: job.conversation_id.to_string(),
+        kind,
+        payload,
         execution_id: job.execution_id,
-        step_id: step.id.clone(),
     };
     match &step.action {
         CompiledAction::Webhook { url, body, headers, timeout } => {
@@ -141,27 +243,32 @@ async fn run_step(job: &Job, env: &ExecEnv, step: &CompiledStep, outputs: &Map<S
                 idempotency_key: format!("{}:{}", job.execution_id, step.id),
                 execution_id: job.execution_id,
                 event_id: job.event.get("id").and_then(Value::as_str).unwrap_or_default().to_string(),
+                attempt: job.attempt,
+                lease_epoch: job.epoch,
             };
             actions::webhook::call(&env.http, &env.chatbot.webhook_secret, request).await
         }
         CompiledAction::Reply { text } => {
             let payload = serde_json::json!({ "text": text.render_string(&ctx)? });
-            actions::command::send(&env.outbox, command("reply", payload)).await
+            send_command(env, job.epoch, command("reply", payload)).await
         }
         CompiledAction::Tag { tags } => {
             let tags = tags.iter().map(|t| t.render_string(&ctx)).collect::<Result<Vec<_>, _>>()?;
-            actions::command::send(&env.outbox, command("tag", serde_json::json!({ "tags": tags }))).await
+            send_command(env, job.epoch, command("tag", serde_json::json!({ "tags": tags }))).await
         }
         CompiledAction::Handoff { queue } => {
             let payload = serde_json::json!({ "queue": queue.render_string(&ctx)? });
-            actions::command::send(&env.outbox, command("handoff", payload)).await
+            send_command(env, job.epoch, command("handoff", payload)).await
         }
         CompiledAction::Notify { message } => {
             let message = message.render_string(&ctx)?;
             actions::notify::send(&env.http, env.notify_url.as_deref(), &env.chatbot, job.execution_id, &message).await
         }
-        CompiledAction::Delay { .. } => Err(StepError::new(
-            "delay steps need the durable timer, which this version of botflow does not have yet",
-        )),
+        // `run` handles delays itself and never gets here with one.
+        CompiledAction::Delay { .. } => Err(StepError::new("a delay step cannot run as an action")),
     }
+}
+
+fn send_command(env: &ExecEnv, epoch: i64, command: Command) -> impl std::future::Future<Output = Result<Value, StepError>> + '_ {
+    actions::command::send(&env.lane, &env.outbox, env.ack_timeout, Arc::new(command), env.chatbot.account_id, epoch)
 }

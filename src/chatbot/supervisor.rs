@@ -6,39 +6,69 @@
 //! matched, its executions are planned (ids chosen here) and sent to the chatbot's
 //! journal lane, which acks the event after the commit and hands the committed ids
 //! back. Only then are the steps run, at most `concurrency_per_chatbot` executions at
-//! a time; committed executions waiting for an executor are bounded by
-//! `queue_capacity`, past which matching events are nacked `overloaded`.
+//! a time.
+//!
+//! Memory stays bounded: at most `queue_capacity` executions wait here for an
+//! executor. Past that, new executions are written free (no lease) and wait as
+//! `queued` rows, which this supervisor claims from PostgreSQL as executors free up.
+//! The same claim takes over executions that are due and free (after a restart, a
+//! replay, a long wait) or held by a dead node, when the scheduler wakes it.
+//!
+//! When an attempt ends the supervisor applies the workflow's retry policy: a retry or
+//! a `delay` is written with its due time; short waits keep the lease and fire from a
+//! timer here, long ones give it up and are claimed again when due. Executions that
+//! used up their attempts become dead letters and are reported to the operators.
 //!
 //! Workflow changes rebuild the index in the background and swap it in; events keep
-//! flowing against the old index meanwhile, so none is lost or matched twice.
+//! flowing against the old index meanwhile, so none is lost or matched twice. An
+//! execution always runs the workflow version it was created with.
 
-use super::executor::{self, ExecEnv, Job};
+use super::executor::{self, ExecEnv, Job, RunEnd};
+use super::retry::Policy;
 use super::triggers::TriggerIndex;
+use crate::config::RetryConfig;
 use crate::event::Event;
 use crate::ingest::connection::EventOutcomes;
 use crate::ingest::protocol::{Nack, NackCode, Outcome};
+use crate::notify::{Kind, Notifier, Report};
 use crate::outbox::Outbox;
 use crate::store::accounts::ChatbotRecord;
-use crate::store::journal::{ExecutionsCommitted, Journal, JournalLane, PendingEvent, PlannedExecution, RecordExecutions, RecordProgress};
+use crate::store::journal::{
+    ExecutionsCommitted, Journal, JournalLane, LeaseLost, PendingEvent, PlannedExecution, RecordExecutions, RecordProgress,
+    Status,
+};
+use crate::store::leases::{self, Claimed, LeaseHealth};
 use crate::store::{workflows, Store, StoreError};
 use crate::telemetry::metrics as m;
 use crate::workflow::{CompiledWorkflow, WorkflowSpec};
 use actix::prelude::*;
+use chrono::Utc;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
+
+/// Waits up to this long keep their lease and fire from a timer here; longer ones are
+/// given up and claimed again when due (by this node or any other).
+const HOLD_WAIT_MAX: Duration = Duration::from_secs(30);
 
 /// What every supervisor shares.
 pub struct SupervisorDeps {
     pub store: Store,
     pub journal: Journal,
     pub outbox: Addr<Outbox>,
+    pub notifier: Addr<Notifier>,
     pub http: reqwest::Client,
+    pub node: Uuid,
+    pub health: LeaseHealth,
     pub concurrency: usize,
     pub queue_capacity: usize,
     pub unavailable_after: Duration,
     pub notify_url: Option<String>,
+    pub step_timeout: Duration,
+    pub ack_timeout: Duration,
+    pub execution_timeout: Duration,
+    pub retry: RetryConfig,
 }
 
 /// Sent by the Router: events of this chatbot in the order their connection sent them.
@@ -56,6 +86,15 @@ pub struct SupervisorEvents {
 #[rtype(result = "()")]
 pub struct Reload;
 
+/// Sent by the Router (from the scheduler): executions of this chatbot are due at
+/// `due_at`, free or held by the `dead` nodes. Claim them then.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct WakeUp {
+    pub due_at: chrono::DateTime<Utc>,
+    pub dead: Arc<Vec<Uuid>>,
+}
+
 /// Sent by the Router to an idle supervisor: stop if nothing is in flight. `true`: stopped.
 #[derive(Message)]
 #[rtype(result = "bool")]
@@ -66,17 +105,10 @@ pub struct StopIfIdle;
 #[rtype(result = "bool")]
 pub struct IsBusy;
 
-/// Internal: write the progress gathered during this turn of the mailbox.
+/// Sent at shutdown: finish what is in memory, claim nothing new.
 #[derive(Message)]
 #[rtype(result = "()")]
-struct FlushProgress;
-
-/// An execution between planning and the end of its steps.
-struct Prepared {
-    workflow: Arc<CompiledWorkflow>,
-    event: Arc<serde_json::Value>,
-    conversation_id: Arc<str>,
-}
+pub struct Drain;
 
 enum LoadState {
     Loading,
@@ -94,74 +126,284 @@ pub struct ChatbotSupervisor {
     index: Arc<TriggerIndex>,
     state: LoadState,
     reload_generation: u64,
-    /// Planned, waiting for the journal's commit.
-    awaiting_commit: HashMap<Uuid, Prepared>,
-    /// Committed, waiting for an executor.
-    ready: VecDeque<(Uuid, Prepared)>,
-    running: usize,
-    progress: RecordProgress,
-    progress_scheduled: bool,
+    /// Compiled workflow versions other than the current ones, for resumed executions.
+    versions: HashMap<(Uuid, i32), Arc<CompiledWorkflow>>,
+    /// Planned and leased, waiting for the journal's commit.
+    awaiting_commit: HashMap<Uuid, Job>,
+    /// Committed (or claimed), waiting for an executor.
+    ready: VecDeque<Job>,
+    running: HashMap<Uuid, SpawnHandle>,
+    /// Short waits (retries, delays) that keep their lease.
+    timers: HashMap<Uuid, SpawnHandle>,
+    /// Executions of this chatbot may be waiting in PostgreSQL for a claim.
+    backlog: bool,
+    claiming: bool,
+    claim_again: bool,
+    wake_at: Option<chrono::DateTime<Utc>>,
+    /// Nodes the scheduler last found dead: their executions may be claimed.
+    dead: Arc<Vec<Uuid>>,
+    draining: bool,
     matched: Vec<u32>,
 }
 
 impl ChatbotSupervisor {
-    pub fn new(chatbot: Arc<ChatbotRecord>, deps: Arc<SupervisorDeps>) -> ChatbotSupervisor {
-        let env = Arc::new(ExecEnv::from_deps(&deps, chatbot.clone()));
+    pub fn new(chatbot: Arc<ChatbotRecord>, deps: Arc<SupervisorDeps>, me: Addr<ChatbotSupervisor>) -> ChatbotSupervisor {
+        let lane = deps.journal.lane_for(chatbot.id);
+        let env = Arc::new(ExecEnv::new(&deps, chatbot.clone(), lane.clone(), me.recipient()));
         ChatbotSupervisor {
-            lane: deps.journal.lane_for(chatbot.id),
+            lane,
             chatbot,
             deps,
             env,
             index: Arc::new(TriggerIndex::empty()),
             state: LoadState::Loading,
             reload_generation: 0,
+            versions: HashMap::new(),
             awaiting_commit: HashMap::new(),
             ready: VecDeque::new(),
-            running: 0,
-            progress: RecordProgress::default(),
-            progress_scheduled: false,
+            running: HashMap::new(),
+            timers: HashMap::new(),
+            // Anything left unfinished by an earlier run of this chatbot is claimed once.
+            backlog: true,
+            claiming: false,
+            claim_again: false,
+            wake_at: None,
+            dead: Arc::new(Vec::new()),
+            draining: false,
             matched: Vec::new(),
         }
     }
 
     fn busy(&self) -> bool {
-        self.running > 0 || !self.ready.is_empty() || !self.awaiting_commit.is_empty() || self.progress_scheduled
+        !self.running.is_empty()
+            || !self.ready.is_empty()
+            || !self.awaiting_commit.is_empty()
+            || !self.timers.is_empty()
+            || self.claiming
     }
 
-    /// Starts executors while there is room.
+    /// Executions held in memory without an executor.
+    fn held(&self) -> usize {
+        self.awaiting_commit.len() + self.ready.len()
+    }
+
+    /// Starts executors while there is room, and claims from PostgreSQL when the
+    /// memory queue runs dry but work may wait there.
     fn pump(&mut self, ctx: &mut Context<Self>) {
-        while self.running < self.deps.concurrency {
-            let Some((id, p)) = self.ready.pop_front() else { break };
-            self.running += 1;
-            let now = chrono::Utc::now();
-            self.progress.started.push((id, now));
-            let job = Job {
-                execution_id: id,
-                workflow: p.workflow,
-                event: p.event,
-                conversation_id: p.conversation_id,
-                started_at: now,
-            };
-            let fut = executor::run(job, self.env.clone());
-            ctx.spawn(fut.into_actor(self).map(|result, act, ctx| {
-                act.running -= 1;
-                act.progress.finished.push(result);
-                act.schedule_progress(ctx);
-                act.pump(ctx);
-            }));
+        if !matches!(self.state, LoadState::Ready) {
+            return;
         }
-        if !self.progress.started.is_empty() {
-            self.schedule_progress(ctx);
+        while self.running.len() < self.deps.concurrency {
+            let Some(job) = self.ready.pop_front() else { break };
+            self.start(job, ctx);
+        }
+        if self.backlog && !self.draining && self.ready.is_empty() && self.running.len() < self.deps.concurrency {
+            self.claim(ctx);
         }
     }
 
-    /// Coalesces the progress of everything handled before the flush message comes up.
-    fn schedule_progress(&mut self, ctx: &mut Context<Self>) {
-        if !self.progress_scheduled {
-            self.progress_scheduled = true;
-            ctx.notify(FlushProgress);
-        }
+    fn start(&mut self, job: Job, ctx: &mut Context<Self>) {
+        let id = job.execution_id;
+        let mut mark = job.update(Status::Running);
+        mark.started_at = Some(Utc::now());
+        self.lane.do_send(RecordProgress { updates: vec![mark], lease_lost: Some(ctx.address().recipient()), ..Default::default() });
+        let started = Instant::now();
+        let fut = executor::run(job, self.env.clone());
+        let handle = ctx.spawn(fut.into_actor(self).map(move |(job, end), act, ctx| {
+            act.running.remove(&job.execution_id);
+            act.finish(job, end, started, ctx);
+            act.pump(ctx);
+        }));
+        self.running.insert(id, handle);
     }
+
+    /// Writes how an attempt ended and what comes next.
+    fn finish(&mut self, mut job: Job, end: RunEnd, started: Instant, ctx: &mut Context<Self>) {
+        let now = Utc::now();
+        let mut update = job.update(Status::Running);
+        match end {
+            RunEnd::Succeeded => {
+                update.status = Status::Succeeded;
+                update.finished_at = Some(now);
+                metrics::histogram!(m::EXECUTION_DURATION).record(started.elapsed().as_secs_f64());
+            }
+            RunEnd::Wait { until } => {
+                update.status = Status::Waiting;
+                update.run_after = Some(until);
+                self.hold_or_release(job, &mut update, until, ctx);
+            }
+            RunEnd::Failed { error, retryable, retry_after } => {
+                let policy = Policy::resolve(job.workflow.spec.retry.as_ref(), &self.deps.retry);
+                update.error = Some(error.clone());
+                if retryable && policy.allows_another(job.attempt) {
+                    let wait = policy.backoff(job.attempt, &mut rand::thread_rng()).max(retry_after.unwrap_or_default());
+                    let due = now + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::zero());
+                    metrics::counter!(m::RETRIES).increment(1);
+                    tracing::info!(execution_id = %job.execution_id, attempt = job.attempt, wait_ms = wait.as_millis() as u64, "attempt failed; retrying");
+                    job.attempt += 1;
+                    update.attempt = job.attempt;
+                    update.status = Status::Retrying;
+                    update.run_after = Some(due);
+                    self.hold_or_release(job.clone(), &mut update, due, ctx);
+                } else {
+                    update.status = if retryable { Status::Dead } else { Status::Failed };
+                    update.finished_at = Some(now);
+                    metrics::histogram!(m::EXECUTION_DURATION).record(started.elapsed().as_secs_f64());
+                    self.report_failure(&job, update.status, &error);
+                }
+            }
+        }
+        self.lane.do_send(RecordProgress { updates: vec![update], lease_lost: Some(ctx.address().recipient()), ..Default::default() });
+    }
+
+    /// A short wait keeps the lease and a timer here; a long one gives the lease up
+    /// and is claimed again when due.
+    fn hold_or_release(&mut self, job: Job, update: &mut crate::store::journal::ExecutionUpdate, due: chrono::DateTime<Utc>, ctx: &mut Context<Self>) {
+        let wait = (due - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        if wait > HOLD_WAIT_MAX {
+            update.release = true;
+            return;
+        }
+        let id = job.execution_id;
+        let handle = ctx.run_later(wait, move |act, ctx| {
+            if act.timers.remove(&id).is_some() {
+                act.ready.push_back(job);
+                act.pump(ctx);
+            }
+        });
+        self.timers.insert(id, handle);
+    }
+
+    fn report_failure(&self, job: &Job, status: Status, error: &str) {
+        let base = Report {
+            kind: Kind::Failing,
+            workflow_id: Some(job.workflow.id),
+            chatbot_id: Some(self.chatbot.id),
+            execution_id: Some(job.execution_id),
+            message: format!("workflow {:?} failed: {error}", job.workflow.spec.name),
+        };
+        if status == Status::Dead {
+            self.deps.notifier.do_send(Report {
+                kind: Kind::Dead,
+                message: format!(
+                    "execution {} of workflow {:?} is dead after {} attempts: {error}",
+                    job.execution_id, job.workflow.spec.name, job.attempt
+                ),
+                ..base.clone()
+            });
+        }
+        self.deps.notifier.do_send(base);
+    }
+
+    /// Claims due executions from PostgreSQL, as many as fit.
+    fn claim(&mut self, ctx: &mut Context<Self>) {
+        if self.claiming {
+            self.claim_again = true;
+            return;
+        }
+        let room = self.deps.queue_capacity.saturating_sub(self.held()).min(self.deps.concurrency * 2);
+        if room == 0 {
+            return;
+        }
+        self.claiming = true;
+        self.claim_again = false;
+        let (store, node, chatbot) = (self.deps.store.clone(), self.deps.node, self.chatbot.id);
+        let dead = self.dead.clone();
+        let index = self.index.clone();
+        let versions = self.versions.clone();
+        let fut = async move {
+            let claimed = leases::claim(&store, node, chatbot, &dead, room as i64).await?;
+            let mut jobs = Vec::with_capacity(claimed.len());
+            let mut failed = Vec::new();
+            let mut compiled = versions;
+            for c in claimed {
+                match workflow_for(&store, &index, &mut compiled, c.workflow_id, c.workflow_version).await {
+                    Ok(w) => jobs.push(job_from(c, w)),
+                    Err(error) => failed.push((c, error)),
+                }
+            }
+            Ok::<_, StoreError>((jobs, failed, compiled, room))
+        };
+        ctx.spawn(fut.into_actor(self).map(|res, act, ctx| {
+            act.claiming = false;
+            match res {
+                Ok((jobs, failed, compiled, room)) => {
+                    act.versions = compiled;
+                    let n = jobs.len() + failed.len();
+                    if n > 0 {
+                        tracing::debug!(chatbot_id = %act.chatbot.id, claimed = n, "claimed executions");
+                    }
+                    // A full claim means more may be waiting.
+                    act.backlog = n >= room;
+                    for (c, error) in failed {
+                        tracing::error!(%error, execution_id = %c.id, "cannot load the workflow version of a claimed execution");
+                        let mut u = crate::store::journal::ExecutionUpdate {
+                            id: c.id,
+                            epoch: c.epoch,
+                            status: Status::Failed,
+                            attempt: c.attempt,
+                            step_index: c.step_index,
+                            outputs: None,
+                            run_after: None,
+                            started_at: None,
+                            finished_at: Some(Utc::now()),
+                            error: Some(format!("the workflow version cannot be loaded: {error}")),
+                            release: false,
+                            steps: Vec::new(),
+                        };
+                        u.started_at = u.finished_at;
+                        act.lane.do_send(RecordProgress { updates: vec![u], ..Default::default() });
+                    }
+                    act.ready.extend(jobs);
+                }
+                Err(error) => {
+                    metrics::counter!(m::DB_ERRORS, "kind" => error.kind()).increment(1);
+                    tracing::warn!(%error, chatbot_id = %act.chatbot.id, "cannot claim executions; trying again shortly");
+                    act.backlog = true;
+                    ctx.run_later(Duration::from_millis(500), |act, ctx| act.pump(ctx));
+                }
+            }
+            if act.claim_again {
+                act.backlog = true;
+            }
+            act.pump(ctx);
+        }));
+    }
+}
+
+fn job_from(c: Claimed, workflow: Arc<CompiledWorkflow>) -> Job {
+    Job {
+        execution_id: c.id,
+        epoch: c.epoch,
+        attempt: c.attempt,
+        workflow,
+        event: Arc::new(c.event),
+        conversation_id: Arc::from(c.conversation_id.as_str()),
+        step_index: c.step_index.max(0) as usize,
+        outputs: Arc::new(c.outputs),
+    }
+}
+
+/// The compiled workflow an execution runs: the current one when the version matches,
+/// else the stored version (compiled once, then cached).
+async fn workflow_for(
+    store: &Store,
+    index: &TriggerIndex,
+    cache: &mut HashMap<(Uuid, i32), Arc<CompiledWorkflow>>,
+    id: Uuid,
+    version: i32,
+) -> Result<Arc<CompiledWorkflow>, String> {
+    if let Some(w) = index.workflows().iter().find(|w| w.id == id && w.version == version) {
+        return Ok(w.clone());
+    }
+    if let Some(w) = cache.get(&(id, version)) {
+        return Ok(w.clone());
+    }
+    let definition = leases::workflow_version(store, id, version).await.map_err(|e| e.to_string())?;
+    let spec: WorkflowSpec = serde_json::from_value(definition).map_err(|e| e.to_string())?;
+    let w = Arc::new(CompiledWorkflow::compile(id, version, spec).map_err(|e| e.to_string())?);
+    cache.insert((id, version), w.clone());
+    Ok(w)
 }
 
 /// Reads and compiles a chatbot's enabled workflows. A stored workflow this binary
@@ -223,19 +465,13 @@ impl Actor for ChatbotSupervisor {
                 act.index = Arc::new(index);
                 act.state = LoadState::Ready;
                 tracing::debug!(chatbot_id = %act.chatbot.id, workflows = act.index.len(), "chatbot supervisor started");
+                act.pump(ctx);
             }
             None => {
                 act.state = LoadState::Unavailable;
                 ctx.notify_later(Reload, Duration::from_secs(1));
             }
         }));
-    }
-
-    fn stopping(&mut self, _ctx: &mut Context<Self>) -> Running {
-        if !self.progress.started.is_empty() || !self.progress.finished.is_empty() {
-            self.lane.do_send(std::mem::take(&mut self.progress));
-        }
-        Running::Stop
     }
 }
 
@@ -244,7 +480,6 @@ impl Handler<SupervisorEvents> for ChatbotSupervisor {
 
     fn handle(&mut self, msg: SupervisorEvents, ctx: &mut Context<Self>) {
         let SupervisorEvents { events, received_at, reply_to } = msg;
-        let hot = m::hot();
         if !matches!(self.state, LoadState::Ready) {
             let nack = Nack::new(NackCode::Unavailable, "the chatbot's workflows cannot be loaded (database unreachable); send the event again later");
             EventOutcomes::nack_all(&reply_to, events.into_iter().map(|e| (e.id, received_at)), &nack);
@@ -253,7 +488,6 @@ impl Handler<SupervisorEvents> for ChatbotSupervisor {
         let mut answers = Vec::new();
         let mut pending = Vec::new();
         let mut matches = 0u64;
-        let mut overloaded = 0u64;
         let index = self.index.clone();
         for event in events {
             if !index.has_candidates(&event.kind) {
@@ -274,38 +508,37 @@ impl Handler<SupervisorEvents> for ChatbotSupervisor {
                 answers.push((event.id, Outcome::Ack { executions: Vec::new(), duplicate: false }, received_at));
                 continue;
             }
-            // Bounded by executions waiting for an executor; an event is never refused
-            // for its own number of matches alone.
-            if !self.ready.is_empty() && self.ready.len() + self.matched.len() > self.deps.queue_capacity {
-                overloaded += 1;
-                let mut nack = Nack::new(
-                    NackCode::Overloaded,
-                    format!("chatbot {} has {} executions waiting; send the event again later", self.chatbot.id, self.ready.len()),
-                );
-                nack.retry_after_ms = Some(1000);
-                answers.push((event.id, Outcome::Nack(nack), received_at));
-                continue;
-            }
             matches += self.matched.len() as u64;
             let doc = Arc::new(doc);
             let conversation_id: Arc<str> = Arc::from(&*event.conversation_id);
+            let outputs = Arc::new(serde_json::Value::Object(Default::default()));
             let mut planned = Vec::with_capacity(self.matched.len());
             for &i in &self.matched {
                 let workflow = index.workflow(i).clone();
                 let execution_id = Uuid::now_v7();
-                planned.push(PlannedExecution { execution_id, workflow_id: workflow.id, workflow_version: workflow.version });
-                self.awaiting_commit.insert(
-                    execution_id,
-                    Prepared { workflow, event: doc.clone(), conversation_id: conversation_id.clone() },
-                );
+                // Past the memory bound, the execution waits in PostgreSQL, unleased.
+                let leased = self.held() < self.deps.queue_capacity;
+                planned.push(PlannedExecution { execution_id, workflow_id: workflow.id, workflow_version: workflow.version, leased });
+                if leased {
+                    let job = Job {
+                        execution_id,
+                        epoch: 1,
+                        attempt: 1,
+                        workflow,
+                        event: doc.clone(),
+                        conversation_id: conversation_id.clone(),
+                        step_index: 0,
+                        outputs: outputs.clone(),
+                    };
+                    self.awaiting_commit.insert(execution_id, job);
+                } else {
+                    self.backlog = true;
+                }
             }
             pending.push(PendingEvent { event, received_at, executions: planned, reply_to: reply_to.clone() });
         }
         if matches > 0 {
-            hot.trigger_matches.increment(matches);
-        }
-        if overloaded > 0 {
-            hot.rejected(NackCode::Overloaded).increment(overloaded);
+            m::hot().trigger_matches.increment(matches);
         }
         if !answers.is_empty() {
             reply_to.do_send(EventOutcomes(answers));
@@ -324,21 +557,48 @@ impl Handler<ExecutionsCommitted> for ChatbotSupervisor {
             self.awaiting_commit.remove(&id);
         }
         for id in msg.committed {
-            if let Some(p) = self.awaiting_commit.remove(&id) {
-                self.ready.push_back((id, p));
+            if let Some(job) = self.awaiting_commit.remove(&id) {
+                self.ready.push_back(job);
             }
         }
         self.pump(ctx);
     }
 }
 
-impl Handler<FlushProgress> for ChatbotSupervisor {
+impl Handler<LeaseLost> for ChatbotSupervisor {
     type Result = ();
 
-    fn handle(&mut self, _msg: FlushProgress, _ctx: &mut Context<Self>) {
-        self.progress_scheduled = false;
-        if !self.progress.started.is_empty() || !self.progress.finished.is_empty() {
-            self.lane.do_send(std::mem::take(&mut self.progress));
+    fn handle(&mut self, msg: LeaseLost, ctx: &mut Context<Self>) {
+        for id in msg.0 {
+            if let Some(h) = self.running.remove(&id) {
+                ctx.cancel_future(h);
+                tracing::warn!(execution_id = %id, "stopped an execution another node took over");
+            }
+            if let Some(h) = self.timers.remove(&id) {
+                ctx.cancel_future(h);
+            }
+            self.ready.retain(|j| j.execution_id != id);
+        }
+        self.pump(ctx);
+    }
+}
+
+impl Handler<WakeUp> for ChatbotSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: WakeUp, ctx: &mut Context<Self>) {
+        self.dead = msg.dead;
+        self.backlog = true;
+        let wait = (msg.due_at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        if wait.is_zero() {
+            self.pump(ctx);
+        } else if self.wake_at.is_none_or(|at| msg.due_at < at) {
+            self.wake_at = Some(msg.due_at);
+            ctx.run_later(wait, |act, ctx| {
+                act.wake_at = None;
+                act.backlog = true;
+                act.pump(ctx);
+            });
         }
     }
 }
@@ -362,6 +622,7 @@ impl Handler<Reload> for ChatbotSupervisor {
                     tracing::info!(%chatbot_id, workflows = index.len(), "workflows reloaded");
                     act.index = Arc::new(index);
                     act.state = LoadState::Ready;
+                    act.pump(ctx);
                 }
                 Err(error) => {
                     metrics::counter!(m::DB_ERRORS, "kind" => error.kind()).increment(1);
@@ -385,10 +646,20 @@ impl Handler<StopIfIdle> for ChatbotSupervisor {
     }
 }
 
+impl Handler<Drain> for ChatbotSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Drain, _ctx: &mut Context<Self>) {
+        self.draining = true;
+    }
+}
+
 impl Handler<IsBusy> for ChatbotSupervisor {
     type Result = bool;
 
     fn handle(&mut self, _msg: IsBusy, _ctx: &mut Context<Self>) -> bool {
-        self.busy()
+        // Short waits are not work in flight: they are in the database and are
+        // claimed again after a restart.
+        !self.running.is_empty() || !self.ready.is_empty() || !self.awaiting_commit.is_empty() || self.claiming
     }
 }

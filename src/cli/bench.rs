@@ -5,8 +5,11 @@
 //!   keyword workflows the events' text does not contain, so each event is parsed and
 //!   run through the keyword automaton);
 //! - `executions`: executions/s committed (acked), each event triggering one workflow
-//!   whose only step has no external effect (a reply to a chatbot nobody subscribes
-//!   to), and executions/s completed (final status and step row committed);
+//!   whose only step has no external effect (a delay of zero), and executions/s
+//!   completed (final status and step row committed);
+//! - `durable`: executions/s completed of a three-step workflow (reply, delay 0,
+//!   reply), every step's outcome committed, the clients subscribed and acking every
+//!   command;
 //! - `latency`: ack latency p50/p99/max at a fixed offered rate of events that each
 //!   create an execution.
 //!
@@ -31,7 +34,7 @@ use uuid::Uuid;
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Which measurements to run: all, nomatch, executions, latency
+    /// Which measurements to run: all, nomatch, executions, durable, latency
     #[arg(long, default_value = "all")]
     pub scenario: String,
     /// Client connections
@@ -49,6 +52,9 @@ pub struct BenchArgs {
     /// Events (one execution each) in the executions run
     #[arg(long, default_value_t = 100_000)]
     pub execution_events: u64,
+    /// Events in the durable run (three steps each: reply, delay 0, reply)
+    #[arg(long, default_value_t = 30_000)]
+    pub durable_events: u64,
     /// Offered rate of the latency run, events/s
     #[arg(long, default_value_t = 5_000)]
     pub rate: u64,
@@ -99,7 +105,8 @@ async fn bench(app: &crate::app::RunningApp, config: &Config, args: &BenchArgs) 
     let key = accounts::create_key(store, account, accounts::Role::Ingest).await?;
     let mut nomatch_bots = Vec::new();
     let mut exec_bots = Vec::new();
-    for i in 0..args.chatbots {
+    let mut durable_bots = Vec::new();
+    for i in 0..args.chatbots.max(args.connections) {
         let bot = accounts::create_chatbot(store, account, &format!("bench-nomatch-{i}")).await?;
         let specs: Vec<_> = (0..args.workflows)
             .map(|w| {
@@ -113,13 +120,26 @@ async fn bench(app: &crate::app::RunningApp, config: &Config, args: &BenchArgs) 
         workflows::apply(store, bot, &specs).await?;
         nomatch_bots.push(bot);
         let bot = accounts::create_chatbot(store, account, &format!("bench-exec-{i}")).await?;
+        // A step with no effect outside: a delay of zero.
         let spec = serde_json::from_value(json!({
             "name": "one step",
             "trigger": {"event": "x.bench"},
-            "steps": [{"id": "r", "action": "reply", "text": "ok {{event.id}}"}]
+            "steps": [{"id": "d", "action": "delay", "duration": "0s"}]
         }))?;
         workflows::apply(store, bot, &[spec]).await?;
         exec_bots.push(bot);
+        let bot = accounts::create_chatbot(store, account, &format!("bench-durable-{i}")).await?;
+        let spec = serde_json::from_value(json!({
+            "name": "reply, wait, reply",
+            "trigger": {"event": "x.durable"},
+            "steps": [
+                {"id": "first", "action": "reply", "text": "got {{event.id}}"},
+                {"id": "pause", "action": "delay", "duration": "0s"},
+                {"id": "second", "action": "reply", "text": "done {{event.id}}"}
+            ]
+        }))?;
+        workflows::apply(store, bot, &[spec]).await?;
+        durable_bots.push(bot);
     }
     let target = Target {
         tcp: if args.tcp { app.tcp_addr } else { None },
@@ -142,8 +162,7 @@ async fn bench(app: &crate::app::RunningApp, config: &Config, args: &BenchArgs) 
         let (t, a) = (target.clone(), args.clone());
         let bots = nomatch_bots.clone();
         let r = run_on(&clients, async move {
-            blast(&t, a.connections, a.nomatch_events, move |i, buf| {
-                let bot = bots[(i as usize) % bots.len()];
+            blast(&t, a.connections, a.nomatch_events, &bots, 0, move |i, bot, buf| {
                 event_line(buf, i, bot, "message.received", r#"{"text":"hello there, how are you today?"}"#);
             })
             .await
@@ -165,8 +184,7 @@ async fn bench(app: &crate::app::RunningApp, config: &Config, args: &BenchArgs) 
         let bots = exec_bots.clone();
         let started = Instant::now();
         let r = run_on(&clients, async move {
-            blast(&t, a.connections, a.execution_events, move |i, buf| {
-                let bot = bots[(i as usize) % bots.len()];
+            blast(&t, a.connections, a.execution_events, &bots, 0, move |i, bot, buf| {
                 event_line(buf, i, bot, "x.bench", "{}");
             })
             .await
@@ -176,7 +194,7 @@ async fn bench(app: &crate::app::RunningApp, config: &Config, args: &BenchArgs) 
         // Completed: final status and step rows committed.
         let mut done = finished_count(store).await? - before;
         while done < acked as i64 && started.elapsed() < Duration::from_secs(600) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
             done = finished_count(store).await? - before;
         }
         let completed_in = started.elapsed();
@@ -195,6 +213,36 @@ async fn bench(app: &crate::app::RunningApp, config: &Config, args: &BenchArgs) 
         );
         report.insert("executions_committed_per_second".into(), json!((acked as f64 / r.elapsed.as_secs_f64()).round()));
         report.insert("executions_completed_per_second".into(), json!((done as f64 / completed_in.as_secs_f64()).round()));
+    }
+
+    if want("durable") {
+        let before = finished_count(store).await?;
+        let (t, a) = (target.clone(), args.clone());
+        let bots = durable_bots.clone();
+        let started = Instant::now();
+        let r = run_on(&clients, async move {
+            blast(&t, a.connections, a.durable_events, &bots, 2, move |i, bot, buf| {
+                event_line(buf, 2_000_000_000_000 + i, bot, "x.durable", "{}");
+            })
+            .await
+        })
+        .await?;
+        let acked = r.answered - r.nacked;
+        let mut done = finished_count(store).await? - before;
+        while done < acked as i64 && started.elapsed() < Duration::from_secs(600) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            done = finished_count(store).await? - before;
+        }
+        let completed_in = started.elapsed();
+        eprintln!(
+            "durable:     {:>10.0} executions/s completed (reply, delay 0, reply; every command acked by the client, \
+             every step committed; {} in {:.2} s, {} nacked)",
+            done as f64 / completed_in.as_secs_f64(),
+            done,
+            completed_in.as_secs_f64(),
+            r.nacked
+        );
+        report.insert("durable_executions_per_second".into(), json!((done as f64 / completed_in.as_secs_f64()).round()));
     }
 
     if want("latency") {
@@ -243,7 +291,7 @@ type Reader = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
 type Writer = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
 
 impl Target {
-    async fn connect(&self) -> anyhow::Result<(Reader, Writer)> {
+    async fn connect(&self, subscribe: &[Uuid]) -> anyhow::Result<(Reader, Writer)> {
         let (r, mut w): (Reader, Writer) = if let Some(addr) = self.tcp {
             let s = tokio::net::TcpStream::connect(addr).await?;
             s.set_nodelay(true)?;
@@ -254,7 +302,7 @@ impl Target {
             let (r, w) = s.into_split();
             (Box::new(r), Box::new(w))
         };
-        let hello = json!({"op": "hello", "version": 1, "token": self.key, "client": "bench"});
+        let hello = json!({"op": "hello", "version": 1, "token": self.key, "client": "bench", "subscribe": subscribe});
         w.write_all(format!("{hello}\n").as_bytes()).await?;
         let mut r = r;
         // The welcome line.
@@ -293,76 +341,107 @@ impl Blast {
     }
 }
 
-/// Sends `total` events over `conns` connections as fast as the windows allow.
+/// Sends `total` events over `conns` connections as fast as the windows allow. Each
+/// connection sends to its own share of `bots` (`make(seq, bot, buf)` writes one event)
+/// and, with `commands_per_event`, subscribes to them and acks every command they
+/// send back, finishing once all have arrived.
 async fn blast(
     target: &Target,
     conns: usize,
     total: u64,
-    make: impl Fn(u64, &mut Vec<u8>) + Send + Sync + 'static,
+    bots: &[Uuid],
+    commands_per_event: u64,
+    make: impl Fn(u64, Uuid, &mut Vec<u8>) + Send + Sync + 'static,
 ) -> anyhow::Result<Blast> {
     let make = Arc::new(make);
     let per = total / conns as u64;
     let mut tasks = Vec::new();
     let start = Instant::now();
-    for c in 0..conns as u64 {
-        let (mut r, mut w) = target.connect().await?;
+    for c in 0..conns {
+        // Connection c owns every conns-th chatbot, so each command reaches exactly one client.
+        let mine: Vec<Uuid> = bots.iter().skip(c % bots.len()).step_by(conns.max(1)).copied().collect();
+        let mine = if mine.is_empty() { vec![bots[c % bots.len()]] } else { mine };
+        let subscribe = if commands_per_event > 0 { mine.clone() } else { Vec::new() };
+        let (mut r, mut w) = target.connect(&subscribe).await?;
         let make = make.clone();
         let window = target.window;
         let outstanding = Arc::new(AtomicU64::new(0));
         let notify = Arc::new(tokio::sync::Notify::new());
         let (o2, n2) = (outstanding.clone(), notify.clone());
+        let (acks_tx, mut acks_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+        let base = c as u64 * per;
         let writer = tokio::spawn(async move {
             let mut buf = Vec::with_capacity(256 * 1024);
             let mut sent = 0u64;
-            while sent < per {
+            loop {
                 let room = window.saturating_sub(o2.load(Ordering::Acquire)).min(per - sent).min(512);
-                if room == 0 {
-                    n2.notified().await;
+                if sent < per && room > 0 {
+                    buf.clear();
+                    for k in 0..room {
+                        let seq = base + sent + k;
+                        make(seq, mine[(seq as usize) % mine.len()], &mut buf);
+                    }
+                    o2.fetch_add(room, Ordering::AcqRel);
+                    w.write_all(&buf).await?;
+                    sent += room;
                     continue;
                 }
-                buf.clear();
-                for k in 0..room {
-                    make(c * per + sent + k, &mut buf);
+                tokio::select! {
+                    _ = n2.notified(), if sent < per => {}
+                    acks = acks_rx.recv() => match acks {
+                        Some(a) => w.write_all(&a).await?,
+                        None => break,
+                    },
                 }
-                o2.fetch_add(room, Ordering::AcqRel);
-                w.write_all(&buf).await?;
-                sent += room;
             }
             anyhow::Ok(w)
         });
         let reader = tokio::spawn(async move {
             let mut buf = vec![0u8; 256 * 1024];
             let mut carry = Vec::new();
-            let (mut answered, mut nacked) = (0u64, 0u64);
-            while answered < per {
+            let (mut answered, mut nacked, mut commands) = (0u64, 0u64, 0u64);
+            while answered < per || commands < per * commands_per_event {
                 let n = r.read(&mut buf).await?;
                 anyhow::ensure!(n > 0, "the daemon closed the connection");
                 carry.extend_from_slice(&buf[..n]);
                 let mut done = 0;
                 let mut lines = 0u64;
-                while let Some(i) = carry[done..].iter().position(|&b| b == b'\n') {
+                let mut acks = Vec::new();
+                while let Some(i) = memchr::memchr(b'\n', &carry[done..]) {
                     let line = &carry[done..done + i];
                     if line.starts_with(br#"{"op":"ack""#) {
                         lines += 1;
                     } else if line.starts_with(br#"{"op":"nack""#) {
                         lines += 1;
                         nacked += 1;
+                    } else if line.starts_with(br#"{"op":"command","command_id":""#) {
+                        let rest = &line[30..];
+                        if let Some(end) = memchr::memchr(b'"', rest) {
+                            acks.extend_from_slice(br#"{"op":"ack","command_id":""#);
+                            acks.extend_from_slice(&rest[..end]);
+                            acks.extend_from_slice(b"\"}\n");
+                            commands += 1;
+                        }
                     }
                     done += i + 1;
                 }
                 carry.drain(..done);
                 answered += lines;
+                if !acks.is_empty() {
+                    let _ = acks_tx.send(acks);
+                }
                 outstanding.fetch_sub(lines, Ordering::AcqRel);
                 notify.notify_one();
             }
+            drop(acks_tx);
             anyhow::Ok((answered, nacked))
         });
         tasks.push((writer, reader));
     }
     let (mut answered, mut nacked) = (0, 0);
     for (writer, reader) in tasks {
-        let _w = writer.await??;
         let (a, n) = reader.await??;
+        let _w = writer.await??;
         answered += a;
         nacked += n;
     }
@@ -378,7 +457,7 @@ async fn paced(target: &Target, conns: usize, rate: u64, seconds: u64, bots: Vec
     let mut tasks = Vec::new();
     let epoch = Instant::now();
     for c in 0..conns as u64 {
-        let (mut r, mut w) = target.connect().await?;
+        let (mut r, mut w) = target.connect(&[]).await?;
         let sent_at: Arc<Vec<AtomicU64>> = Arc::new((0..per).map(|_| AtomicU64::new(0)).collect());
         let s2 = sent_at.clone();
         let bots = bots.clone();

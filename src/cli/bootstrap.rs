@@ -69,12 +69,6 @@ pub fn workflows(config: Config, cmd: WorkflowsCmd) -> anyhow::Result<()> {
                 std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?
             };
             let specs = parse_workflows(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-            for (i, spec) in specs.iter().enumerate() {
-                crate::workflow::check_supported(spec).map_err(|e| {
-                    let at = if specs.len() > 1 { format!("[{i}].") } else { String::new() };
-                    anyhow::anyhow!("{}: {at}{e}", file.display())
-                })?;
-            }
             let applied = run(&config, async |s| match workflows::apply(s, chatbot, &specs).await {
                 Err(StoreError::NotFound { what, id }) => bail!("{what} {id} does not exist"),
                 other => Ok(other?),

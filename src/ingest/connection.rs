@@ -18,7 +18,7 @@
 use super::codec::{Frame, LineDecoder};
 use super::protocol::{self, ClientFrame, ErrorCode, FrameError, Hello, Nack, NackCode, Outcome};
 use crate::event::Event;
-use crate::outbox::{DeliverCommand, Outbox, Subscribe, Unsubscribe};
+use crate::outbox::{ClientAck, DeliverCommand, Outbox, Subscribe, Unsubscribe};
 use crate::router::{RouteEvents, Router, Scope};
 use crate::store::accounts::{self, Principal, Role};
 use crate::store::Store;
@@ -392,7 +392,9 @@ impl Connection {
                     events.push(e);
                 }
                 Incoming::Frame(Ok(ClientFrame::CommandAck { command_id })) => {
-                    tracing::trace!(connection = self.id, %command_id, "command acked by client");
+                    if let Some(scope) = self.scope {
+                        self.deps.outbox.do_send(ClientAck { command_id, scope });
+                    }
                 }
             }
         }

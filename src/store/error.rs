@@ -7,7 +7,7 @@ use tokio_postgres::error::SqlState;
 pub enum StoreError {
     #[error("no database connection available: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
-    #[error("database error: {0}")]
+    #[error("database error: {}", describe_db(.0))]
     Db(#[from] tokio_postgres::Error),
     #[error("cannot connect to the database: {0}")]
     Connect(String),
@@ -62,3 +62,24 @@ pub fn is_transient_db(e: &tokio_postgres::Error) -> bool {
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// tokio-postgres prints "db error" for every server error; the server's message (and
+/// SQLSTATE) is what tells an operator what happened.
+fn describe_db(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut s = format!("{} ({})", db.message(), db.code().code());
+        if let Some(detail) = db.detail() {
+            s.push_str(": ");
+            s.push_str(detail);
+        }
+        return s;
+    }
+    let mut s = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}

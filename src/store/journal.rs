@@ -47,6 +47,9 @@ pub struct PlannedExecution {
     pub execution_id: Uuid,
     pub workflow_id: Uuid,
     pub workflow_version: i32,
+    /// Inserted leased to this node (epoch 1), to run from memory; otherwise left
+    /// free in PostgreSQL for a later claim.
+    pub leased: bool,
 }
 
 /// An event waiting for its executions to be committed before it is acked.
@@ -66,9 +69,9 @@ pub struct RecordExecutions {
     pub supervisor: Recipient<ExecutionsCommitted>,
 }
 
-/// Sent by a lane to the supervisor that asked: `committed` executions may run now;
-/// `dropped` ones were not written (duplicates of earlier executions, or the database
-/// stayed away and their events were nacked).
+/// Sent by a lane to the supervisor that asked: `committed` executions are in the
+/// database; `dropped` ones were not written (duplicates of earlier executions, or the
+/// database stayed away and their events were nacked).
 #[derive(Message, Debug, Default)]
 #[rtype(result = "()")]
 pub struct ExecutionsCommitted {
@@ -76,18 +79,35 @@ pub struct ExecutionsCommitted {
     pub dropped: Vec<Uuid>,
 }
 
+/// The status an update writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinalStatus {
+pub enum Status {
+    Running,
+    /// A step failed; the next attempt is due at `run_after`.
+    Retrying,
+    /// A `delay` step; the execution goes on at `run_after`.
+    Waiting,
     Succeeded,
+    /// A step failed in a way a retry would not fix.
     Failed,
+    /// The last attempt failed: a dead letter is written with it.
+    Dead,
 }
 
-impl FinalStatus {
+impl Status {
     pub fn as_str(self) -> &'static str {
         match self {
-            FinalStatus::Succeeded => "succeeded",
-            FinalStatus::Failed => "failed",
+            Status::Running => "running",
+            Status::Retrying => "retrying",
+            Status::Waiting => "waiting",
+            Status::Succeeded => "succeeded",
+            Status::Failed => "failed",
+            Status::Dead => "dead",
         }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(self, Status::Succeeded | Status::Failed | Status::Dead)
     }
 }
 
@@ -105,25 +125,76 @@ pub struct StepRecord {
     pub error: Option<String>,
 }
 
-/// The end of an execution.
+/// The state of an execution after something happened to it, written only while the
+/// lease (this node, `epoch`) still holds.
 #[derive(Debug, Clone)]
-pub struct ExecutionResult {
+pub struct ExecutionUpdate {
     pub id: Uuid,
-    pub status: FinalStatus,
-    pub started_at: DateTime<Utc>,
-    pub finished_at: DateTime<Utc>,
+    pub epoch: i64,
+    pub status: Status,
+    pub attempt: i32,
+    /// The next step to run.
+    pub step_index: i32,
+    /// The outputs of the steps before `step_index`; `None` leaves them as stored.
+    pub outputs: Option<Arc<serde_json::Value>>,
+    /// When a retrying or waiting execution goes on.
+    pub run_after: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
     pub error: Option<String>,
+    /// Give the lease up: a waiting execution is claimed again when due.
+    pub release: bool,
     pub steps: Vec<StepRecord>,
 }
 
-/// Sent by a supervisor: executions that started (`running`) and finished. Written in
-/// order with the chatbot's other rows; nobody waits for it.
+impl ExecutionUpdate {
+    /// Only says the execution started: worth writing on its own only if it runs a while.
+    fn is_start_mark(&self) -> bool {
+        self.status == Status::Running && self.steps.is_empty() && self.outputs.is_none()
+    }
+
+    /// Folds a later update of the same execution into this one.
+    fn merge(&mut self, later: ExecutionUpdate) {
+        if later.epoch != self.epoch {
+            // Claimed again since: the older state is void.
+            *self = later;
+            return;
+        }
+        let started_at = self.started_at.or(later.started_at);
+        let outputs = later.outputs.clone().or_else(|| self.outputs.take());
+        let mut steps = std::mem::take(&mut self.steps);
+        steps.extend(later.steps.iter().cloned());
+        *self = ExecutionUpdate { started_at, outputs, steps, ..later };
+    }
+}
+
+/// A command for a chat service, kept in the outbox until a client acks it.
+#[derive(Debug, Clone)]
+pub struct CommandRow {
+    pub command: Arc<crate::ingest::protocol::Command>,
+    /// Written only while the execution's lease holds.
+    pub epoch: i64,
+}
+
+/// Sent by supervisors and the outbox: execution progress, commands to keep, and
+/// commands clients acked. Written in order with the chatbot's other rows.
 #[derive(Message, Default)]
 #[rtype(result = "()")]
 pub struct RecordProgress {
-    pub started: Vec<(Uuid, DateTime<Utc>)>,
-    pub finished: Vec<ExecutionResult>,
+    pub updates: Vec<ExecutionUpdate>,
+    pub commands: Vec<CommandRow>,
+    pub acked_commands: Vec<String>,
+    /// Told about updates refused because the lease moved on (another node claimed the
+    /// execution meanwhile).
+    pub lease_lost: Option<Recipient<LeaseLost>>,
+    /// Resolved once the rows above are committed.
+    pub committed: Option<oneshot::Sender<()>>,
 }
+
+/// Sent by a lane: these executions' updates were refused; their lease is gone.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct LeaseLost(pub Vec<Uuid>);
 
 /// Resolves once everything received before it is committed (or given up on).
 #[derive(Message)]
@@ -138,7 +209,14 @@ pub struct Journal {
 
 impl Journal {
     /// Starts `lanes` lane actors on `arbiter`.
-    pub fn start(store: &Store, arbiter: &actix::ArbiterHandle, lanes: usize, max_batch: usize, unavailable_after: Duration) -> Journal {
+    pub fn start(
+        store: &Store,
+        node: Uuid,
+        arbiter: &actix::ArbiterHandle,
+        lanes: usize,
+        max_batch: usize,
+        unavailable_after: Duration,
+    ) -> Journal {
         let lanes = (0..lanes.max(1))
             .map(|i| {
                 let store = store.clone();
@@ -146,7 +224,7 @@ impl Journal {
                     // Senders are bounded by connection windows and executor pools, so
                     // the mailbox itself need not be.
                     ctx.set_mailbox_capacity(0);
-                    JournalLane::new(i, store, max_batch, unavailable_after)
+                    JournalLane::new(i, store, node, max_batch, unavailable_after)
                 })
             })
             .collect();
@@ -194,19 +272,118 @@ impl WaitingBatch {
     }
 }
 
+/// An execution's latest unwritten state, and who to tell if its lease is gone.
+struct PendingUpdate {
+    update: ExecutionUpdate,
+    first_seen: Instant,
+    lease_lost: Option<Recipient<LeaseLost>>,
+}
+
+/// Progress waiting for the next write.
+#[derive(Default)]
+struct Progress {
+    updates: HashMap<Uuid, PendingUpdate>,
+    /// Arrival order of `updates` (ids may repeat or be gone).
+    order: VecDeque<Uuid>,
+    commands: Vec<CommandRow>,
+    acked_commands: Vec<String>,
+    committed: Vec<oneshot::Sender<()>>,
+}
+
+impl Progress {
+    fn is_empty(&self) -> bool {
+        self.updates.is_empty() && self.commands.is_empty() && self.acked_commands.is_empty() && self.committed.is_empty()
+    }
+
+    fn add(&mut self, msg: RecordProgress) {
+        let now = Instant::now();
+        for u in msg.updates {
+            match self.updates.get_mut(&u.id) {
+                Some(p) => {
+                    p.update.merge(u);
+                    if p.lease_lost.is_none() {
+                        p.lease_lost = msg.lease_lost.clone();
+                    }
+                }
+                None => {
+                    self.order.push_back(u.id);
+                    self.updates.insert(u.id, PendingUpdate { update: u, first_seen: now, lease_lost: msg.lease_lost.clone() });
+                }
+            }
+        }
+        self.commands.extend(msg.commands);
+        self.acked_commands.extend(msg.acked_commands);
+        self.committed.extend(msg.committed);
+    }
+
+    /// Whether anything is worth a write now; start marks only once they are due, or
+    /// when `everything` (a flush is waited for).
+    fn has_due(&self, everything: bool) -> bool {
+        !self.commands.is_empty()
+            || !self.acked_commands.is_empty()
+            || !self.committed.is_empty()
+            || self
+                .updates
+                .values()
+                .any(|p| everything || !p.update.is_start_mark() || p.first_seen.elapsed() >= RUNNING_MARK_DELAY)
+    }
+
+    /// Takes what is due; start marks younger than `RUNNING_MARK_DELAY` stay.
+    fn take(&mut self, everything: bool) -> Progress {
+        let mut taken = Progress {
+            commands: std::mem::take(&mut self.commands),
+            acked_commands: std::mem::take(&mut self.acked_commands),
+            committed: std::mem::take(&mut self.committed),
+            ..Default::default()
+        };
+        let mut keep = VecDeque::new();
+        while let Some(id) = self.order.pop_front() {
+            let Some(p) = self.updates.get(&id) else { continue };
+            if taken.updates.contains_key(&id) || keep.contains(&id) {
+                continue;
+            }
+            if everything || !p.update.is_start_mark() || p.first_seen.elapsed() >= RUNNING_MARK_DELAY {
+                let p = self.updates.remove(&id).expect("present");
+                taken.order.push_back(id);
+                taken.updates.insert(id, p);
+            } else {
+                keep.push_back(id);
+            }
+        }
+        self.order = keep;
+        taken
+    }
+
+    /// Puts a batch's progress back in front of what arrived since.
+    fn put_back(&mut self, mut older: Progress) {
+        for (id, p) in std::mem::take(&mut self.updates) {
+            match older.updates.get_mut(&id) {
+                Some(o) => o.update.merge(p.update),
+                None => {
+                    older.order.push_back(id);
+                    older.updates.insert(id, p);
+                }
+            }
+        }
+        older.order.extend(self.order.drain(..));
+        older.commands.append(&mut self.commands);
+        older.acked_commands.append(&mut self.acked_commands);
+        older.committed.append(&mut self.committed);
+        *self = older;
+    }
+}
+
 pub struct JournalLane {
     index: usize,
     store: Store,
+    node: Uuid,
     conn: Option<Arc<LaneConn>>,
     max_batch: usize,
     unavailable_after: Duration,
     waiting: VecDeque<WaitingBatch>,
-    /// Starts not written yet, and the order they were reported in (for due checks).
-    started: HashMap<Uuid, DateTime<Utc>>,
-    started_order: VecDeque<(Instant, Uuid)>,
-    finished: Vec<ExecutionResult>,
+    progress: Progress,
     flushing: bool,
-    /// A wake-up is scheduled for starts that become due.
+    /// A wake-up is scheduled for start marks that become due.
     mark_timer: bool,
     failures: u32,
     flush_waiters: Vec<oneshot::Sender<()>>,
@@ -234,17 +411,16 @@ enum Failure {
 }
 
 impl JournalLane {
-    fn new(index: usize, store: Store, max_batch: usize, unavailable_after: Duration) -> JournalLane {
+    fn new(index: usize, store: Store, node: Uuid, max_batch: usize, unavailable_after: Duration) -> JournalLane {
         JournalLane {
             index,
             store,
+            node,
             conn: None,
             max_batch,
             unavailable_after,
             waiting: VecDeque::new(),
-            started: HashMap::new(),
-            started_order: VecDeque::new(),
-            finished: Vec::new(),
+            progress: Progress::default(),
             flushing: false,
             mark_timer: false,
             failures: 0,
@@ -253,27 +429,7 @@ impl JournalLane {
     }
 
     fn is_empty(&self) -> bool {
-        self.waiting.is_empty() && self.started.is_empty() && self.finished.is_empty()
-    }
-
-    /// The report time of the oldest start still unwritten.
-    fn oldest_start(&mut self) -> Option<Instant> {
-        while let Some((at, id)) = self.started_order.front() {
-            if self.started.contains_key(id) {
-                return Some(*at);
-            }
-            self.started_order.pop_front();
-        }
-        None
-    }
-
-    /// Whether a write is worth starting now: starts count once they are due, or when
-    /// someone waits for a flush.
-    fn has_due_work(&mut self) -> bool {
-        !self.waiting.is_empty()
-            || !self.finished.is_empty()
-            || (!self.flush_waiters.is_empty() && !self.started.is_empty())
-            || self.oldest_start().is_some_and(|at| at.elapsed() >= RUNNING_MARK_DELAY)
+        self.waiting.is_empty() && self.progress.is_empty()
     }
 
     /// Starts a write unless one is running; called after every change to the queue.
@@ -287,7 +443,8 @@ impl JournalLane {
             }
             return;
         }
-        if !self.has_due_work() {
+        let everything = !self.flush_waiters.is_empty();
+        if self.waiting.is_empty() && !self.progress.has_due(everything) {
             if !self.mark_timer {
                 self.mark_timer = true;
                 ctx.run_later(RUNNING_MARK_DELAY, |act, ctx| {
@@ -298,9 +455,10 @@ impl JournalLane {
             return;
         }
         self.flushing = true;
-        let batch = self.take_batch();
+        let batch = self.take_batch(everything);
         let conn = self.conn.clone();
         let store = self.store.clone();
+        let node = self.node;
         let fut = async move {
             let conn = match conn {
                 Some(c) if !c.client.is_closed() => c,
@@ -310,7 +468,7 @@ impl JournalLane {
                 },
             };
             let started = Instant::now();
-            let res = match tokio::time::timeout(WRITE_TIMEOUT, write(&conn, &batch)).await {
+            let res = match tokio::time::timeout(WRITE_TIMEOUT, write(&conn, node, &batch)).await {
                 Ok(Ok(written)) => Ok(written),
                 Ok(Err(e)) if lost_in_flight(&e) => Err(Failure::InDoubt(e)),
                 Ok(Err(e)) => Err(Failure::NotWritten(e)),
@@ -343,8 +501,8 @@ impl JournalLane {
     }
 
     /// Moves new executions (up to `max_batch` rows and `MAX_BATCH_BYTES` of events, at
-    /// least one batch) and the pending progress out of the queue.
-    fn take_batch(&mut self) -> Batch {
+    /// least one batch) and the due progress out of the queue.
+    fn take_batch(&mut self, everything: bool) -> Batch {
         let mut events = Vec::new();
         let (mut rows, mut bytes) = (0, 0);
         while let Some(w) = self.waiting.front() {
@@ -355,23 +513,7 @@ impl JournalLane {
             bytes += w.bytes();
             events.extend(self.waiting.pop_front());
         }
-        let finished = std::mem::take(&mut self.finished);
-        // A start that is already finished needs no write of its own.
-        for f in &finished {
-            self.started.remove(&f.id);
-        }
-        let everything = !self.flush_waiters.is_empty();
-        let mut started = Vec::new();
-        while let Some(&(at, id)) = self.started_order.front() {
-            if !everything && at.elapsed() < RUNNING_MARK_DELAY {
-                break;
-            }
-            self.started_order.pop_front();
-            if let Some(when) = self.started.remove(&id) {
-                started.push((id, when));
-            }
-        }
-        Batch { events, started, finished }
+        Batch { events, progress: self.progress.take(everything) }
     }
 
     /// Returns a failed batch to the front of the queue.
@@ -379,15 +521,7 @@ impl JournalLane {
         for w in batch.events.into_iter().rev() {
             self.waiting.push_front(w);
         }
-        let now = Instant::now() - RUNNING_MARK_DELAY;
-        for (id, at) in batch.started {
-            if self.started.insert(id, at).is_none() {
-                self.started_order.push_front((now, id));
-            }
-        }
-        let mut finished = batch.finished;
-        finished.append(&mut self.finished);
-        self.finished = finished;
+        self.progress.put_back(batch.progress);
     }
 
     fn on_failure(&mut self, mut batch: Batch, failure: Failure, ctx: &mut Context<Self>) {
@@ -441,6 +575,7 @@ impl JournalLane {
         self.flushing = true;
         let conn = self.conn.clone();
         let store = self.store.clone();
+        let node = self.node;
         let fut = async move {
             let conn = match conn {
                 Some(c) => c,
@@ -451,25 +586,31 @@ impl JournalLane {
             };
             let mut done = Vec::new();
             let mut failed = Vec::new();
-            let singles = batch
-                .started
-                .into_iter()
-                .map(|s| Batch { events: Vec::new(), started: vec![s], finished: Vec::new() })
-                .chain(batch.finished.into_iter().map(|f| Batch { events: Vec::new(), started: Vec::new(), finished: vec![f] }));
-            for single in singles {
-                if let Err(error) = write(&conn, &single).await {
-                    let id = single.started.first().map(|s| s.0).or(single.finished.first().map(|f| f.id));
-                    tracing::error!(%error, execution_id = ?id, "dropping execution progress that cannot be written");
+            let Progress { updates, commands, acked_commands, committed, .. } = batch.progress;
+            let singles = updates
+                .into_values()
+                .map(|p| {
+                    let mut one = Progress::default();
+                    one.order.push_back(p.update.id);
+                    one.updates.insert(p.update.id, p);
+                    one
+                })
+                .chain(commands.into_iter().map(|c| Progress { commands: vec![c], ..Default::default() }))
+                .chain(std::iter::once(Progress { acked_commands, committed, ..Default::default() }));
+            for progress in singles {
+                let single = Batch { events: Vec::new(), progress };
+                match write(&conn, node, &single).await {
+                    Ok(written) => done.push((single, written)),
+                    Err(error) => tracing::error!(%error, "dropping execution progress that cannot be written"),
                 }
             }
             for w in batch.events {
                 for e in w.events {
                     let single = Batch {
                         events: vec![WaitingBatch { events: vec![e], supervisor: w.supervisor.clone(), in_doubt: false }],
-                        started: Vec::new(),
-                        finished: Vec::new(),
+                        progress: Progress::default(),
                     };
-                    match write(&conn, &single).await {
+                    match write(&conn, node, &single).await {
                         Ok(written) => done.push((single, written)),
                         Err(error) => {
                             tracing::error!(%error, "an event's executions cannot be recorded");
@@ -492,7 +633,8 @@ impl JournalLane {
         }));
     }
 
-    /// Acks the committed events and tells supervisors which executions may run.
+    /// Acks the committed events, tells supervisors which executions may run and which
+    /// leases are gone, and wakes whoever waited for the commit.
     fn answer(&mut self, batch: Batch, written: Written) {
         let mut outcomes: HashMap<Recipient<EventOutcomes>, Vec<(Box<str>, Outcome, Instant)>> = HashMap::new();
         let mut created = 0u64;
@@ -529,8 +671,22 @@ impl JournalLane {
         for (recipient, list) in outcomes {
             recipient.do_send(EventOutcomes(list));
         }
-        for f in &batch.finished {
-            metrics::counter!(m::EXECUTIONS, "status" => f.status.as_str()).increment(1);
+        let mut lost: HashMap<Recipient<LeaseLost>, Vec<Uuid>> = HashMap::new();
+        for (id, p) in batch.progress.updates {
+            if !written.updated.contains(&id) {
+                if let Some(to) = p.lease_lost {
+                    lost.entry(to).or_default().push(id);
+                }
+            } else if p.update.status.is_final() {
+                metrics::counter!(m::EXECUTIONS, "status" => p.update.status.as_str()).increment(1);
+            }
+        }
+        for (to, ids) in lost {
+            tracing::info!(executions = ids.len(), "lease lost: another node took these executions over");
+            to.do_send(LeaseLost(ids));
+        }
+        for c in batch.progress.committed {
+            let _ = c.send(());
         }
     }
 }
@@ -566,13 +722,7 @@ impl Handler<RecordExecutions> for JournalLane {
 impl Handler<RecordProgress> for JournalLane {
     type Result = ();
     fn handle(&mut self, msg: RecordProgress, ctx: &mut Context<Self>) {
-        let now = Instant::now();
-        for (id, at) in msg.started {
-            if self.started.insert(id, at).is_none() {
-                self.started_order.push_back((now, id));
-            }
-        }
-        self.finished.extend(msg.finished);
+        self.progress.add(msg);
         self.kick(ctx);
     }
 }
@@ -588,70 +738,122 @@ impl Handler<Flush> for JournalLane {
 /// Rows of one transaction.
 struct Batch {
     events: Vec<WaitingBatch>,
-    started: Vec<(Uuid, DateTime<Utc>)>,
-    finished: Vec<ExecutionResult>,
+    progress: Progress,
 }
 
 impl Batch {
     fn row_count(&self) -> usize {
-        self.events.iter().map(WaitingBatch::rows).sum::<usize>() + self.started.len() + self.finished.len()
+        let p = &self.progress;
+        self.events.iter().map(WaitingBatch::rows).sum::<usize>()
+            + p.updates.values().map(|u| 1 + u.update.steps.len()).sum::<usize>()
+            + p.commands.len()
+            + p.acked_commands.len()
     }
 }
 
-/// What a write learned: the ids it inserted, and for each planned execution whose
-/// (workflow, event id) was taken, the execution that holds it.
+/// What a write learned: the ids it inserted, for each planned execution whose
+/// (workflow, event id) was taken the execution that holds it, and the executions whose
+/// update passed the lease check.
 #[derive(Default)]
 struct Written {
     inserted: HashSet<Uuid>,
     existing: HashMap<Uuid, Uuid>,
+    updated: HashSet<Uuid>,
 }
 
 /// The whole batch in one statement: writable CTEs run exactly once each, all or
-/// nothing, and only the insert's RETURNING comes back. Each event's text is sent once
-/// (`$7`) and its executions point at it by position.
+/// nothing. Each event's text is sent once (`$7`) and its executions point at it by
+/// position. Updates, step rows and commands are written only where the lease (`$10`,
+/// this node, and the epoch the update carries) still holds.
 const WRITE_SQL: &str = "
 WITH ins AS (
     INSERT INTO executions
-        (id, chatbot_id, workflow_id, workflow_version, event_id, event_type, conversation_id, event, status)
+        (id, chatbot_id, workflow_id, workflow_version, event_id, event_type, conversation_id, event, status,
+         lease_owner, lease_epoch)
     SELECT u.id, u.chatbot_id, u.workflow_id, u.workflow_version, u.event_id, u.event_type,
-           u.conversation_id, (($7::text[])[u.doc])::jsonb - 'op', 'queued'
-    FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::text[], $6::text[], $8::text[], $9::int4[])
-         AS u(id, chatbot_id, workflow_id, workflow_version, event_id, event_type, conversation_id, doc)
+           u.conversation_id, (($7::text[])[u.doc])::jsonb - 'op', 'queued',
+           CASE WHEN u.leased THEN $10::uuid END, CASE WHEN u.leased THEN 1 ELSE 0 END
+    FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::text[], $6::text[], $8::text[], $9::int4[], $11::bool[])
+         AS u(id, chatbot_id, workflow_id, workflow_version, event_id, event_type, conversation_id, doc, leased)
     ON CONFLICT (workflow_id, event_id) DO NOTHING
     RETURNING id
-), started AS (
-    UPDATE executions e SET status = 'running', started_at = s.at
-    FROM unnest($10::uuid[], $11::timestamptz[]) AS s(id, at)
-    WHERE e.id = s.id AND e.status = 'queued'
-), finished AS (
+), upd AS (
     UPDATE executions e
-    SET status = f.status, started_at = coalesce(e.started_at, f.started_at), finished_at = f.finished_at,
-        duration_ms = f.duration_ms, error = f.error
-    FROM unnest($12::uuid[], $13::text[], $14::timestamptz[], $15::timestamptz[], $16::float8[], $17::text[])
-         AS f(id, status, started_at, finished_at, duration_ms, error)
-    WHERE e.id = f.id
+    SET status = u.status, attempt = u.attempt, step_index = u.step_index,
+        outputs = coalesce(u.outputs::jsonb, e.outputs),
+        run_after = coalesce(u.run_after, e.run_after),
+        started_at = coalesce(e.started_at, u.started_at),
+        finished_at = u.finished_at,
+        duration_ms = CASE WHEN u.finished_at IS NULL THEN NULL
+                           ELSE extract(epoch FROM u.finished_at - coalesce(e.started_at, u.started_at)) * 1000 END,
+        error = u.error,
+        lease_owner = CASE WHEN u.release THEN NULL ELSE e.lease_owner END
+    FROM unnest($12::uuid[], $13::int8[], $14::text[], $15::int4[], $16::int4[], $17::text[], $18::timestamptz[],
+                $19::timestamptz[], $20::timestamptz[], $21::text[], $22::bool[])
+         AS u(id, epoch, status, attempt, step_index, outputs, run_after, started_at, finished_at, error, release)
+    WHERE e.id = u.id AND e.lease_owner = $10 AND e.lease_epoch = u.epoch
+    RETURNING e.id
 ), steps AS (
     INSERT INTO execution_steps
         (execution_id, step_index, attempt, step_id, action, status, started_at, finished_at, output, error)
     SELECT s.execution_id, s.step_index, s.attempt, s.step_id, s.action, s.status, s.started_at,
            s.finished_at, s.output::jsonb, s.error
-    FROM unnest($18::uuid[], $19::int4[], $20::int4[], $21::text[], $22::text[], $23::text[],
-                $24::timestamptz[], $25::timestamptz[], $26::text[], $27::text[])
-         AS s(execution_id, step_index, attempt, step_id, action, status, started_at, finished_at, output, error)
+    FROM unnest($23::uuid[], $24::int8[], $25::int4[], $26::int4[], $27::text[], $28::text[], $29::text[],
+                $30::timestamptz[], $31::timestamptz[], $32::text[], $33::text[])
+         AS s(execution_id, epoch, step_index, attempt, step_id, action, status, started_at, finished_at, output, error)
+    WHERE EXISTS (SELECT 1 FROM executions e
+                  WHERE e.id = s.execution_id AND e.lease_owner = $10 AND e.lease_epoch = s.epoch)
     ON CONFLICT DO NOTHING
+), cmds AS (
+    -- A command acked (or whose execution ended) within this same batch is written
+    -- as such: the updates below cannot see rows this statement inserts.
+    INSERT INTO outbox (command_id, chatbot_id, conversation_id, kind, payload, execution_id, status, acked_at)
+    SELECT c.command_id, c.chatbot_id, c.conversation_id, c.kind, c.payload::jsonb, c.execution_id, c.status,
+           CASE WHEN c.status = 'acked' THEN now() END
+    FROM unnest($34::text[], $35::uuid[], $36::text[], $37::text[], $38::text[], $39::uuid[], $40::int8[], $43::text[])
+         AS c(command_id, chatbot_id, conversation_id, kind, payload, execution_id, epoch, status)
+    WHERE EXISTS (SELECT 1 FROM executions e
+                  WHERE e.id = c.execution_id AND e.lease_owner = $10 AND e.lease_epoch = c.epoch)
+    ON CONFLICT (command_id) DO UPDATE
+        SET status = EXCLUDED.status, payload = EXCLUDED.payload, acked_at = EXCLUDED.acked_at
+), acks AS (
+    UPDATE outbox SET status = 'acked', acked_at = now()
+    WHERE command_id = ANY($41::text[]) AND status <> 'acked'
+), expired AS (
+    -- An execution that ended keeps no command waiting for a client.
+    -- (Not the ones acked in this batch: two CTEs must not update one row.)
+    UPDATE outbox o SET status = 'expired'
+    WHERE o.execution_id = ANY($42::uuid[]) AND o.status = 'pending'
+      AND o.command_id <> ALL($41::text[])
+      AND o.execution_id IN (SELECT id FROM upd)
 )
-SELECT id FROM ins";
+SELECT true, id FROM ins
+UNION ALL
+SELECT false, id FROM upd";
 
 const EXISTING_SQL: &str = "
 SELECT e.id, u.planned
 FROM unnest($1::uuid[], $2::text[], $3::uuid[]) AS u(workflow_id, event_id, planned)
 JOIN executions e ON e.workflow_id = u.workflow_id AND e.event_id = u.event_id";
 
-/// A lane's own connection with its two statements prepared.
+/// Dead executions keep their event, version, last error and every attempt.
+const DEAD_LETTER_SQL: &str = "
+INSERT INTO dead_letters
+    (id, execution_id, chatbot_id, workflow_id, workflow_version, event, last_error, attempts, history)
+SELECT gen_random_uuid(), e.id, e.chatbot_id, e.workflow_id, e.workflow_version, e.event, e.error, e.attempt,
+       coalesce((SELECT jsonb_agg(jsonb_build_object(
+                     'attempt', s.attempt, 'step_index', s.step_index, 'step_id', s.step_id, 'action', s.action,
+                     'status', s.status, 'started_at', s.started_at, 'finished_at', s.finished_at,
+                     'error', s.error) ORDER BY s.attempt, s.step_index)
+                 FROM execution_steps s WHERE s.execution_id = e.id), '[]'::jsonb)
+FROM executions e WHERE e.id = ANY($1) AND e.status = 'dead'";
+
+/// A lane's own connection with its statements prepared.
 struct LaneConn {
     client: tokio_postgres::Client,
     write: tokio_postgres::Statement,
     existing: tokio_postgres::Statement,
+    dead_letter: tokio_postgres::Statement,
 }
 
 impl LaneConn {
@@ -661,7 +863,8 @@ impl LaneConn {
         client.batch_execute(&format!("SET statement_timeout = {}", WRITE_TIMEOUT.as_millis())).await?;
         let write = client.prepare(WRITE_SQL).await?;
         let existing = client.prepare(EXISTING_SQL).await?;
-        Ok(LaneConn { client, write, existing })
+        let dead_letter = client.prepare(DEAD_LETTER_SQL).await?;
+        Ok(LaneConn { client, write, existing, dead_letter })
     }
 }
 
@@ -675,7 +878,7 @@ fn storable(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-fn storable_json(v: &serde_json::Value) -> String {
+pub(crate) fn storable_json(v: &serde_json::Value) -> String {
     fn clean(v: &mut serde_json::Value) {
         match v {
             serde_json::Value::String(s) => {
@@ -705,8 +908,8 @@ fn storable_json(v: &serde_json::Value) -> String {
     v.to_string()
 }
 
-async fn write(conn: &LaneConn, batch: &Batch) -> Result<Written, StoreError> {
-    let n = batch.row_count();
+async fn write(conn: &LaneConn, node: Uuid, batch: &Batch) -> Result<Written, StoreError> {
+    let n: usize = batch.events.iter().map(WaitingBatch::rows).sum();
     let mut ids = Vec::with_capacity(n);
     let mut chatbots = Vec::with_capacity(n);
     let mut workflows = Vec::with_capacity(n);
@@ -715,6 +918,7 @@ async fn write(conn: &LaneConn, batch: &Batch) -> Result<Written, StoreError> {
     let mut types: Vec<&str> = Vec::with_capacity(n);
     let mut conversations: Vec<&str> = Vec::with_capacity(n);
     let mut doc_of: Vec<i32> = Vec::with_capacity(n);
+    let mut leased: Vec<bool> = Vec::with_capacity(n);
     let mut docs: Vec<&str> = Vec::new();
     for pe in batch.events.iter().flat_map(|w| &w.events) {
         // The codec parsed this line as JSON, so it is UTF-8.
@@ -728,20 +932,27 @@ async fn write(conn: &LaneConn, batch: &Batch) -> Result<Written, StoreError> {
             types.push(pe.event.kind.as_str());
             conversations.push(&pe.event.conversation_id);
             doc_of.push(docs.len() as i32); // SQL arrays count from 1
+            leased.push(x.leased);
         }
     }
-    let started_ids: Vec<Uuid> = batch.started.iter().map(|s| s.0).collect();
-    let started_at: Vec<DateTime<Utc>> = batch.started.iter().map(|s| s.1).collect();
-    let f = &batch.finished;
-    let f_ids: Vec<Uuid> = f.iter().map(|r| r.id).collect();
-    let f_status: Vec<&str> = f.iter().map(|r| r.status.as_str()).collect();
-    let f_started: Vec<DateTime<Utc>> = f.iter().map(|r| r.started_at).collect();
-    let f_finished: Vec<DateTime<Utc>> = f.iter().map(|r| r.finished_at).collect();
-    let f_duration: Vec<f64> =
-        f.iter().map(|r| (r.finished_at - r.started_at).num_microseconds().unwrap_or(0) as f64 / 1000.0).collect();
-    let f_error: Vec<Option<std::borrow::Cow<'_, str>>> = f.iter().map(|r| r.error.as_deref().map(storable)).collect();
-    let steps: Vec<(Uuid, &StepRecord)> = f.iter().flat_map(|r| r.steps.iter().map(move |s| (r.id, s))).collect();
-    let s_exec: Vec<Uuid> = steps.iter().map(|s| s.0).collect();
+    let ups: Vec<&ExecutionUpdate> = batch.progress.order.iter().filter_map(|id| batch.progress.updates.get(id)).map(|p| &p.update).collect();
+    let u_id: Vec<Uuid> = ups.iter().map(|u| u.id).collect();
+    let u_epoch: Vec<i64> = ups.iter().map(|u| u.epoch).collect();
+    let u_status: Vec<&str> = ups.iter().map(|u| u.status.as_str()).collect();
+    let u_attempt: Vec<i32> = ups.iter().map(|u| u.attempt).collect();
+    let u_step: Vec<i32> = ups.iter().map(|u| u.step_index).collect();
+    let u_outputs: Vec<Option<String>> = ups.iter().map(|u| u.outputs.as_deref().map(storable_json)).collect();
+    let u_run_after: Vec<Option<DateTime<Utc>>> = ups.iter().map(|u| u.run_after).collect();
+    let u_started: Vec<Option<DateTime<Utc>>> = ups.iter().map(|u| u.started_at).collect();
+    let u_finished: Vec<Option<DateTime<Utc>>> = ups.iter().map(|u| u.finished_at).collect();
+    let u_error: Vec<Option<std::borrow::Cow<'_, str>>> = ups.iter().map(|u| u.error.as_deref().map(storable)).collect();
+    let u_release: Vec<bool> = ups.iter().map(|u| u.release).collect();
+    let finals: Vec<Uuid> = ups.iter().filter(|u| u.status.is_final()).map(|u| u.id).collect();
+    let dead: Vec<Uuid> = ups.iter().filter(|u| u.status == Status::Dead).map(|u| u.id).collect();
+
+    let steps: Vec<(&ExecutionUpdate, &StepRecord)> = ups.iter().flat_map(|u| u.steps.iter().map(move |s| (*u, s))).collect();
+    let s_exec: Vec<Uuid> = steps.iter().map(|s| s.0.id).collect();
+    let s_epoch: Vec<i64> = steps.iter().map(|s| s.0.epoch).collect();
     let s_index: Vec<i32> = steps.iter().map(|s| s.1.index).collect();
     let s_attempt: Vec<i32> = steps.iter().map(|s| s.1.attempt).collect();
     let s_id: Vec<&str> = steps.iter().map(|s| s.1.step_id.as_str()).collect();
@@ -752,19 +963,79 @@ async fn write(conn: &LaneConn, batch: &Batch) -> Result<Written, StoreError> {
     let s_output: Vec<Option<String>> = steps.iter().map(|s| s.1.output.as_ref().map(storable_json)).collect();
     let s_error: Vec<Option<std::borrow::Cow<'_, str>>> = steps.iter().map(|s| s.1.error.as_deref().map(storable)).collect();
 
-    let rows = conn
-        .client
-        .query(
-            &conn.write,
-            &[
-                &ids, &chatbots, &workflows, &versions, &event_ids, &types, &docs, &conversations, &doc_of,
-                &started_ids, &started_at, &f_ids, &f_status, &f_started, &f_finished, &f_duration, &f_error,
-                &s_exec, &s_index, &s_attempt, &s_id, &s_action, &s_status, &s_started, &s_finished, &s_output,
-                &s_error,
-            ],
-        )
-        .await?;
-    let mut written = Written { inserted: rows.iter().map(|r| r.get::<_, Uuid>(0)).collect(), ..Default::default() };
+    // A step retried before the journal wrote its first try sends the same command
+    // again: one row per command id (the latest), or the upsert would hit it twice.
+    let mut latest: HashMap<&str, usize> = HashMap::new();
+    for (i, c) in batch.progress.commands.iter().enumerate() {
+        latest.insert(c.command.command_id.as_str(), i);
+    }
+    let cmds: Vec<&CommandRow> =
+        batch.progress.commands.iter().enumerate().filter(|(i, c)| latest[c.command.command_id.as_str()] == *i).map(|(_, c)| c).collect();
+    let c_id: Vec<&str> = cmds.iter().map(|c| c.command.command_id.as_str()).collect();
+    let c_chatbot: Vec<Uuid> = cmds.iter().map(|c| c.command.chatbot_id).collect();
+    let c_conv: Vec<&str> = cmds.iter().map(|c| c.command.conversation_id.as_str()).collect();
+    let c_kind: Vec<&str> = cmds.iter().map(|c| c.command.kind).collect();
+    let c_payload: Vec<String> = cmds.iter().map(|c| storable_json(&c.command.payload)).collect();
+    let c_exec: Vec<Uuid> = cmds.iter().map(|c| c.command.execution_id).collect();
+    let c_epoch: Vec<i64> = cmds.iter().map(|c| c.epoch).collect();
+    let acked: Vec<&str> = batch.progress.acked_commands.iter().map(String::as_str).collect();
+    let acked_set: HashSet<&str> = acked.iter().copied().collect();
+    let finals_set: HashSet<Uuid> = finals.iter().copied().collect();
+    let c_status: Vec<&str> = cmds
+        .iter()
+        .map(|c| {
+            if acked_set.contains(c.command.command_id.as_str()) {
+                "acked"
+            } else if finals_set.contains(&c.command.execution_id) {
+                "expired"
+            } else {
+                "pending"
+            }
+        })
+        .collect();
+
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 43] = [
+        &ids, &chatbots, &workflows, &versions, &event_ids, &types, &docs, &conversations, &doc_of, &node, &leased,
+        &u_id, &u_epoch, &u_status, &u_attempt, &u_step, &u_outputs, &u_run_after, &u_started, &u_finished, &u_error,
+        &u_release, &s_exec, &s_epoch, &s_index, &s_attempt, &s_id, &s_action, &s_status, &s_started, &s_finished,
+        &s_output, &s_error, &c_id, &c_chatbot, &c_conv, &c_kind, &c_payload, &c_exec, &c_epoch, &acked, &finals,
+        &c_status,
+    ];
+    let rows = if dead.is_empty() {
+        conn.client.query(&conn.write, &params).await?
+    } else {
+        // Dead letters read the step rows this same write adds, so they follow it in
+        // one transaction.
+        conn.client.batch_execute("BEGIN").await?;
+        let rows = match conn.client.query(&conn.write, &params).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                let _ = conn.client.batch_execute("ROLLBACK").await;
+                return Err(e.into());
+            }
+        };
+        let dead_written: Vec<Uuid> = rows
+            .iter()
+            .filter(|r| !r.get::<_, bool>(0))
+            .map(|r| r.get::<_, Uuid>(1))
+            .filter(|id| dead.contains(id))
+            .collect();
+        if let Err(e) = conn.client.execute(&conn.dead_letter, &[&dead_written]).await {
+            let _ = conn.client.batch_execute("ROLLBACK").await;
+            return Err(e.into());
+        }
+        conn.client.batch_execute("COMMIT").await?;
+        rows
+    };
+    let mut written = Written::default();
+    for r in &rows {
+        let id: Uuid = r.get(1);
+        if r.get::<_, bool>(0) {
+            written.inserted.insert(id);
+        } else {
+            written.updated.insert(id);
+        }
+    }
     if written.inserted.len() < ids.len() {
         // Some (workflow, event id) pairs were taken: find by whom.
         let (mut wf, mut ev, mut planned) = (Vec::new(), Vec::new(), Vec::new());

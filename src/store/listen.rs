@@ -1,5 +1,5 @@
-//! LISTEN for workflow changes made by any process on the database (the CLI, the admin
-//! API, another daemon) and pass the chatbot ids on. Reconnects by itself; after a
+//! LISTEN for changes made by any process on the database (the CLI, the admin API,
+//! another daemon): workflow changes and dead-letter replays, by chatbot id. Reconnects by itself; after a
 //! (re)connect it reports `Resync`, because notifications sent while it was not
 //! listening are lost.
 
@@ -14,12 +14,17 @@ use uuid::Uuid;
 pub enum Change {
     /// The workflows of this chatbot changed.
     Workflows(Uuid),
+    /// Executions of this chatbot were made due (a dead-letter replay).
+    Wake(Uuid),
     /// The listener was disconnected: anything may have changed.
     Resync,
 }
 
 /// Runs until `cancel`; sends changes on `tx`.
-pub async fn run(store: Store, channel: &'static str, tx: mpsc::UnboundedSender<Change>, cancel: CancellationToken) {
+/// The channel dead-letter replays notify on; the payload is the chatbot id.
+pub const WAKE_CHANNEL: &str = "botflow_wake";
+
+pub async fn run(store: Store, tx: mpsc::UnboundedSender<Change>, cancel: CancellationToken) {
     loop {
         if cancel.is_cancelled() {
             return;
@@ -34,7 +39,7 @@ pub async fn run(store: Store, channel: &'static str, tx: mpsc::UnboundedSender<
                     while let Some(msg) = messages.next().await {
                         match msg {
                             Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
-                                if ntx.send(n.payload().to_string()).is_err() {
+                                if ntx.send((n.channel() == WAKE_CHANNEL, n.payload().to_string())).is_err() {
                                     break;
                                 }
                             }
@@ -46,7 +51,8 @@ pub async fn run(store: Store, channel: &'static str, tx: mpsc::UnboundedSender<
                         }
                     }
                 });
-                if let Err(error) = client.batch_execute(&format!("LISTEN {channel}")).await {
+                let listen = format!("LISTEN {}; LISTEN {WAKE_CHANNEL}", super::workflows::WORKFLOWS_CHANNEL);
+                if let Err(error) = client.batch_execute(&listen).await {
                     tracing::warn!(%error, "cannot LISTEN for workflow changes");
                     driver.abort();
                 } else {
@@ -57,8 +63,8 @@ pub async fn run(store: Store, channel: &'static str, tx: mpsc::UnboundedSender<
                         tokio::select! {
                             _ = cancel.cancelled() => { driver.abort(); return; }
                             payload = nrx.recv() => match payload {
-                                Some(p) => match p.parse::<Uuid>() {
-                                    Ok(id) => { let _ = tx.send(Change::Workflows(id)); }
+                                Some((wake, p)) => match p.parse::<Uuid>() {
+                                    Ok(id) => { let _ = tx.send(if wake { Change::Wake(id) } else { Change::Workflows(id) }); }
                                     Err(_) => tracing::warn!(payload = %p, "ignoring a malformed change notification"),
                                 },
                                 None => break,

@@ -8,6 +8,7 @@ pub mod accounts;
 pub mod embedded;
 pub mod error;
 pub mod journal;
+pub mod leases;
 pub mod listen;
 pub mod migrate;
 pub mod workflows;

@@ -31,6 +31,8 @@ pub const CONNECTIONS_ACTIVE: &str = "botflow_connections_active";
 pub const COMMANDS_SENT: &str = "botflow_commands_sent_total";
 pub const WORKFLOW_RELOADS: &str = "botflow_workflow_reloads_total";
 pub const DEAD_LETTERS: &str = "botflow_dead_letters";
+pub const RETRIES: &str = "botflow_retries_total";
+pub const NOTIFICATIONS: &str = "botflow_notifications_total";
 
 /// Seconds: from a millisecond to a minute.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -84,6 +86,9 @@ fn describe() {
     describe_gauge!(CONNECTIONS_ACTIVE, Unit::Count, "Client connections open.");
     describe_counter!(COMMANDS_SENT, Unit::Count, "Commands written to subscribed connections, by kind.");
     describe_counter!(WORKFLOW_RELOADS, Unit::Count, "Trigger index rebuilds after a workflow change.");
+    describe_counter!(RETRIES, Unit::Count, "Attempts that failed and were scheduled to run again.");
+    describe_counter!(NOTIFICATIONS, Unit::Count, "Operator notifications sent, by kind.");
+    describe_gauge!(DEAD_LETTERS, Unit::Count, "Dead letters neither replayed nor discarded.");
 }
 
 /// Pre-registered handles for the per-event paths.

@@ -27,18 +27,3 @@ pub use template::{
 };
 pub use validate::{validate, ValidationError};
 pub mod actions;
-
-/// Actions this version of botflow can run. `delay` needs the durable timer of the
-/// scheduler; until it exists such a workflow is refused when saved rather than
-/// failing every execution at run time.
-pub fn check_supported(spec: &WorkflowSpec) -> Result<(), ValidationError> {
-    for (i, step) in spec.steps.iter().enumerate() {
-        if let Step::Delay { .. } = step {
-            return Err(ValidationError::new(
-                format!("steps[{i}].action"),
-                "delay steps are not supported by this version of botflow yet",
-            ));
-        }
-    }
-    Ok(())
-}

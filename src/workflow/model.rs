@@ -44,6 +44,10 @@ pub struct WorkflowSpec {
     pub steps: Vec<Step>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryPolicy>,
+    /// Longest one attempt of an execution may run (durable waits excluded); the
+    /// daemon's `executor.execution_timeout_ms` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
 }
 
 /// The event type a workflow listens to, plus at most one type-specific filter.

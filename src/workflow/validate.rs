@@ -80,8 +80,16 @@ pub(crate) fn check(spec: &WorkflowSpec) -> Result<Checked, ValidationError> {
     if let Some(retry) = &spec.retry {
         check_retry(retry)?;
     }
+    if let Some(ms) = spec.timeout_ms {
+        if !(1..=MAX_EXECUTION_TIMEOUT_MS).contains(&ms) {
+            return Err(err("timeout_ms", format!("must be within 1..{MAX_EXECUTION_TIMEOUT_MS}")));
+        }
+    }
     Ok(Checked { conditions, steps })
 }
+
+/// A day: longer runs should be split by a `delay` step.
+pub const MAX_EXECUTION_TIMEOUT_MS: u64 = 86_400_000;
 
 fn err(field: impl Into<String>, message: impl Into<String>) -> ValidationError {
     ValidationError::new(field, message)

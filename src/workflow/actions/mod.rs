@@ -17,15 +17,17 @@ pub struct StepError {
     pub output: Option<serde_json::Value>,
     /// Worth retrying (5xx, timeouts, connection errors) or not (4xx, bad templates).
     pub retryable: bool,
+    /// The receiver asked for this wait before the next attempt (`Retry-After`).
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl StepError {
     pub fn new(message: impl Into<String>) -> StepError {
-        StepError { message: message.into(), output: None, retryable: false }
+        StepError { message: message.into(), output: None, retryable: false, retry_after: None }
     }
 
     pub fn retryable(message: impl Into<String>) -> StepError {
-        StepError { message: message.into(), output: None, retryable: true }
+        StepError { message: message.into(), output: None, retryable: true, retry_after: None }
     }
 }
 

@@ -7,7 +7,12 @@
 //!   chatbot's webhook secret (the timestamp is signed so a captured request cannot
 //!   be replayed later unnoticed);
 //! - `Idempotency-Key`: `<execution id>:<step id>`, the same on every attempt;
-//! - `X-Botflow-Execution`, `X-Botflow-Event`.
+//! - `X-Botflow-Execution`, `X-Botflow-Event`, `X-Botflow-Attempt` (the execution's
+//!   attempt) and `X-Botflow-Lease-Epoch` (which claim of the execution sent it).
+//!
+//! 5xx answers, 408, 429, timeouts and connection errors are worth retrying; other
+//! 4xx are not. A `Retry-After` (seconds or an HTTP date) sets the least wait before
+//! the next attempt.
 //!
 //! The output is `{"status": <code>, "response": <JSON body, or the text if not JSON>}`.
 
@@ -29,6 +34,8 @@ pub struct Request {
     pub idempotency_key: String,
     pub execution_id: Uuid,
     pub event_id: String,
+    pub attempt: i32,
+    pub lease_epoch: i64,
 }
 
 /// `v1=<hex>`: the signature over `"<timestamp>.<body>"`.
@@ -52,13 +59,20 @@ pub async fn call(http: &reqwest::Client, secret: &str, req: Request) -> Result<
         .header("X-Botflow-Signature", sign(secret, timestamp, &body))
         .header("Idempotency-Key", &req.idempotency_key)
         .header("X-Botflow-Execution", req.execution_id.to_string())
-        .header("X-Botflow-Event", &req.event_id);
+        .header("X-Botflow-Event", &req.event_id)
+        .header("X-Botflow-Attempt", req.attempt.to_string())
+        .header("X-Botflow-Lease-Epoch", req.lease_epoch.to_string());
     for (name, value) in &req.headers {
         builder = builder.header(name.as_str(), value.as_str());
     }
     let timeout_ms = req.timeout.as_millis();
     let mut response = builder.body(body).send().await.map_err(|e| describe(e, timeout_ms))?;
     let status = response.status();
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_retry_after);
     let mut bytes = Vec::new();
     let mut truncated = false;
     loop {
@@ -93,8 +107,22 @@ pub async fn call(http: &reqwest::Client, secret: &str, req: Request) -> Result<
             message: format!("webhook answered {status}"),
             output: Some(output),
             retryable,
+            retry_after: if retryable { retry_after } else { None },
         })
     }
+}
+
+/// `Retry-After: 120` or `Retry-After: Wed, 21 Oct 2026 07:28:00 GMT`, capped at a day.
+fn parse_retry_after(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    let wait = match v.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => {
+            let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+            (at.with_timezone(&chrono::Utc) - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO)
+        }
+    };
+    Some(wait.min(Duration::from_secs(86_400)))
 }
 
 fn describe(e: reqwest::Error, timeout_ms: u128) -> StepError {
@@ -131,5 +159,16 @@ mod tests {
         );
         assert_ne!(sign("secret", 1, b"x"), sign("other", 1, b"x"));
         assert_ne!(sign("secret", 1, b"x"), sign("secret", 2, b"x"));
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        assert_eq!(parse_retry_after("2"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_retry_after("9999999"), Some(Duration::from_secs(86_400)));
+        let soon = (chrono::Utc::now() + chrono::Duration::seconds(30)).to_rfc2822();
+        let wait = parse_retry_after(&soon).unwrap();
+        assert!(wait > Duration::from_secs(25) && wait <= Duration::from_secs(30), "{wait:?}");
+        assert_eq!(parse_retry_after("Mon, 01 Jan 2001 00:00:00 +0000"), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon"), None);
     }
 }
