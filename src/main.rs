@@ -22,6 +22,7 @@ fn main() -> ExitCode {
         Command::Keys(cmd) => bootstrap::keys(config, cmd),
         Command::Chatbots(cmd) => bootstrap::chatbots(config, cmd),
         Command::Workflows(cmd) => bootstrap::workflows(config, cmd),
+        Command::Dlq(cmd) => bootstrap::dlq(config, cmd),
         Command::Send(args) => match botflow::cli::send::run(config, args) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(1),

@@ -11,15 +11,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn botflow() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_botflow"));
-    // No BOTFLOW_* from the environment of whoever runs the tests.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("BOTFLOW_") {
-            c.env_remove(k);
-        }
-    }
-    c.env("RUST_LOG", "warn");
-    c
+    botflow_cmd()
 }
 
 fn run(cmd: &mut Command) -> Output {
@@ -32,20 +24,6 @@ fn stdout(o: &Output) -> String {
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// A libpq key/value string for a tokio-postgres config (what BOTFLOW_DATABASE__URL takes).
-fn pg_url(c: &tokio_postgres::Config) -> String {
-    let host = match &c.get_hosts()[0] {
-        tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
-        tokio_postgres::config::Host::Tcp(h) => h.clone(),
-    };
-    format!(
-        "host={host} port={} user={} dbname={}",
-        c.get_ports().first().copied().unwrap_or(5432),
-        c.get_user().unwrap_or("postgres"),
-        c.get_dbname().unwrap_or("postgres")
-    )
 }
 
 #[test]
@@ -142,18 +120,6 @@ async fn bootstrap_commands_print_only_ids_and_name_bad_fields() {
     let o = cmd(&["workflows", "apply", "--chatbot", &uuid::Uuid::new_v4().to_string(), example]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("chatbot") && stderr(&o).contains("does not exist"), "{}", stderr(&o));
-}
-
-/// A running `botflow serve`, stopped with SIGTERM on drop if the test did not.
-struct Serve {
-    child: std::process::Child,
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn wait_for(what: &str, cond: impl Fn() -> bool) {
@@ -353,4 +319,73 @@ fn logs_can_be_json() {
     let lines: Vec<Value> = log.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}"))).collect();
     assert!(lines.iter().any(|l| l["message"] == "botflow is ready" && l["level"] == "INFO"), "{log}");
     assert!(lines.iter().any(|l| l["message"] == "botflow stopped"), "{log}");
+}
+
+#[actix_rt::test]
+async fn dlq_commands_list_replay_and_discard() {
+    let receiver = Receiver::start().await;
+    receiver.on("/hook", Behaviour::Status(500, "{}".into()));
+    let daemon = TestDaemon::start().await;
+    let t = tenant(&daemon.store, "acme", 1).await;
+    apply(
+        &daemon.store,
+        t.chatbots[0],
+        serde_json::json!({"name": "w", "trigger": {"event": "x.go"}, "retry": {"max_attempts": 1},
+                           "steps": [{"id": "call", "action": "webhook", "url": receiver.url("/hook")}]}),
+    )
+    .await;
+    let mut c = Client::tcp(daemon.tcp()).await.hello(&t.key, &[]).await;
+    for id in ["e1", "e2"] {
+        c.send(&event(id, t.chatbots[0], "x.go", serde_json::json!({}))).await;
+    }
+    let _ = c.answers(2).await;
+    let db = daemon.db().await;
+    eventually("both executions die", || async {
+        let n: i64 = db.query_one("SELECT count(*) FROM dead_letters", &[]).await.unwrap().get(0);
+        n == 2
+    })
+    .await;
+
+    let url = pg_url(&daemon.pg);
+    let dlq = |args: &[&str]| {
+        let mut c = botflow();
+        c.arg("dlq").args(args).env("BOTFLOW_DATABASE__URL", &url).env("USER", "ops-bob");
+        run(&mut c)
+    };
+    let o = dlq(&["list", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let letters: Vec<Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(letters.len(), 2);
+    assert!(letters.iter().all(|l| l["last_error"].as_str().unwrap().contains("500") && l["attempts"] == 1));
+    let (first, second) = (letters[0]["id"].as_str().unwrap(), letters[1]["id"].as_str().unwrap());
+    let o = dlq(&["list"]);
+    assert_eq!(stdout(&o).lines().count(), 2, "a line per dead letter");
+
+    let o = dlq(&["discard", first]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let by: Option<String> =
+        db.query_one("SELECT discarded_by FROM dead_letters WHERE id = $1::text::uuid", &[&first]).await.unwrap().get(0);
+    assert_eq!(by.as_deref(), Some("ops-bob"));
+    let o = dlq(&["discard", first]);
+    assert!(!o.status.success() && stderr(&o).contains("already discarded"), "{}", stderr(&o));
+
+    receiver.on("/hook", Behaviour::Status(200, "{}".into()));
+    let o = dlq(&["replay", second, "--by", "ops-carol"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let execution = stdout(&o).trim().to_string();
+    eventually("the replayed execution succeeds", || async {
+        let s: String = db
+            .query_one("SELECT status FROM executions WHERE id = $1::text::uuid", &[&execution])
+            .await
+            .unwrap()
+            .get(0);
+        s == "succeeded"
+    })
+    .await;
+    let o = dlq(&["list"]);
+    assert!(stdout(&o).trim().is_empty(), "nothing open is left: {}", stdout(&o));
+    let o = dlq(&["list", "--all"]);
+    assert_eq!(stdout(&o).lines().count(), 2);
+    let o = dlq(&["replay", &uuid::Uuid::new_v4().to_string()]);
+    assert!(!o.status.success() && stderr(&o).contains("does not exist"), "{}", stderr(&o));
 }

@@ -3,9 +3,9 @@
 //! through PostgreSQL NOTIFY within a second.
 
 use super::database::Database;
-use super::{AccountsCmd, ChatbotsCmd, KeysCmd, WorkflowsCmd};
+use super::{AccountsCmd, ChatbotsCmd, DlqCmd, KeysCmd, WorkflowsCmd};
 use crate::config::Config;
-use crate::store::{accounts, workflows, StoreError};
+use crate::store::{accounts, dead_letters, workflows, StoreError};
 use crate::workflow::parse_workflows;
 use anyhow::{bail, Context};
 use std::io::Read;
@@ -85,6 +85,53 @@ pub fn workflows(config: Config, cmd: WorkflowsCmd) -> anyhow::Result<()> {
                 }
                 println!("{}", a.id());
             }
+        }
+    }
+    Ok(())
+}
+
+/// Who is acting, for the records of replays and discards.
+fn actor(by: Option<String>) -> String {
+    by.or_else(|| std::env::var("USER").ok()).filter(|s| !s.trim().is_empty()).unwrap_or_else(|| "unknown".into())
+}
+
+pub fn dlq(config: Config, cmd: DlqCmd) -> anyhow::Result<()> {
+    match cmd {
+        DlqCmd::List { chatbot, all, limit, json } => {
+            let letters = run(&config, async |s| Ok(dead_letters::list(s, chatbot, all, limit).await?))?;
+            if json {
+                for dl in &letters {
+                    println!("{}", serde_json::to_string(dl)?);
+                }
+            } else {
+                if letters.is_empty() {
+                    eprintln!("no dead letters");
+                }
+                for dl in &letters {
+                    println!(
+                        "{}  {}  chatbot {}  workflow {} v{}  {} attempts  {}  {}",
+                        dl.id,
+                        dl.created_at.format("%Y-%m-%d %H:%M:%S"),
+                        dl.chatbot_id,
+                        dl.workflow_id,
+                        dl.workflow_version,
+                        dl.attempts,
+                        dl.state(),
+                        dl.last_error.as_deref().unwrap_or("")
+                    );
+                }
+            }
+        }
+        DlqCmd::Replay { id, by } => {
+            let by = actor(by);
+            let dl = run(&config, async |s| Ok(dead_letters::replay(s, id, &by).await?))?;
+            eprintln!("execution {} runs again (attempt {}), replayed by {by}", dl.execution_id, dl.attempts + 1);
+            println!("{}", dl.execution_id);
+        }
+        DlqCmd::Discard { id, by } => {
+            let by = actor(by);
+            let dl = run(&config, async |s| Ok(dead_letters::discard(s, id, &by).await?))?;
+            eprintln!("dead letter {} discarded by {by}", dl.id);
         }
     }
     Ok(())

@@ -42,6 +42,9 @@ pub enum Command {
     /// Workflows
     #[command(subcommand)]
     Workflows(WorkflowsCmd),
+    /// Dead letters: executions that used up their attempts
+    #[command(subcommand)]
+    Dlq(DlqCmd),
     /// Stream NDJSON events to the daemon and print every line it answers
     Send(send::SendArgs),
     /// Measure the daemon's throughput and latency against a real PostgreSQL
@@ -76,6 +79,37 @@ pub enum ChatbotsCmd {
     },
     /// Print the secret that signs the chatbot's webhook requests
     Secret { chatbot: uuid::Uuid },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DlqCmd {
+    /// List dead letters, newest first (open ones unless --all)
+    List {
+        #[arg(long)]
+        chatbot: Option<uuid::Uuid>,
+        /// Include replayed and discarded ones
+        #[arg(long)]
+        all: bool,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// One JSON object per line, with the event and the attempt history
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the dead execution once more, from the step that failed
+    Replay {
+        id: uuid::Uuid,
+        /// Who replays it [default: $USER]
+        #[arg(long)]
+        by: Option<String>,
+    },
+    /// Give up on a dead execution, recording who did
+    Discard {
+        id: uuid::Uuid,
+        /// Who discards it [default: $USER]
+        #[arg(long)]
+        by: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]

@@ -5,6 +5,7 @@
 //! never build SQL themselves.
 
 pub mod accounts;
+pub mod dead_letters;
 pub mod embedded;
 pub mod error;
 pub mod journal;

@@ -135,7 +135,7 @@ impl TestDaemon {
         (opts.tweak)(&mut config);
         botflow::telemetry::init_logging(&botflow::config::LogConfig {
             format: "text".into(),
-            level: std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            level: std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()),
         });
         let app = App::start(&config, pg.clone()).await.expect("the daemon starts");
         let store = app.store.clone();
@@ -348,6 +348,8 @@ pub struct Received {
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
     pub at: Instant,
+    /// When the answer was written (or the connection found closed).
+    pub done: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Received {
@@ -365,6 +367,32 @@ pub enum Behaviour {
     Status(u16, String),
     /// Never answers (the connection stays open).
     Hang,
+    /// One answer per request, in order; the last one repeats.
+    Script(Vec<Reply>),
+}
+
+/// One scripted answer.
+#[derive(Clone, Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub body: String,
+    pub headers: Vec<(String, String)>,
+    /// Wait this long before answering.
+    pub delay: Duration,
+}
+
+impl Reply {
+    pub fn new(status: u16, body: &str) -> Reply {
+        Reply { status, body: body.into(), headers: Vec::new(), delay: Duration::ZERO }
+    }
+    pub fn header(mut self, k: &str, v: &str) -> Reply {
+        self.headers.push((k.into(), v.into()));
+        self
+    }
+    pub fn after(mut self, d: Duration) -> Reply {
+        self.delay = d;
+        self
+    }
 }
 
 /// A small HTTP/1.1 server standing in for webhook receivers: records every request
@@ -416,6 +444,19 @@ impl Receiver {
 
     pub fn count(&self, prefix: &str) -> usize {
         self.requests.lock().unwrap().iter().filter(|r| r.path.starts_with(prefix)).count()
+    }
+
+    /// Whether the number of requests to `prefix` stays at `n` for `period` (for
+    /// checking that something does not happen again).
+    pub async fn stays_at(&self, prefix: &str, n: usize, period: Duration) -> bool {
+        let until = Instant::now() + period;
+        while Instant::now() < until {
+            if self.count(prefix) != n {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.count(prefix) == n
     }
 
     pub async fn wait_for(&self, prefix: &str, n: usize) -> Vec<Received> {
@@ -470,22 +511,91 @@ impl Receiver {
                 .find(|(p, _)| path.starts_with(p.as_str()))
                 .map(|(_, b)| b.clone())
                 .unwrap_or(Behaviour::Status(200, r#"{"ok":true}"#.into()));
-            self.requests.lock().unwrap().push(Received { path, headers, body, at: Instant::now() });
-            match behaviour {
+            let done = Arc::new(Mutex::new(None));
+            let nth = {
+                let mut reqs = self.requests.lock().unwrap();
+                let nth = reqs.iter().filter(|r| r.path == path).count();
+                reqs.push(Received { path, headers, body, at: Instant::now(), done: done.clone() });
+                nth
+            };
+            let reply = match behaviour {
                 Behaviour::Hang => {
                     tokio::time::sleep(Duration::from_secs(3600)).await;
                     return;
                 }
-                Behaviour::Status(code, body) => {
-                    let resp = format!(
-                        "HTTP/1.1 {code} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-                        body.len()
-                    );
-                    if w.write_all(resp.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
+                Behaviour::Status(code, body) => Reply::new(code, &body),
+                Behaviour::Script(replies) => replies[nth.min(replies.len() - 1)].clone(),
+            };
+            tokio::time::sleep(reply.delay).await;
+            let mut resp = format!("HTTP/1.1 {} X\r\ncontent-type: application/json\r\n", reply.status);
+            for (k, v) in &reply.headers {
+                resp.push_str(&format!("{k}: {v}\r\n"));
+            }
+            resp.push_str(&format!("content-length: {}\r\n\r\n{}", reply.body.len(), reply.body));
+            let written = w.write_all(resp.as_bytes()).await;
+            *done.lock().unwrap() = Some(Instant::now());
+            if written.is_err() {
+                return;
             }
         }
+    }
+}
+
+/// A libpq key/value string for a tokio-postgres config (what BOTFLOW_DATABASE__URL takes).
+pub fn pg_url(c: &tokio_postgres::Config) -> String {
+    let host = match &c.get_hosts()[0] {
+        tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+    };
+    format!(
+        "host={host} port={} user={} dbname={}",
+        c.get_ports().first().copied().unwrap_or(5432),
+        c.get_user().unwrap_or("postgres"),
+        c.get_dbname().unwrap_or("postgres")
+    )
+}
+
+/// The `botflow` binary, with no BOTFLOW_* from the environment of whoever runs the tests.
+pub fn botflow_cmd() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_botflow"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("BOTFLOW_") {
+            c.env_remove(k);
+        }
+    }
+    c.env("RUST_LOG", "warn");
+    c
+}
+
+/// A running `botflow serve`, killed on drop if the test did not stop it.
+pub struct Serve {
+    pub child: std::process::Child,
+}
+
+impl Serve {
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().expect("wait for botflow serve")
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls a blocking condition with a deadline.
+pub fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < Duration::from_secs(60), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -1,0 +1,385 @@
+//! Durable execution in one daemon: retries with backoff, Retry-After, dead letters and
+//! their replay, notifications, the outbox's redelivery, durable delays, versions,
+//! timeouts, bounded memory, and a database restarted under load.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+/// (execution id, status, attempt, error) of an event's only execution.
+async fn execution(db: &tokio_postgres::Client, event_id: &str) -> (Uuid, String, i32, Option<String>) {
+    let r = db
+        .query_one("SELECT id, status, attempt, error FROM executions WHERE event_id = $1", &[&event_id])
+        .await
+        .unwrap_or_else(|e| panic!("no single execution for {event_id}: {e}"));
+    (r.get(0), r.get(1), r.get(2), r.get(3))
+}
+
+/// Waits until the event's execution has one of `statuses`.
+async fn wait_status(db: &tokio_postgres::Client, event_id: &str, statuses: &[&str]) -> (Uuid, String, i32, Option<String>) {
+    let start = Instant::now();
+    loop {
+        if let Ok(r) = db.query_opt("SELECT id, status, attempt, error FROM executions WHERE event_id = $1", &[&event_id]).await {
+            if let Some(r) = r {
+                let status: String = r.get(1);
+                if statuses.contains(&status.as_str()) {
+                    return (r.get(0), status, r.get(2), r.get(3));
+                }
+            }
+        }
+        assert!(start.elapsed() < DEADLINE, "{event_id} did not reach {statuses:?}: {:?}", execution(db, event_id).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// (step_id, attempt, status, error) of an execution's step rows in order.
+async fn steps(db: &tokio_postgres::Client, execution: Uuid) -> Vec<(String, i32, String, Option<String>)> {
+    db.query(
+        "SELECT step_id, attempt, status, error FROM execution_steps WHERE execution_id = $1 ORDER BY attempt, step_index",
+        &[&execution],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+    .collect()
+}
+
+fn hook_workflow(receiver: &Receiver, retry: Value) -> Value {
+    json!({
+        "name": "hook",
+        "trigger": {"event": "x.go"},
+        "steps": [{"id": "call", "action": "webhook", "url": receiver.url("/hook"), "timeout_ms": 2000}],
+        "retry": retry,
+    })
+}
+
+async fn setup(tweak: impl FnOnce(&mut botflow::config::Config) + 'static, workflow: Value) -> (TestDaemon, Tenant, Client, tokio_postgres::Client) {
+    let daemon = TestDaemon::start_with(DaemonOptions { tweak: Box::new(tweak), ..Default::default() }).await;
+    let t = tenant(&daemon.store, "acme", 1).await;
+    apply(&daemon.store, t.chatbots[0], workflow).await;
+    let c = Client::tcp(daemon.tcp()).await.hello(&t.key, &[t.chatbots[0]]).await;
+    let db = daemon.db().await;
+    (daemon, t, c, db)
+}
+
+async fn send(c: &mut Client, id: &str, bot: Uuid) {
+    c.send(&event(id, bot, "x.go", json!({}))).await;
+    let (a, _) = c.recv_until(|v| v["id"] == id).await;
+    assert_eq!(a["op"], "ack", "{a}");
+}
+
+#[actix_rt::test]
+async fn a_webhook_answering_500_500_200_succeeds_on_attempt_3_after_the_policy_waits() {
+    let receiver = Receiver::start().await;
+    receiver.on("/hook", Behaviour::Script(vec![Reply::new(500, "{}"), Reply::new(500, "{}"), Reply::new(200, r#"{"ok":1}"#)]));
+    let retry = json!({"max_attempts": 5, "initial_backoff_ms": 300, "max_backoff_ms": 10000, "jitter": false});
+    let (_d, t, mut c, db) = setup(|_| {}, hook_workflow(&receiver, retry)).await;
+    send(&mut c, "e1", t.chatbots[0]).await;
+    let (id, status, attempt, _) = wait_status(&db, "e1", &["succeeded", "dead", "failed"]).await;
+    assert_eq!((status.as_str(), attempt), ("succeeded", 3));
+    let hits = receiver.received();
+    assert_eq!(hits.len(), 3);
+    // One idempotency key for every attempt, and the attempt number on each.
+    let keys: Vec<&str> = hits.iter().map(|h| h.header("idempotency-key").unwrap()).collect();
+    assert!(keys.iter().all(|k| *k == format!("{id}:call")), "{keys:?}");
+    let attempts: Vec<&str> = hits.iter().map(|h| h.header("x-botflow-attempt").unwrap()).collect();
+    assert_eq!(attempts, vec!["1", "2", "3"]);
+    // Exponential without jitter: 300 ms, then 600 ms.
+    let gap1 = hits[1].at - hits[0].at;
+    let gap2 = hits[2].at - hits[1].at;
+    assert!(gap1 >= Duration::from_millis(300) && gap1 < Duration::from_millis(3000), "{gap1:?}");
+    assert!(gap2 >= Duration::from_millis(600) && gap2 < Duration::from_millis(3600), "{gap2:?}");
+    let s = steps(&db, id).await;
+    let summary: Vec<(i32, &str)> = s.iter().map(|(_, a, st, _)| (*a, st.as_str())).collect();
+    assert_eq!(summary, vec![(1, "failed"), (2, "failed"), (3, "succeeded")]);
+    assert!(s[0].3.as_deref().unwrap().contains("500"), "{s:?}");
+}
+
+#[actix_rt::test]
+async fn a_404_fails_at_once_and_a_429_waits_for_its_retry_after() {
+    let receiver = Receiver::start().await;
+    let retry = json!({"max_attempts": 3, "initial_backoff_ms": 50, "jitter": false});
+    let wf = json!([
+        {"name": "lost", "trigger": {"event": "x.lost"},
+         "steps": [{"id": "call", "action": "webhook", "url": receiver.url("/lost")}], "retry": retry},
+        {"name": "busy", "trigger": {"event": "x.busy"},
+         "steps": [{"id": "call", "action": "webhook", "url": receiver.url("/busy")}], "retry": retry},
+    ]);
+    receiver.on("/lost", Behaviour::Status(404, r#"{"error":"no such thing"}"#.into()));
+    receiver.on("/busy", Behaviour::Script(vec![Reply::new(429, "{}").header("Retry-After", "2"), Reply::new(200, "{}")]));
+    let (_d, t, mut c, db) = setup(|_| {}, wf).await;
+    c.send(&event("lost-1", t.chatbots[0], "x.lost", json!({}))).await;
+    c.send(&event("busy-1", t.chatbots[0], "x.busy", json!({}))).await;
+    let _ = c.answers(2).await;
+
+    let (_, status, attempt, error) = wait_status(&db, "lost-1", &["failed", "dead", "succeeded"]).await;
+    assert_eq!((status.as_str(), attempt), ("failed", 1), "a 404 is not retried");
+    assert!(error.unwrap().contains("404"));
+    assert_eq!(receiver.count("/lost"), 1);
+
+    let (_, status, attempt, _) = wait_status(&db, "busy-1", &["failed", "dead", "succeeded"]).await;
+    assert_eq!((status.as_str(), attempt), ("succeeded", 2));
+    let hits = receiver.wait_for("/busy", 2).await;
+    let gap = hits[1].at - hits[0].at;
+    assert!(gap >= Duration::from_secs(2), "Retry-After: 2 was not honoured: {gap:?}");
+}
+
+#[actix_rt::test]
+async fn always_500_ends_dead_with_one_dead_letter_and_one_notification_and_replay_succeeds() {
+    let receiver = Receiver::start().await;
+    receiver.on("/hook", Behaviour::Status(500, r#"{"error":"down"}"#.into()));
+    let notify = receiver.url("/notify");
+    let retry = json!({"max_attempts": 3, "initial_backoff_ms": 50, "max_backoff_ms": 100});
+    let (d, t, mut c, db) = setup(move |c| c.notify.webhook_url = notify, hook_workflow(&receiver, retry)).await;
+    send(&mut c, "e1", t.chatbots[0]).await;
+    let (id, status, attempt, error) = wait_status(&db, "e1", &["dead", "failed", "succeeded"]).await;
+    assert_eq!((status.as_str(), attempt), ("dead", 3));
+    assert!(error.as_deref().unwrap_or_default().contains("500"), "{error:?}");
+    assert_eq!(receiver.count("/hook"), 3);
+
+    let dls = botflow::store::dead_letters::list(&d.store, Some(t.chatbots[0]), false, 10).await.unwrap();
+    assert_eq!(dls.len(), 1);
+    let dl = &dls[0];
+    assert_eq!((dl.execution_id, dl.attempts), (id, 3));
+    assert_eq!(dl.event["id"], "e1");
+    assert_eq!(dl.history.as_array().unwrap().len(), 3, "every attempt is in the history: {}", dl.history);
+    assert!(dl.last_error.as_deref().unwrap().contains("500"));
+
+    // One notification for the burst of failures, naming the dead execution.
+    let notes = receiver.wait_for("/notify", 1).await;
+    assert!(receiver.stays_at("/notify", 1, Duration::from_millis(500)).await, "only one notification");
+    let n = notes[0].json();
+    assert_eq!(n["kind"], "dead_execution");
+    assert_eq!(n["execution_id"], id.to_string());
+    assert_eq!(n["count"], 1);
+
+    // Fixed receiver, replay: one more attempt of the same execution succeeds.
+    receiver.on("/hook", Behaviour::Status(200, "{}".into()));
+    let replayed = botflow::store::dead_letters::replay(&d.store, dl.id, "tester").await.unwrap();
+    assert_eq!(replayed.replayed_by.as_deref(), Some("tester"));
+    let (id2, status, attempt, _) = wait_status(&db, "e1", &["succeeded", "dead"]).await;
+    assert_eq!((id2, status.as_str(), attempt), (id, "succeeded", 4));
+    assert!(botflow::store::dead_letters::replay(&d.store, dl.id, "tester").await.is_err(), "a replayed letter cannot be replayed again");
+    assert!(botflow::store::dead_letters::list(&d.store, None, false, 10).await.unwrap().is_empty());
+}
+
+#[actix_rt::test]
+async fn a_discarded_dead_letter_records_who_and_when() {
+    let receiver = Receiver::start().await;
+    receiver.on("/hook", Behaviour::Status(503, "{}".into()));
+    let retry = json!({"max_attempts": 1});
+    let (d, t, mut c, db) = setup(|_| {}, hook_workflow(&receiver, retry)).await;
+    send(&mut c, "e1", t.chatbots[0]).await;
+    wait_status(&db, "e1", &["dead"]).await;
+    let dl = &botflow::store::dead_letters::list(&d.store, None, false, 10).await.unwrap()[0];
+    let gone = botflow::store::dead_letters::discard(&d.store, dl.id, "ops-alice").await.unwrap();
+    assert_eq!(gone.discarded_by.as_deref(), Some("ops-alice"));
+    assert!(gone.discarded_at.is_some());
+    assert_eq!(gone.state(), "discarded");
+    assert!(botflow::store::dead_letters::replay(&d.store, dl.id, "x").await.is_err());
+    assert_eq!(botflow::store::dead_letters::list(&d.store, None, true, 10).await.unwrap().len(), 1);
+}
+
+#[actix_rt::test]
+async fn a_reply_is_redelivered_after_a_reconnect_until_it_is_acked() {
+    let (d, t, mut c, db) = setup(
+        |_| {},
+        json!({"name": "r", "trigger": {"event": "x.go"}, "steps": [{"id": "say", "action": "reply", "text": "hi {{event.id}}"}]}),
+    )
+    .await;
+    let bot = t.chatbots[0];
+    send(&mut c, "e1", bot).await;
+    let (cmd, _) = c.recv_until(|v| v["op"] == "command").await;
+    assert_eq!(cmd["payload"]["text"], "hi e1");
+    drop(c); // gone before acking
+    let (_, status, _, _) = execution(&db, "e1").await;
+    assert_ne!(status, "succeeded");
+
+    let mut c2 = Client::unix(&d.unix()).await.hello(&t.key, &[bot]).await;
+    let (again, _) = c2.recv_until(|v| v["op"] == "command").await;
+    assert_eq!(again["command_id"], cmd["command_id"], "the same command, redelivered");
+    c2.send(&json!({"op": "ack", "command_id": again["command_id"]})).await;
+    wait_status(&db, "e1", &["succeeded"]).await;
+    let row: String = db
+        .query_one("SELECT status FROM outbox WHERE command_id = $1", &[&cmd["command_id"].as_str().unwrap()])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(row, "acked");
+    drop(c2);
+    let mut c3 = Client::tcp(d.tcp()).await.hello(&t.key, &[bot]).await;
+    assert!(c3.try_recv(Duration::from_millis(500)).await.is_none(), "an acked command never comes back");
+}
+
+#[actix_rt::test]
+async fn a_chat_service_that_never_acks_fails_the_step_after_the_ack_timeout() {
+    let (_d, t, mut c, db) = setup(
+        |c| c.outbox.ack_timeout_ms = 300,
+        json!({"name": "r", "trigger": {"event": "x.go"}, "retry": {"max_attempts": 2, "initial_backoff_ms": 10},
+               "steps": [{"id": "say", "action": "reply", "text": "hi"}]}),
+    )
+    .await;
+    send(&mut c, "e1", t.chatbots[0]).await;
+    let (_, status, attempt, error) = wait_status(&db, "e1", &["dead", "succeeded"]).await;
+    assert_eq!((status.as_str(), attempt), ("dead", 2));
+    assert!(error.unwrap().contains("no client acked command"), "the error says why");
+    // Both attempts delivered the same command id.
+    let mut ids = Vec::new();
+    while ids.len() < 2 {
+        let (cmd, _) = c.recv_until(|v| v["op"] == "command").await;
+        ids.push(cmd["command_id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(ids[0], ids[1]);
+}
+
+#[actix_rt::test]
+async fn a_delay_waits_durably_and_executions_keep_the_version_they_started_with() {
+    let receiver = Receiver::start().await;
+    let wf = |marker: &str| {
+        json!({"name": "later", "trigger": {"event": "x.go"},
+               "steps": [{"id": "wait", "action": "delay", "duration": "1500ms"},
+                         {"id": "call", "action": "webhook", "url": receiver.url("/later"), "body": {"v": marker}}]})
+    };
+    let (d, t, mut c, db) = setup(|_| {}, wf("v1")).await;
+    let sent = Instant::now();
+    send(&mut c, "e1", t.chatbots[0]).await;
+    let (id, _, _, _) = wait_status(&db, "e1", &["waiting"]).await;
+    let run_after: chrono::DateTime<chrono::Utc> =
+        db.query_one("SELECT run_after FROM executions WHERE id = $1", &[&id]).await.unwrap().get(0);
+    assert!(run_after > chrono::Utc::now(), "the due time is stored");
+    // Replace the workflow while the execution waits: it finishes on version 1.
+    apply(&d.store, t.chatbots[0], wf("v2")).await;
+    let hits = receiver.wait_for("/later", 1).await;
+    assert_eq!(hits[0].json()["v"], "v1");
+    assert!(hits[0].at - sent >= Duration::from_millis(1500), "fired before its time");
+    assert!(hits[0].at - sent < Duration::from_millis(1500 + 1500), "fired more than a second late");
+    wait_status(&db, "e1", &["succeeded"]).await;
+    // A new event runs the new version.
+    send(&mut c, "e2", t.chatbots[0]).await;
+    let hits = receiver.wait_for("/later", 2).await;
+    assert_eq!(hits[1].json()["v"], "v2");
+}
+
+#[actix_rt::test]
+async fn templates_reading_missing_fields_or_non_json_answers_fail_the_step_clearly() {
+    let receiver = Receiver::start().await;
+    receiver.on("/text", Behaviour::Status(200, "plain words, not JSON".into()));
+    let (_d, t, mut c, db) = setup(
+        |_| {},
+        json!({"name": "chain", "trigger": {"event": "x.go"}, "retry": {"max_attempts": 3, "initial_backoff_ms": 10},
+               "steps": [{"id": "first", "action": "webhook", "url": receiver.url("/text")},
+                         {"id": "second", "action": "webhook", "url": receiver.url("/next"),
+                          "body": {"id": "{{steps.first.response.id}}"}}]}),
+    )
+    .await;
+    send(&mut c, "e1", t.chatbots[0]).await;
+    let (id, status, attempt, error) = wait_status(&db, "e1", &["failed", "dead", "succeeded"]).await;
+    assert_eq!((status.as_str(), attempt), ("failed", 1), "a template error is not retried");
+    let error = error.unwrap();
+    assert!(error.contains("second") && error.contains("first") && error.contains("id"), "{error}");
+    assert_eq!(receiver.count("/next"), 0);
+    let s = steps(&db, id).await;
+    assert_eq!(s.iter().map(|x| x.2.as_str()).collect::<Vec<_>>(), vec!["succeeded", "failed"]);
+}
+
+#[actix_rt::test]
+async fn a_whole_execution_timeout_ends_a_hanging_attempt() {
+    let receiver = Receiver::start().await;
+    receiver.on("/hang", Behaviour::Hang);
+    let (_d, t, mut c, db) = setup(
+        |_| {},
+        json!({"name": "slow", "trigger": {"event": "x.go"}, "timeout_ms": 400, "retry": {"max_attempts": 1},
+               "steps": [{"id": "call", "action": "webhook", "url": receiver.url("/hang"), "timeout_ms": 30000}]}),
+    )
+    .await;
+    let start = Instant::now();
+    send(&mut c, "e1", t.chatbots[0]).await;
+    let (_, status, _, error) = wait_status(&db, "e1", &["dead", "failed"]).await;
+    assert_eq!(status, "dead");
+    assert!(error.unwrap().contains("execution timed out after 400 ms"));
+    assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+#[actix_rt::test]
+async fn executions_past_the_memory_bound_wait_as_queued_rows_and_all_complete() {
+    let receiver = Receiver::start().await;
+    receiver.on("/slow", Behaviour::Script(vec![Reply::new(200, "{}").after(Duration::from_millis(30))]));
+    let (_d, t, mut c, db) = setup(
+        |c| {
+            c.executor.concurrency_per_chatbot = 2;
+            c.executor.queue_capacity = 5;
+        },
+        json!({"name": "w", "trigger": {"event": "x.go"}, "steps": [{"id": "call", "action": "webhook", "url": receiver.url("/slow")}]}),
+    )
+    .await;
+    let mut burst = String::new();
+    for i in 0..60 {
+        burst.push_str(&format!("{}\n", event(&format!("e{i}"), t.chatbots[0], "x.go", json!({}))));
+    }
+    c.send_raw(&burst).await;
+    let (answers, _) = c.answers(60).await;
+    assert!(answers.values().all(|a| a["op"] == "ack"), "none is refused");
+    // Most of them wait in PostgreSQL, held by no node, not in the daemon's memory.
+    let free: i64 = db
+        .query_one("SELECT count(*) FROM executions WHERE status = 'queued' AND lease_owner IS NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(free >= 40, "only {free} executions wait unleased");
+    eventually("all 60 complete", || async {
+        let n: i64 = db.query_one("SELECT count(*) FROM executions WHERE status = 'succeeded'", &[]).await.unwrap().get(0);
+        n == 60
+    })
+    .await;
+    assert_eq!(receiver.count("/slow"), 60, "each ran once");
+}
+
+#[actix_rt::test]
+async fn the_database_restarted_mid_run_and_the_daemon_recovers_by_itself() {
+    let dir = TempDir::new("pgrestart");
+    let opts = botflow::store::embedded::EmbeddedOptions { fast_unsafe: true };
+    let mut pg = botflow::store::embedded::EmbeddedPostgres::start(dir.path(), &opts).unwrap();
+    pg.ensure_database("botflow").await.unwrap();
+    let receiver = Receiver::start().await;
+    let daemon = TestDaemon::start_with(DaemonOptions {
+        pg: Some(pg.config("botflow")),
+        tweak: Box::new(|c| c.database.unavailable_after_ms = 500),
+    })
+    .await;
+    let t = tenant(&daemon.store, "acme", 1).await;
+    apply(
+        &daemon.store,
+        t.chatbots[0],
+        json!({"name": "w", "trigger": {"event": "x.go"},
+               "steps": [{"id": "wait", "action": "delay", "duration": "1s"},
+                         {"id": "call", "action": "webhook", "url": receiver.url("/after")}]}),
+    )
+    .await;
+    let mut c = Client::tcp(daemon.tcp()).await.hello(&t.key, &[]).await;
+    for i in 0..20 {
+        c.send(&event(&format!("e{i}"), t.chatbots[0], "x.go", json!({}))).await;
+    }
+    let (answers, _) = c.answers(20).await;
+    assert!(answers.values().all(|a| a["op"] == "ack"));
+    // Down while every execution waits on its delay, for longer than the delay.
+    pg.stop().unwrap();
+    c.send(&event("during", t.chatbots[0], "x.go", json!({}))).await;
+    let a = c.recv().await;
+    assert_eq!((a["op"].as_str(), a["error"]["code"].as_str()), (Some("nack"), Some("unavailable")), "{a}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pg = botflow::store::embedded::EmbeddedPostgres::start(dir.path(), &opts).unwrap();
+    let (db, conn) = pg.config("botflow").connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    eventually("every execution completes after the restart", || async {
+        let n: i64 = db.query_one("SELECT count(*) FROM executions WHERE status = 'succeeded'", &[]).await.unwrap().get(0);
+        n == 20
+    })
+    .await;
+    assert_eq!(receiver.count("/after"), 20);
+    let during: i64 = db.query_one("SELECT count(*) FROM executions WHERE event_id = 'during'", &[]).await.unwrap().get(0);
+    assert_eq!(during, 0, "nothing was acked while the database was away");
+}
