@@ -34,6 +34,7 @@ pub struct RunningApp {
     pub tcp_addr: Option<SocketAddr>,
     pub unix_path: Option<PathBuf>,
     pub metrics_addr: Option<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
     /// Set when this start created the first operator key.
     pub operator_key: Option<String>,
     shutdown: CancellationToken,
@@ -42,6 +43,7 @@ pub struct RunningApp {
     connections: Arc<std::sync::atomic::AtomicUsize>,
     arbiters: Vec<Arbiter>,
     metrics_server: Option<actix_web::dev::ServerHandle>,
+    admin_server: Option<actix_web::dev::ServerHandle>,
     shutdown_timeout: Duration,
 }
 
@@ -79,6 +81,14 @@ impl App {
         let unix = match config.unix_socket_path() {
             Some(p) => Some((listener::bind_unix(&p)?, p)),
             None => None,
+        };
+        let admin_listener = if config.admin.listen.is_empty() {
+            None
+        } else {
+            Some(
+                std::net::TcpListener::bind(&config.admin.listen)
+                    .with_context(|| format!("cannot listen on admin.listen {}", config.admin.listen))?,
+            )
         };
         let metrics_listener = if config.metrics.listen.is_empty() {
             None
@@ -140,6 +150,7 @@ impl App {
             ack_timeout: Duration::from_millis(config.outbox.ack_timeout_ms),
             execution_timeout: Duration::from_millis(config.executor.execution_timeout_ms),
             retry: config.retry.clone(),
+            limit_defaults: crate::store::limits::Defaults::from_config(config),
         });
         let router = Router::new(deps, workers.handles(), Duration::from_secs(config.executor.idle_supervisor_seconds)).start();
         let scheduler = Scheduler {
@@ -171,6 +182,19 @@ impl App {
             }
         });
 
+        let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let admin_server = match admin_listener {
+            Some(l) => Some(crate::admin::start(
+                l,
+                crate::admin::AdminState {
+                    store: store.clone(),
+                    router: router.clone(),
+                    limit_defaults: crate::store::limits::Defaults::from_config(config),
+                },
+                2,
+            )?),
+            None => None,
+        };
         let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
         let metrics_server = match metrics_listener {
             Some(l) => Some(start_metrics_server(l, prometheus)?),
@@ -197,6 +221,7 @@ impl App {
             tcp = tcp_addr.map(|a| a.to_string()).unwrap_or_default(),
             unix = unix_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
             metrics = metrics_addr.map(|a| a.to_string()).unwrap_or_default(),
+            admin = admin_addr.map(|a| a.to_string()).unwrap_or_default(),
             workers = workers_n,
             "botflow is ready"
         );
@@ -205,6 +230,7 @@ impl App {
             tcp_addr,
             unix_path,
             metrics_addr,
+            admin_addr,
             operator_key,
             shutdown,
             router,
@@ -212,6 +238,7 @@ impl App {
             connections,
             arbiters,
             metrics_server,
+            admin_server,
             shutdown_timeout: Duration::from_secs(config.shutdown_timeout_seconds),
         })
     }
@@ -247,6 +274,9 @@ impl RunningApp {
             tracing::warn!("the journal could not write everything before the deadline");
         }
         if let Some(server) = self.metrics_server {
+            server.stop(true).await;
+        }
+        if let Some(server) = self.admin_server {
             server.stop(true).await;
         }
         for a in &self.arbiters {

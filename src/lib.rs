@@ -24,6 +24,7 @@
 //! - `store`: PostgreSQL (pool, migrations, embedded server, queries, journal, LISTEN).
 //! - `telemetry`: logs and metrics; `cli`: the `botflow` command.
 
+pub mod admin;
 pub mod app;
 pub mod chatbot;
 pub mod cli;

@@ -23,6 +23,7 @@ fn main() -> ExitCode {
         Command::Chatbots(cmd) => bootstrap::chatbots(config, cmd),
         Command::Workflows(cmd) => bootstrap::workflows(config, cmd),
         Command::Dlq(cmd) => bootstrap::dlq(config, cmd),
+        Command::Limits(cmd) => botflow::cli::limits::run(config, cmd),
         Command::Send(args) => match botflow::cli::send::run(config, args) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(1),

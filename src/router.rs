@@ -16,7 +16,10 @@
 //!
 //! Forwarding costs a hash lookup per chatbot per batch, not per event.
 
-use crate::chatbot::supervisor::{ChatbotSupervisor, Reload, StopIfIdle, SupervisorDeps, SupervisorEvents, WakeUp};
+use crate::chatbot::limits::{Limits, Usage};
+use crate::chatbot::supervisor::{
+    ChatbotSupervisor, GetUsage, LimitsChanged, Reload, StopIfIdle, SupervisorDeps, SupervisorEvents, WakeUp,
+};
 use crate::event::Event;
 use crate::ingest::connection::EventOutcomes;
 use crate::ingest::protocol::{Nack, NackCode};
@@ -391,7 +394,36 @@ impl Handler<WorkflowsChanged> for Router {
             Change::Resync => self.slots.values_mut().for_each(reload),
             // Delivered as a `Wake` by the daemon; nothing to reload.
             Change::Wake(_) => {}
+            // A supervisor that is not running reads its limits when it starts.
+            Change::Limits(id) => {
+                if let Some(Slot::Ready { addr, .. }) = self.slots.get(&id) {
+                    addr.do_send(LimitsChanged);
+                }
+            }
         }
+    }
+}
+
+/// Asked by the admin API: a chatbot's limits in force and usage, when its supervisor
+/// runs (`None`: it is idle, using nothing).
+#[derive(Message)]
+#[rtype(result = "Option<(Limits, Usage)>")]
+pub struct ChatbotUsage(pub Uuid);
+
+impl Handler<ChatbotUsage> for Router {
+    type Result = ResponseFuture<Option<(Limits, Usage)>>;
+
+    fn handle(&mut self, msg: ChatbotUsage, _ctx: &mut Context<Self>) -> Self::Result {
+        let addr = match self.slots.get(&msg.0) {
+            Some(Slot::Ready { addr, .. }) => Some(addr.clone()),
+            _ => None,
+        };
+        Box::pin(async move {
+            match addr {
+                Some(a) => a.send(GetUsage).await.ok(),
+                None => None,
+            }
+        })
     }
 }
 

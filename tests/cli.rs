@@ -142,7 +142,8 @@ async fn the_quickstart_and_worked_example_work_with_the_real_binary() {
     let env = |c: &mut Command| {
         c.current_dir(dir.path())
             .env("BOTFLOW_INGEST__TCP", "127.0.0.1:0")
-            .env("BOTFLOW_METRICS__LISTEN", "127.0.0.1:0");
+            .env("BOTFLOW_METRICS__LISTEN", "127.0.0.1:0")
+            .env("BOTFLOW_ADMIN__LISTEN", "127.0.0.1:0");
     };
     // The first command of the quickstart: the daemon with the embedded default.
     let mut serve = botflow();
@@ -263,6 +264,7 @@ fn killing_the_daemon_stops_its_postgres_and_a_restart_keeps_the_data() {
             .current_dir(dir.path())
             .env("BOTFLOW_INGEST__TCP", "")
             .env("BOTFLOW_METRICS__LISTEN", "")
+        .env("BOTFLOW_ADMIN__LISTEN", "")
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let d = Serve { child: c.spawn().unwrap() };
@@ -306,6 +308,7 @@ fn logs_can_be_json() {
         .env("RUST_LOG", "info")
         .env("BOTFLOW_INGEST__TCP", "")
         .env("BOTFLOW_METRICS__LISTEN", "")
+        .env("BOTFLOW_ADMIN__LISTEN", "")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let mut d = Serve { child: c.spawn().unwrap() };

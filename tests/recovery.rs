@@ -19,6 +19,7 @@ fn serve(dir: &Path, env: &[(&str, String)]) -> Serve {
         .env("BOTFLOW_INGEST__UNIX_SOCKET", dir.join("botflow.sock"))
         .env("BOTFLOW_INGEST__TCP", "")
         .env("BOTFLOW_METRICS__LISTEN", "")
+        .env("BOTFLOW_ADMIN__LISTEN", "")
         .env("BOTFLOW_SCHEDULER__SCAN_INTERVAL_MS", "200")
         .stdout(Stdio::null())
         .stderr(Stdio::null());

@@ -24,6 +24,7 @@
 //! execution always runs the workflow version it was created with.
 
 use super::executor::{self, ExecEnv, Job, RunEnd};
+use super::limits::{Limiters, Limits, Usage};
 use super::retry::Policy;
 use super::triggers::TriggerIndex;
 use crate::config::RetryConfig;
@@ -38,6 +39,7 @@ use crate::store::journal::{
     Status,
 };
 use crate::store::leases::{self, Claimed, LeaseHealth};
+use crate::store::limits::{self as limit_store, Defaults};
 use crate::store::{workflows, Store, StoreError};
 use crate::telemetry::metrics as m;
 use crate::workflow::{CompiledWorkflow, WorkflowSpec};
@@ -69,6 +71,7 @@ pub struct SupervisorDeps {
     pub ack_timeout: Duration,
     pub execution_timeout: Duration,
     pub retry: RetryConfig,
+    pub limit_defaults: Defaults,
 }
 
 /// Sent by the Router: events of this chatbot in the order their connection sent them.
@@ -85,6 +88,16 @@ pub struct SupervisorEvents {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Reload;
+
+/// Sent by the Router when this chatbot's rate limits changed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct LimitsChanged;
+
+/// The limits in force and what the chatbot uses of them now.
+#[derive(Message)]
+#[rtype(result = "(Limits, Usage)")]
+pub struct GetUsage;
 
 /// Sent by the Router (from the scheduler): executions of this chatbot are due at
 /// `due_at`, free or held by the `dead` nodes. Claim them then.
@@ -143,6 +156,9 @@ pub struct ChatbotSupervisor {
     /// Nodes the scheduler last found dead: their executions may be claimed.
     dead: Arc<Vec<Uuid>>,
     draining: bool,
+    limiters: Limiters,
+    /// A pump is scheduled for when the execution rate lets the next one start.
+    rate_wait: bool,
     matched: Vec<u32>,
 }
 
@@ -150,6 +166,7 @@ impl ChatbotSupervisor {
     pub fn new(chatbot: Arc<ChatbotRecord>, deps: Arc<SupervisorDeps>, me: Addr<ChatbotSupervisor>) -> ChatbotSupervisor {
         let lane = deps.journal.lane_for(chatbot.id);
         let env = Arc::new(ExecEnv::new(&deps, chatbot.clone(), lane.clone(), me.recipient()));
+        let limit_defaults = deps.limit_defaults;
         ChatbotSupervisor {
             lane,
             chatbot,
@@ -170,6 +187,8 @@ impl ChatbotSupervisor {
             wake_at: None,
             dead: Arc::new(Vec::new()),
             draining: false,
+            limiters: Limiters::new(limit_defaults.0),
+            rate_wait: false,
             matched: Vec::new(),
         }
     }
@@ -193,11 +212,23 @@ impl ChatbotSupervisor {
         if !matches!(self.state, LoadState::Ready) {
             return;
         }
-        while self.running.len() < self.deps.concurrency {
+        let concurrency = self.limiters.limits().max_concurrent as usize;
+        while self.running.len() < concurrency && !self.ready.is_empty() && !self.rate_wait {
+            // Over the execution rate, executions wait (in memory or as queued rows)
+            // and start when allowed; none is dropped.
+            if let Err(wait) = self.limiters.check_execution() {
+                m::hot().rate_limited_executions.increment(1);
+                self.rate_wait = true;
+                ctx.run_later(wait.max(Duration::from_millis(1)), |act, ctx| {
+                    act.rate_wait = false;
+                    act.pump(ctx);
+                });
+                break;
+            }
             let Some(job) = self.ready.pop_front() else { break };
             self.start(job, ctx);
         }
-        if self.backlog && !self.draining && self.ready.is_empty() && self.running.len() < self.deps.concurrency {
+        if self.backlog && !self.draining && self.ready.is_empty() && self.running.len() < concurrency {
             self.claim(ctx);
         }
     }
@@ -301,7 +332,8 @@ impl ChatbotSupervisor {
             self.claim_again = true;
             return;
         }
-        let room = self.deps.queue_capacity.saturating_sub(self.held()).min(self.deps.concurrency * 2);
+        let concurrency = self.limiters.limits().max_concurrent as usize;
+        let room = self.deps.queue_capacity.saturating_sub(self.held()).min(concurrency * 2);
         if room == 0 {
             return;
         }
@@ -446,8 +478,12 @@ impl Actor for ChatbotSupervisor {
         let fut = async move {
             let start = Instant::now();
             loop {
-                match load_index(store.clone(), chatbot_id).await {
-                    Ok(index) => return Some(index),
+                let loaded = match load_index(store.clone(), chatbot_id).await {
+                    Ok(index) => limit_store::get(&store, chatbot_id).await.map(|o| (index, o)),
+                    Err(e) => Err(e),
+                };
+                match loaded {
+                    Ok(loaded) => return Some(loaded),
                     Err(error) if error.is_transient() && start.elapsed() < deadline => {
                         tracing::debug!(%error, %chatbot_id, "cannot load workflows yet");
                         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -461,7 +497,8 @@ impl Actor for ChatbotSupervisor {
             }
         };
         ctx.wait(fut.into_actor(self).map(|res, act, ctx| match res {
-            Some(index) => {
+            Some((index, overrides)) => {
+                act.limiters.update(overrides.resolve(&act.deps.limit_defaults));
                 act.index = Arc::new(index);
                 act.state = LoadState::Ready;
                 tracing::debug!(chatbot_id = %act.chatbot.id, workflows = act.index.len(), "chatbot supervisor started");
@@ -488,8 +525,24 @@ impl Handler<SupervisorEvents> for ChatbotSupervisor {
         let mut answers = Vec::new();
         let mut pending = Vec::new();
         let mut matches = 0u64;
+        let mut limited = 0u64;
         let index = self.index.clone();
         for event in events {
+            if let Err(wait) = self.limiters.check_event() {
+                limited += 1;
+                let mut nack = Nack::new(
+                    NackCode::RateLimited,
+                    format!(
+                        "chatbot {} is over its limit of {} events/s (burst {})",
+                        self.chatbot.id,
+                        self.limiters.limits().events_per_second,
+                        self.limiters.limits().burst
+                    ),
+                );
+                nack.retry_after_ms = Some((wait.as_micros() as u64).div_ceil(1000).max(1));
+                answers.push((event.id, Outcome::Nack(nack), received_at));
+                continue;
+            }
             if !index.has_candidates(&event.kind) {
                 answers.push((event.id, Outcome::Ack { executions: Vec::new(), duplicate: false }, received_at));
                 continue;
@@ -539,6 +592,11 @@ impl Handler<SupervisorEvents> for ChatbotSupervisor {
         }
         if matches > 0 {
             m::hot().trigger_matches.increment(matches);
+        }
+        if limited > 0 {
+            let hot = m::hot();
+            hot.rate_limited_events.increment(limited);
+            hot.rejected(NackCode::RateLimited).increment(limited);
         }
         if !answers.is_empty() {
             reply_to.do_send(EventOutcomes(answers));
@@ -631,6 +689,38 @@ impl Handler<Reload> for ChatbotSupervisor {
                 }
             }
         }));
+    }
+}
+
+impl Handler<LimitsChanged> for ChatbotSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: LimitsChanged, ctx: &mut Context<Self>) {
+        let store = self.deps.store.clone();
+        let chatbot_id = self.chatbot.id;
+        ctx.spawn(async move { limit_store::get(&store, chatbot_id).await }.into_actor(self).map(move |res, act, ctx| {
+            match res {
+                Ok(overrides) => {
+                    let limits = overrides.resolve(&act.deps.limit_defaults);
+                    tracing::info!(%chatbot_id, ?limits, "rate limits changed");
+                    act.limiters.update(limits);
+                    act.pump(ctx);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, %chatbot_id, "cannot read changed rate limits; retrying");
+                    ctx.notify_later(LimitsChanged, Duration::from_secs(1));
+                }
+            }
+        }));
+    }
+}
+
+impl Handler<GetUsage> for ChatbotSupervisor {
+    type Result = MessageResult<GetUsage>;
+
+    fn handle(&mut self, _msg: GetUsage, _ctx: &mut Context<Self>) -> Self::Result {
+        let usage = self.limiters.usage(self.running.len() as u32, self.held() as u32);
+        MessageResult((self.limiters.limits(), usage))
     }
 }
 

@@ -3,9 +3,11 @@
 //! `bench`. Commands that create something print only the new id or key on stdout;
 //! everything for people goes to stderr.
 
+pub mod api;
 pub mod bench;
 pub mod bootstrap;
 pub mod database;
+pub mod limits;
 pub mod send;
 pub mod serve;
 
@@ -45,6 +47,9 @@ pub enum Command {
     /// Dead letters: executions that used up their attempts
     #[command(subcommand)]
     Dlq(DlqCmd),
+    /// Per-chatbot rate limits (over the admin API of a running daemon)
+    #[command(subcommand)]
+    Limits(limits::LimitsCmd),
     /// Stream NDJSON events to the daemon and print every line it answers
     Send(send::SendArgs),
     /// Measure the daemon's throughput and latency against a real PostgreSQL

@@ -16,6 +16,8 @@ pub enum Change {
     Workflows(Uuid),
     /// Executions of this chatbot were made due (a dead-letter replay).
     Wake(Uuid),
+    /// The rate limits of this chatbot changed.
+    Limits(Uuid),
     /// The listener was disconnected: anything may have changed.
     Resync,
 }
@@ -39,7 +41,7 @@ pub async fn run(store: Store, tx: mpsc::UnboundedSender<Change>, cancel: Cancel
                     while let Some(msg) = messages.next().await {
                         match msg {
                             Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
-                                if ntx.send((n.channel() == WAKE_CHANNEL, n.payload().to_string())).is_err() {
+                                if ntx.send((n.channel().to_string(), n.payload().to_string())).is_err() {
                                     break;
                                 }
                             }
@@ -51,7 +53,11 @@ pub async fn run(store: Store, tx: mpsc::UnboundedSender<Change>, cancel: Cancel
                         }
                     }
                 });
-                let listen = format!("LISTEN {}; LISTEN {WAKE_CHANNEL}", super::workflows::WORKFLOWS_CHANNEL);
+                let listen = format!(
+                    "LISTEN {}; LISTEN {WAKE_CHANNEL}; LISTEN {}",
+                    super::workflows::WORKFLOWS_CHANNEL,
+                    super::limits::LIMITS_CHANNEL
+                );
                 if let Err(error) = client.batch_execute(&listen).await {
                     tracing::warn!(%error, "cannot LISTEN for workflow changes");
                     driver.abort();
@@ -63,8 +69,15 @@ pub async fn run(store: Store, tx: mpsc::UnboundedSender<Change>, cancel: Cancel
                         tokio::select! {
                             _ = cancel.cancelled() => { driver.abort(); return; }
                             payload = nrx.recv() => match payload {
-                                Some((wake, p)) => match p.parse::<Uuid>() {
-                                    Ok(id) => { let _ = tx.send(if wake { Change::Wake(id) } else { Change::Workflows(id) }); }
+                                Some((channel, p)) => match p.parse::<Uuid>() {
+                                    Ok(id) => {
+                                        let change = match channel.as_str() {
+                                            WAKE_CHANNEL => Change::Wake(id),
+                                            super::limits::LIMITS_CHANNEL => Change::Limits(id),
+                                            _ => Change::Workflows(id),
+                                        };
+                                        let _ = tx.send(change);
+                                    }
                                     Err(_) => tracing::warn!(payload = %p, "ignoring a malformed change notification"),
                                 },
                                 None => break,

@@ -10,6 +10,7 @@ pub mod embedded;
 pub mod error;
 pub mod journal;
 pub mod leases;
+pub mod limits;
 pub mod listen;
 pub mod migrate;
 pub mod workflows;

@@ -78,7 +78,11 @@ fn describe() {
     describe_histogram!(STEP_DURATION, Unit::Seconds, "Time one step attempt took, by action.");
     describe_counter!(STEPS, Unit::Count, "Step attempts by action and outcome.");
     describe_histogram!(ACK_LATENCY, Unit::Seconds, "Time from reading an event to writing its ack or nack.");
-    describe_counter!(RATE_LIMITED, Unit::Count, "Events refused because their chatbot was over its rate.");
+    describe_counter!(
+        RATE_LIMITED,
+        Unit::Count,
+        "Rate limit hits: events refused (kind=events), executions held back (kind=executions)."
+    );
     describe_histogram!(JOURNAL_BATCH_SIZE, Unit::Count, "Rows written by one journal transaction.");
     describe_histogram!(JOURNAL_COMMIT_DURATION, Unit::Seconds, "Time one journal transaction took to commit.");
     describe_counter!(DB_ERRORS, Unit::Count, "Database operations that failed, by kind (transient or permanent).");
@@ -100,6 +104,8 @@ pub struct Hot {
     pub trigger_matches: Counter,
     pub executions_created: Counter,
     pub ack_latency: Histogram,
+    pub rate_limited_events: Counter,
+    pub rate_limited_executions: Counter,
     pub journal_batch: Histogram,
     pub journal_commit: Histogram,
 }
@@ -135,6 +141,8 @@ pub fn hot() -> &'static Hot {
             trigger_matches: metrics::counter!(TRIGGER_MATCHES),
             executions_created: metrics::counter!(EXECUTIONS, "status" => "created"),
             ack_latency: metrics::histogram!(ACK_LATENCY),
+            rate_limited_events: metrics::counter!(RATE_LIMITED, "kind" => "events"),
+            rate_limited_executions: metrics::counter!(RATE_LIMITED, "kind" => "executions"),
             journal_batch: metrics::histogram!(JOURNAL_BATCH_SIZE),
             journal_commit: metrics::histogram!(JOURNAL_COMMIT_DURATION),
         }

@@ -130,6 +130,7 @@ impl TestDaemon {
         config.ingest.tcp = "127.0.0.1:0".into();
         config.ingest.unix_socket = dir.path().join("botflow.sock").to_string_lossy().into_owned();
         config.metrics.listen = "127.0.0.1:0".into();
+        config.admin.listen = "127.0.0.1:0".into();
         config.ingest.workers = 2;
         config.shutdown_timeout_seconds = 10;
         (opts.tweak)(&mut config);
@@ -158,6 +159,11 @@ impl TestDaemon {
         if let Some(app) = self.app.take() {
             app.shutdown().await;
         }
+    }
+
+    /// The admin API's base URL.
+    pub fn admin(&self) -> String {
+        format!("http://{}", self.app().admin_addr.expect("admin listener"))
     }
 
     /// The text of GET /metrics.

@@ -1,0 +1,87 @@
+//! Who is calling, and what they may reach. Every handler takes a `Caller`; every
+//! chatbot-scoped resource goes through `Caller::chatbot`, which is the one place
+//! ownership is enforced: another account's chatbot answers 404, as if it did not exist.
+
+use super::error::ApiError;
+use super::AdminState;
+use crate::store::accounts::{self, ChatbotRecord, Principal, Role};
+use actix_web::{web, FromRequest, HttpRequest};
+use std::future::Future;
+use std::pin::Pin;
+use uuid::Uuid;
+
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub principal: Principal,
+}
+
+impl Caller {
+    pub fn is_operator(&self) -> bool {
+        self.principal.role == Role::Operator
+    }
+
+    /// Admin or operator: may read and manage (its own account's) chatbots.
+    pub fn require_admin(&self) -> Result<(), ApiError> {
+        match self.principal.role {
+            Role::Admin | Role::Operator => Ok(()),
+            Role::Ingest => Err(ApiError::forbidden("this key has the ingest role; an admin or operator key is needed")),
+        }
+    }
+
+    pub fn require_operator(&self) -> Result<(), ApiError> {
+        if self.is_operator() {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!(
+                "this key has the {} role; only an operator key may do this",
+                self.principal.role
+            )))
+        }
+    }
+
+    /// Whether this caller reaches chatbots of `account`.
+    pub fn reaches(&self, account: Uuid) -> bool {
+        self.is_operator() || self.principal.account_id == account
+    }
+
+    /// The chatbot, if this caller may reach it (admins: their own account's; operators:
+    /// any). Anything else is "not found", with no hint that it exists.
+    pub async fn chatbot(&self, state: &AdminState, id: Uuid) -> Result<ChatbotRecord, ApiError> {
+        self.require_admin()?;
+        match accounts::get_chatbot(&state.store, id).await? {
+            Some(c) if self.reaches(c.account_id) => Ok(c),
+            _ => Err(ApiError::not_found(format!("chatbot {id} not found"))),
+        }
+    }
+}
+
+fn bearer(req: &HttpRequest) -> Result<String, ApiError> {
+    let header = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .ok_or_else(|| ApiError::unauthenticated("missing Authorization: Bearer <key> header"))?;
+    let value = header.to_str().map_err(|_| ApiError::unauthenticated("the Authorization header is not text"))?;
+    let key = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .ok_or_else(|| ApiError::unauthenticated("the Authorization header must be \"Bearer <key>\""))?;
+    Ok(key.trim().to_string())
+}
+
+impl FromRequest for Caller {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Caller, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, _payload: &mut actix_web::dev::Payload) -> Self::Future {
+        let key = bearer(req);
+        let state = req.app_data::<web::Data<AdminState>>().cloned();
+        Box::pin(async move {
+            let key = key?;
+            let state = state.ok_or_else(|| ApiError::unavailable("the admin API is not ready"))?;
+            match accounts::authenticate(&state.store, &key).await? {
+                Some(principal) => Ok(Caller { principal }),
+                None => Err(ApiError::unauthenticated("the key is not valid")),
+            }
+        })
+    }
+}

@@ -1,0 +1,57 @@
+//! `GET /v1/chatbots/{id}/limits` (the limits in force, the chatbot's own values, the
+//! defaults, current usage and the recent changes) and `PUT` (operators only).
+
+use super::auth::Caller;
+use super::error::ApiError;
+use super::AdminState;
+use crate::chatbot::limits::{Limits, Usage};
+use crate::router::ChatbotUsage;
+use crate::store::limits::{self, Change, Overrides};
+use actix_web::{web, HttpResponse};
+use serde::Serialize;
+use uuid::Uuid;
+
+#[derive(Serialize)]
+pub struct LimitsView {
+    pub chatbot_id: Uuid,
+    /// In force: the chatbot's own values, the defaults for the rest.
+    pub limits: Limits,
+    pub overrides: Overrides,
+    pub defaults: Limits,
+    /// What it uses now; `null` when its supervisor is idle (it uses nothing).
+    pub usage: Option<Usage>,
+    pub changes: Vec<Change>,
+}
+
+async fn view(state: &AdminState, chatbot: Uuid) -> Result<LimitsView, ApiError> {
+    let overrides = limits::get(&state.store, chatbot).await?;
+    let usage = state.router.send(ChatbotUsage(chatbot)).await.ok().flatten().map(|(_, u)| u);
+    Ok(LimitsView {
+        chatbot_id: chatbot,
+        limits: overrides.resolve(&state.limit_defaults),
+        overrides,
+        defaults: state.limit_defaults.0,
+        usage,
+        changes: limits::history(&state.store, chatbot, 20).await?,
+    })
+}
+
+pub async fn get(state: web::Data<AdminState>, caller: Caller, path: web::Path<Uuid>) -> Result<HttpResponse, ApiError> {
+    let bot = caller.chatbot(&state, path.into_inner()).await?;
+    Ok(HttpResponse::Ok().json(view(&state, bot.id).await?))
+}
+
+pub async fn put(
+    state: web::Data<AdminState>,
+    caller: Caller,
+    path: web::Path<Uuid>,
+    body: web::Json<Overrides>,
+) -> Result<HttpResponse, ApiError> {
+    let bot = caller.chatbot(&state, path.into_inner()).await?;
+    caller.require_operator()?;
+    let overrides = body.into_inner();
+    overrides.validate().map_err(|(field, message)| ApiError::invalid(field, format!("{field} {message}")))?;
+    let by = format!("key {}", caller.principal.key_id);
+    limits::set(&state.store, bot.id, overrides, &by).await?;
+    Ok(HttpResponse::Ok().json(view(&state, bot.id).await?))
+}

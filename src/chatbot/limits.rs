@@ -1,0 +1,212 @@
+//! A chatbot's rate limits, as its supervisor applies them: events per second with a
+//! burst, executions started per second, and executions running at once.
+//!
+//! The two rates are governor limiters (GCRA). Limits change while the daemon runs; a
+//! new governor limiter starts full, which would hand a chatbot a fresh burst at every
+//! change. So the cells a limiter has used (its burst minus what is left now) are
+//! carried over: the new limiter starts with the same number used.
+
+use governor::clock::{Clock, DefaultClock, Reference};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+use serde::Serialize;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+/// The limits in force for one chatbot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Limits {
+    pub events_per_second: u32,
+    pub burst: u32,
+    pub executions_per_second: u32,
+    pub max_concurrent: u32,
+}
+
+/// What a chatbot is using of its limits right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    /// Events it may send at once now.
+    pub events_available: u32,
+    /// Executions it may start at once now.
+    pub executions_available: u32,
+    pub running: u32,
+    /// Committed executions waiting in memory for an executor.
+    pub waiting: u32,
+}
+
+type Limiter<C> = RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>;
+
+/// One rate: a limiter plus what is needed to carry its state over.
+struct Rate<C: Clock> {
+    per_second: u32,
+    burst: u32,
+    limiter: Limiter<C>,
+    clock: C,
+    /// Remaining burst at the last check, and when.
+    last: (u32, C::Instant),
+}
+
+fn nz(n: u32) -> NonZeroU32 {
+    NonZeroU32::new(n.max(1)).unwrap_or(NonZeroU32::MIN)
+}
+
+impl<C: Clock + Clone> Rate<C> {
+    fn new(per_second: u32, burst: u32, clock: &C, used: u32) -> Rate<C> {
+        let quota = Quota::per_second(nz(per_second)).allow_burst(nz(burst));
+        let limiter = RateLimiter::direct_with_clock(quota, clock.clone()).with_middleware::<StateInformationMiddleware>();
+        let burst = burst.max(1);
+        let used = used.min(burst);
+        if let Some(n) = NonZeroU32::new(used) {
+            // Cannot fail: `used` is within the burst of a limiter that is full.
+            let _ = limiter.check_n(n);
+        }
+        Rate { per_second: per_second.max(1), burst, limiter, clock: clock.clone(), last: (burst - used, clock.now()) }
+    }
+
+    /// Lets one cell through, or says how long until one may pass.
+    fn check(&mut self) -> Result<(), Duration> {
+        let now = self.clock.now();
+        match self.limiter.check() {
+            Ok(snapshot) => {
+                self.last = (snapshot.remaining_burst_capacity(), now);
+                Ok(())
+            }
+            Err(not_until) => {
+                self.last = (0, now);
+                Err(not_until.wait_time_from(now))
+            }
+        }
+    }
+
+    /// Cells available now, from the last check plus what was replenished since.
+    fn available(&self) -> u32 {
+        let (remaining, at) = self.last;
+        let elapsed: Duration = self.clock.now().duration_since(at).into();
+        let refilled = (elapsed.as_secs_f64() * self.per_second as f64) as u64;
+        (remaining as u64 + refilled).min(self.burst as u64) as u32
+    }
+
+    fn used(&self) -> u32 {
+        self.burst - self.available()
+    }
+}
+
+/// The limiters of one chatbot.
+pub struct Limiters<C: Clock + Clone = DefaultClock> {
+    limits: Limits,
+    clock: C,
+    events: Rate<C>,
+    executions: Rate<C>,
+}
+
+impl Limiters<DefaultClock> {
+    pub fn new(limits: Limits) -> Limiters<DefaultClock> {
+        Limiters::with_clock(limits, DefaultClock::default())
+    }
+}
+
+impl<C: Clock + Clone> Limiters<C> {
+    pub fn with_clock(limits: Limits, clock: C) -> Limiters<C> {
+        Limiters {
+            events: Rate::new(limits.events_per_second, limits.burst, &clock, 0),
+            // Executions may start in a burst of one second's worth.
+            executions: Rate::new(limits.executions_per_second, limits.executions_per_second, &clock, 0),
+            limits,
+            clock,
+        }
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// An event may pass, or must wait this long.
+    pub fn check_event(&mut self) -> Result<(), Duration> {
+        self.events.check()
+    }
+
+    /// An execution may start, or must wait this long.
+    pub fn check_execution(&mut self) -> Result<(), Duration> {
+        self.executions.check()
+    }
+
+    /// Applies new limits, carrying over what each rate has used.
+    pub fn update(&mut self, limits: Limits) {
+        if limits == self.limits {
+            return;
+        }
+        let (ev_used, ex_used) = (self.events.used(), self.executions.used());
+        self.events = Rate::new(limits.events_per_second, limits.burst, &self.clock, ev_used);
+        self.executions = Rate::new(limits.executions_per_second, limits.executions_per_second, &self.clock, ex_used);
+        self.limits = limits;
+    }
+
+    pub fn usage(&self, running: u32, waiting: u32) -> Usage {
+        Usage {
+            events_available: self.events.available(),
+            executions_available: self.executions.available(),
+            running,
+            waiting,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use governor::clock::FakeRelativeClock;
+
+    fn limits(eps: u32, burst: u32) -> Limits {
+        Limits { events_per_second: eps, burst, executions_per_second: 2, max_concurrent: 8 }
+    }
+
+    #[test]
+    fn a_burst_then_the_rate() {
+        let clock = FakeRelativeClock::default();
+        let mut l = Limiters::with_clock(limits(5, 5), clock.clone());
+        let passed = (0..50).filter(|_| l.check_event().is_ok()).count();
+        assert_eq!(passed, 5, "exactly the burst passes at once");
+        let wait = l.check_event().unwrap_err();
+        assert!(wait > Duration::ZERO && wait <= Duration::from_millis(200), "{wait:?}");
+        clock.advance(Duration::from_millis(200));
+        assert!(l.check_event().is_ok(), "one more after 1/5 s");
+        assert!(l.check_event().is_err());
+        clock.advance(Duration::from_secs(1));
+        assert_eq!((0..50).filter(|_| l.check_event().is_ok()).count(), 5);
+    }
+
+    #[test]
+    fn raising_the_limit_does_not_hand_out_a_fresh_burst() {
+        let clock = FakeRelativeClock::default();
+        let mut l = Limiters::with_clock(limits(5, 5), clock.clone());
+        assert_eq!((0..10).filter(|_| l.check_event().is_ok()).count(), 5);
+        // Burst 5 used up; raising to burst 8 leaves 3, not 8.
+        l.update(limits(100, 8));
+        assert_eq!((0..20).filter(|_| l.check_event().is_ok()).count(), 3);
+        // And the new rate applies from now on: 100/s is one every 10 ms.
+        clock.advance(Duration::from_millis(100));
+        assert_eq!((0..20).filter(|_| l.check_event().is_ok()).count(), 8, "capped by the burst");
+    }
+
+    #[test]
+    fn lowering_the_limit_keeps_what_was_used() {
+        let clock = FakeRelativeClock::default();
+        let mut l = Limiters::with_clock(limits(10, 10), clock.clone());
+        assert_eq!((0..4).filter(|_| l.check_event().is_ok()).count(), 4);
+        l.update(limits(1, 5));
+        assert_eq!((0..10).filter(|_| l.check_event().is_ok()).count(), 1, "5 - 4 used");
+        assert_eq!(l.usage(0, 0).events_available, 0);
+    }
+
+    #[test]
+    fn executions_have_their_own_rate() {
+        let clock = FakeRelativeClock::default();
+        let mut l = Limiters::with_clock(limits(100, 100), clock.clone());
+        assert!(l.check_execution().is_ok() && l.check_execution().is_ok());
+        let wait = l.check_execution().unwrap_err();
+        assert!(wait <= Duration::from_millis(500), "{wait:?}");
+        assert!(l.check_event().is_ok(), "events are not affected");
+        assert_eq!(l.usage(3, 4), Usage { events_available: 99, executions_available: 0, running: 3, waiting: 4 });
+    }
+}
