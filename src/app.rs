@@ -38,6 +38,9 @@ pub struct RunningApp {
     /// Set when this start created the first operator key.
     pub operator_key: Option<String>,
     shutdown: CancellationToken,
+    /// Stops the heartbeat and the scheduler, after the drain.
+    heartbeat_stop: CancellationToken,
+    node: uuid::Uuid,
     router: Addr<Router>,
     journal: Journal,
     connections: Arc<std::sync::atomic::AtomicUsize>,
@@ -132,8 +135,10 @@ impl App {
         .start();
         let ttl = Duration::from_millis(config.lease.ttl_ms);
         let health = LeaseHealth::new(ttl);
-        // The registration above was a heartbeat.
-        health.beat(std::time::Instant::now());
+        // The heartbeat outlives the drain (in-flight executions keep their leases
+        // until the journal is flushed), so it has a token of its own.
+        let heartbeat_stop = CancellationToken::new();
+        actix_rt::spawn(leases::keep_heartbeat(store.clone(), node, health.clone(), heartbeat_stop.clone()));
         let deps = Arc::new(SupervisorDeps {
             store: store.clone(),
             journal: journal.clone(),
@@ -155,15 +160,13 @@ impl App {
         let router = Router::new(deps, workers.handles(), Duration::from_secs(config.executor.idle_supervisor_seconds)).start();
         let scheduler = Scheduler {
             store: store.clone(),
-            node,
             router: router.clone(),
             notifier,
-            health,
             ttl,
             scan_interval: Duration::from_millis(config.scheduler.scan_interval_ms),
             unreachable_after: Duration::from_secs(config.notify.database_unreachable_seconds),
         };
-        actix_rt::spawn(scheduler.run(shutdown.clone()));
+        actix_rt::spawn(scheduler.run(heartbeat_stop.clone()));
 
         // Workflow changes and dead-letter replays from any process on this database.
         let (change_tx, mut change_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -172,11 +175,7 @@ impl App {
         actix_rt::spawn(async move {
             while let Some(change) = change_rx.recv().await {
                 match change {
-                    Change::Wake(chatbot_id) => r.do_send(Wake {
-                        chatbot_id,
-                        due_at: chrono::Utc::now(),
-                        dead: Arc::new(Vec::new()),
-                    }),
+                    Change::Wake(chatbot_id) => r.do_send(Wake { chatbot_id, due_at: chrono::Utc::now() }),
                     other => r.do_send(WorkflowsChanged(other)),
                 }
             }
@@ -233,6 +232,8 @@ impl App {
             admin_addr,
             operator_key,
             shutdown,
+            heartbeat_stop,
+            node,
             router,
             journal,
             connections,
@@ -272,6 +273,13 @@ impl RunningApp {
         let flush_deadline = Instant::now() + Duration::from_secs(10);
         if tokio::time::timeout_at(flush_deadline.into(), self.journal.flush()).await.is_err() {
             tracing::warn!("the journal could not write everything before the deadline");
+        }
+        // What is still unfinished here is free for other nodes now, not after the TTL.
+        self.heartbeat_stop.cancel();
+        match leases::release_all(&self.store, self.node).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(executions = n, "released the leases of unfinished executions"),
+            Err(error) => tracing::warn!(%error, "cannot release leases; other nodes take over after the TTL"),
         }
         if let Some(server) = self.metrics_server {
             server.stop(true).await;

@@ -62,14 +62,13 @@ pub struct RouteEvents {
 }
 
 /// Sent by the scheduler (and the change listener, for replays): this chatbot has
-/// executions due at `due_at` that no node holds, or that `dead` nodes held. The
-/// supervisor is started if none runs.
+/// executions due at `due_at` that no live node holds. The supervisor is started if
+/// none runs.
 #[derive(Message, Clone)]
 #[rtype(result = "()")]
 pub struct Wake {
     pub chatbot_id: Uuid,
     pub due_at: chrono::DateTime<chrono::Utc>,
-    pub dead: Arc<Vec<Uuid>>,
 }
 
 /// Sent by the change listener: reload the workflows of one chatbot, or of all.
@@ -234,7 +233,7 @@ impl Router {
         match self.slots.get_mut(&chatbot_id) {
             Some(Slot::Ready { addr, last_event, .. }) => {
                 *last_event = Instant::now();
-                addr.do_send(WakeUp { due_at: wake.due_at, dead: wake.dead });
+                addr.do_send(WakeUp { due_at: wake.due_at });
             }
             Some(Slot::Loading(_)) => {
                 self.wakes.insert(chatbot_id, wake);

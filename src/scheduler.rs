@@ -10,25 +10,22 @@
 //! claims it.
 //!
 //! It also keeps the open dead-letter gauge, and reports a database that stays
-//! unreachable to the operators.
+//! unreachable to the operators. (The node's heartbeat has a task and a connection of
+//! its own: `store::leases::keep_heartbeat`.)
 
 use crate::notify::{Kind, Notifier, Report};
 use crate::router::{Router, Wake};
-use crate::store::leases::{self, LeaseHealth};
+use crate::store::leases;
 use crate::store::Store;
 use crate::telemetry::metrics as m;
 use actix::Addr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 pub struct Scheduler {
     pub store: Store,
-    pub node: Uuid,
     pub router: Addr<Router>,
     pub notifier: Addr<Notifier>,
-    pub health: LeaseHealth,
     pub ttl: Duration,
     pub scan_interval: Duration,
     pub unreachable_after: Duration,
@@ -36,73 +33,50 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub async fn run(self, cancel: CancellationToken) {
-        let beat_every = self.ttl / 3;
-        let tick = beat_every.min(self.scan_interval).max(Duration::from_millis(50));
-        let mut next_beat = Instant::now();
-        let mut next_scan = Instant::now();
         let mut unreachable_since: Option<Instant> = None;
         let mut reported_unreachable = false;
         let mut scans = 0u64;
         loop {
-            let now = Instant::now();
-            if now >= next_beat {
-                next_beat = now + beat_every;
-                match leases::heartbeat(&self.store, self.node).await {
-                    Ok(()) => {
-                        self.health.beat(now);
-                        if unreachable_since.take().is_some() && reported_unreachable {
-                            tracing::info!("the database is reachable again");
-                        }
-                        reported_unreachable = false;
+            scans += 1;
+            match self.scan(scans).await {
+                Ok(()) => {
+                    if unreachable_since.take().is_some() && reported_unreachable {
+                        tracing::info!("the database is reachable again");
                     }
-                    Err(error) => {
-                        metrics::counter!(m::DB_ERRORS, "kind" => error.kind()).increment(1);
-                        let since = *unreachable_since.get_or_insert(now);
-                        tracing::warn!(%error, "heartbeat failed");
-                        if since.elapsed() >= self.unreachable_after && !reported_unreachable {
-                            reported_unreachable = true;
-                            self.notifier.do_send(Report {
-                                kind: Kind::DatabaseUnreachable,
-                                workflow_id: None,
-                                chatbot_id: None,
-                                execution_id: None,
-                                message: format!(
-                                    "the database has been unreachable for {} s: {error}",
-                                    since.elapsed().as_secs()
-                                ),
-                            });
-                        }
-                    }
+                    reported_unreachable = false;
                 }
-            }
-            if now >= next_scan {
-                next_scan = now + self.scan_interval;
-                scans += 1;
-                if let Err(error) = self.scan(scans).await {
+                Err(error) => {
                     metrics::counter!(m::DB_ERRORS, "kind" => error.kind()).increment(1);
                     tracing::debug!(%error, "scheduler scan failed");
+                    let since = *unreachable_since.get_or_insert_with(Instant::now);
+                    if error.is_transient() && since.elapsed() >= self.unreachable_after && !reported_unreachable {
+                        reported_unreachable = true;
+                        self.notifier.do_send(Report {
+                            kind: Kind::DatabaseUnreachable,
+                            workflow_id: None,
+                            chatbot_id: None,
+                            execution_id: None,
+                            message: format!("the database has been unreachable for {} s: {error}", since.elapsed().as_secs()),
+                        });
+                    }
                 }
             }
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(tick) => {}
+                _ = tokio::time::sleep(self.scan_interval) => {}
             }
         }
     }
 
     async fn scan(&self, n: u64) -> Result<(), crate::store::StoreError> {
-        let dead = leases::dead_nodes(&self.store, self.node, self.ttl).await?;
         // Look a little ahead, so supervisors set exact timers for what is due soon.
-        let due = leases::due_chatbots(&self.store, &dead, self.scan_interval * 2).await?;
-        if !due.is_empty() {
-            let dead = Arc::new(dead.clone());
-            for (chatbot_id, due_at) in due {
-                self.router.do_send(Wake { chatbot_id, due_at, dead: dead.clone() });
-            }
+        let due = leases::due_chatbots(&self.store, self.ttl, self.scan_interval * 2).await?;
+        for (chatbot_id, due_at) in due {
+            self.router.do_send(Wake { chatbot_id, due_at });
         }
         // Housekeeping that need not run every scan.
         if n % 10 == 1 {
-            leases::forget_dead(&self.store, &dead).await?;
+            leases::forget_dead(&self.store, self.ttl).await?;
             let client = self.store.pool().get().await?;
             let open: i64 = client
                 .query_one("SELECT count(*) FROM dead_letters WHERE replayed_at IS NULL AND discarded_at IS NULL", &[])

@@ -27,13 +27,22 @@ impl Api {
     }
 }
 
+/// A daemon with the shipped default limits (the harness raises them for other tests).
+async fn start() -> TestDaemon {
+    TestDaemon::start_with(DaemonOptions {
+        tweak: Box::new(|c| c.limits = botflow::config::LimitsConfig::default()),
+        ..Default::default()
+    })
+    .await
+}
+
 async fn operator_key(d: &TestDaemon) -> String {
     d.app().operator_key.clone().expect("a fresh database gets an operator key")
 }
 
 #[actix_rt::test]
 async fn events_over_the_limit_are_nacked_and_a_raised_limit_applies_at_once_without_slowing_others() {
-    let d = TestDaemon::start().await;
+    let d = start().await;
     let api = Api { base: d.admin(), http: reqwest::Client::new() };
     let op = operator_key(&d).await;
     let t = tenant(&d.store, "acme", 2).await;
@@ -117,7 +126,7 @@ async fn events_over_the_limit_are_nacked_and_a_raised_limit_applies_at_once_wit
 
 #[actix_rt::test]
 async fn executions_over_the_execution_limit_wait_and_all_complete() {
-    let d = TestDaemon::start().await;
+    let d = start().await;
     let t = tenant(&d.store, "acme", 1).await;
     let bot = t.chatbots[0];
     botflow::store::limits::set(
@@ -153,7 +162,7 @@ async fn executions_over_the_execution_limit_wait_and_all_complete() {
 
 #[actix_rt::test]
 async fn the_limits_api_checks_roles_ownership_and_values() {
-    let d = TestDaemon::start().await;
+    let d = start().await;
     let api = Api { base: d.admin(), http: reqwest::Client::new() };
     let op = operator_key(&d).await;
     let a = tenant(&d.store, "acme", 1).await;
@@ -202,7 +211,7 @@ async fn the_limits_api_checks_roles_ownership_and_values() {
 
 #[actix_rt::test]
 async fn the_limits_cli_gets_and_sets_through_the_api() {
-    let d = TestDaemon::start().await;
+    let d = start().await;
     let op = operator_key(&d).await;
     let t = tenant(&d.store, "acme", 1).await;
     let bot = t.chatbots[0].to_string();

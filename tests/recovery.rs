@@ -21,6 +21,9 @@ fn serve(dir: &Path, env: &[(&str, String)]) -> Serve {
         .env("BOTFLOW_METRICS__LISTEN", "")
         .env("BOTFLOW_ADMIN__LISTEN", "")
         .env("BOTFLOW_SCHEDULER__SCAN_INTERVAL_MS", "200")
+        .env("BOTFLOW_LIMITS__EVENTS_PER_SECOND", "1000000")
+        .env("BOTFLOW_LIMITS__BURST", "1000000")
+        .env("BOTFLOW_LIMITS__EXECUTIONS_PER_SECOND", "1000000")
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     for (k, v) in env {

@@ -29,6 +29,7 @@ use uuid::Uuid;
 
 /// What steps need from the daemon, per chatbot.
 pub struct ExecEnv {
+    pub store: crate::store::Store,
     pub http: reqwest::Client,
     pub outbox: Addr<Outbox>,
     pub chatbot: Arc<ChatbotRecord>,
@@ -44,6 +45,7 @@ pub struct ExecEnv {
 impl ExecEnv {
     pub fn new(deps: &SupervisorDeps, chatbot: Arc<ChatbotRecord>, lane: Addr<JournalLane>, lease_lost: Recipient<LeaseLost>) -> ExecEnv {
         ExecEnv {
+            store: deps.store.clone(),
             http: deps.http.clone(),
             outbox: deps.outbox.clone(),
             chatbot,
@@ -80,6 +82,10 @@ pub struct Job {
     pub step_index: usize,
     /// Outputs of the steps before `step_index`.
     pub outputs: Arc<Value>,
+    /// The lease generation (`LeaseHealth`) this job was planned or claimed under.
+    pub generation: u64,
+    /// Claimed after an attempt that was `running` when its node stopped.
+    pub interrupted: bool,
 }
 
 impl Job {
@@ -110,6 +116,9 @@ pub enum RunEnd {
     Wait { until: DateTime<Utc> },
     /// A step failed; a retry may fix it when `retryable`, not before `retry_after`.
     Failed { error: String, retryable: bool, retry_after: Option<Duration> },
+    /// This node's leases lapsed since the job started: another node may own it now.
+    /// Nothing is written for it; its lease is given up.
+    Abandoned,
 }
 
 /// Runs the job from its resume point. Every step's outcome, with the new resume
@@ -118,13 +127,24 @@ pub async fn run(mut job: Job, env: Arc<ExecEnv>) -> (Job, RunEnd) {
     let timeout = job.workflow.spec.timeout_ms.map(Duration::from_millis).unwrap_or(env.execution_timeout);
     let deadline = tokio::time::Instant::now() + timeout;
     let mut outputs: Map<String, Value> = job.outputs.as_object().cloned().unwrap_or_default();
+    let mut lease = env.health.subscribe();
+    let generation = job.generation;
     while job.step_index < job.workflow.steps.len() {
         // Never start a step while another node may be taking this execution over.
-        if !env.health.healthy() {
+        let state = *lease.borrow_and_update();
+        if state.generation != generation {
+            return (job, RunEnd::Abandoned);
+        }
+        if !state.healthy {
             tracing::warn!(execution_id = %job.execution_id, "lease heartbeat late; waiting before the next step");
-            if tokio::time::timeout_at(deadline, env.health.wait_healthy()).await.is_err() {
-                let error = format!("the execution timed out after {} ms waiting for the database", timeout.as_millis());
-                return (job, RunEnd::Failed { error, retryable: true, retry_after: None });
+            let ok = tokio::time::timeout_at(deadline, lease.wait_for(|s| s.healthy || s.generation != generation)).await;
+            match ok {
+                Ok(Ok(s)) if s.generation == generation => continue,
+                Ok(_) => return (job, RunEnd::Abandoned),
+                Err(_) => {
+                    let error = format!("the execution timed out after {} ms waiting for the database", timeout.as_millis());
+                    return (job, RunEnd::Failed { error, retryable: true, retry_after: None });
+                }
             }
         }
         let index = job.step_index;
@@ -141,7 +161,22 @@ pub async fn run(mut job: Job, env: Arc<ExecEnv>) -> (Job, RunEnd) {
             }
             _ => {
                 let work = AssertUnwindSafe(run_step(&job, &env, step, &outputs)).catch_unwind();
-                match tokio::time::timeout_at(deadline, tokio::time::timeout(env.step_timeout, work)).await {
+                let bounded = tokio::time::timeout_at(deadline, tokio::time::timeout(env.step_timeout, work));
+                // A step in flight stops when the lease becomes doubtful: another node
+                // may start the same step any moment.
+                let outcome = tokio::select! {
+                    biased;
+                    r = bounded => Some(r),
+                    _ = lease.wait_for(|s| !s.healthy || s.generation != generation) => None,
+                };
+                let Some(outcome) = outcome else {
+                    if lease.borrow().generation != generation {
+                        return (job, RunEnd::Abandoned);
+                    }
+                    let error = format!("step {:?} was stopped: this node's lease heartbeat is late", step.id);
+                    return (job, RunEnd::Failed { error, retryable: true, retry_after: None });
+                };
+                match outcome {
                     Err(_) => Err(StepError::retryable(format!("the execution timed out after {} ms", timeout.as_millis()))),
                     Ok(Err(_)) => Err(StepError::retryable(format!("the step timed out after {} ms", env.step_timeout.as_millis()))),
                     Ok(Ok(Ok(r))) => r.map(StepOutcome::Output),
@@ -250,15 +285,15 @@ async fn run_step(job: &Job, env: &ExecEnv, step: &CompiledStep, outputs: &Map<S
         }
         CompiledAction::Reply { text } => {
             let payload = serde_json::json!({ "text": text.render_string(&ctx)? });
-            send_command(env, job.epoch, command("reply", payload)).await
+            send_command(env, job, command("reply", payload)).await
         }
         CompiledAction::Tag { tags } => {
             let tags = tags.iter().map(|t| t.render_string(&ctx)).collect::<Result<Vec<_>, _>>()?;
-            send_command(env, job.epoch, command("tag", serde_json::json!({ "tags": tags }))).await
+            send_command(env, job, command("tag", serde_json::json!({ "tags": tags }))).await
         }
         CompiledAction::Handoff { queue } => {
             let payload = serde_json::json!({ "queue": queue.render_string(&ctx)? });
-            send_command(env, job.epoch, command("handoff", payload)).await
+            send_command(env, job, command("handoff", payload)).await
         }
         CompiledAction::Notify { message } => {
             let message = message.render_string(&ctx)?;
@@ -269,6 +304,7 @@ async fn run_step(job: &Job, env: &ExecEnv, step: &CompiledStep, outputs: &Map<S
     }
 }
 
-fn send_command(env: &ExecEnv, epoch: i64, command: Command) -> impl std::future::Future<Output = Result<Value, StepError>> + '_ {
-    actions::command::send(&env.lane, &env.outbox, env.ack_timeout, Arc::new(command), env.chatbot.account_id, epoch)
+fn send_command<'a>(env: &'a ExecEnv, job: &Job, command: Command) -> impl std::future::Future<Output = Result<Value, StepError>> + 'a {
+    let (epoch, attempt) = (job.epoch, job.attempt);
+    actions::command::send(&env.lane, &env.outbox, &env.store, env.ack_timeout, Arc::new(command), env.chatbot.account_id, epoch, attempt)
 }

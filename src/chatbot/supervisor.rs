@@ -100,12 +100,11 @@ pub struct LimitsChanged;
 pub struct GetUsage;
 
 /// Sent by the Router (from the scheduler): executions of this chatbot are due at
-/// `due_at`, free or held by the `dead` nodes. Claim them then.
+/// `due_at`, free or held by a dead node. Claim them then.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct WakeUp {
     pub due_at: chrono::DateTime<Utc>,
-    pub dead: Arc<Vec<Uuid>>,
 }
 
 /// Sent by the Router to an idle supervisor: stop if nothing is in flight. `true`: stopped.
@@ -145,16 +144,15 @@ pub struct ChatbotSupervisor {
     awaiting_commit: HashMap<Uuid, Job>,
     /// Committed (or claimed), waiting for an executor.
     ready: VecDeque<Job>,
-    running: HashMap<Uuid, SpawnHandle>,
-    /// Short waits (retries, delays) that keep their lease.
-    timers: HashMap<Uuid, SpawnHandle>,
+    /// Running jobs, with the epoch they run under.
+    running: HashMap<Uuid, (SpawnHandle, i64)>,
+    /// Short waits (retries, delays) that keep their lease, with its epoch.
+    timers: HashMap<Uuid, (SpawnHandle, i64)>,
     /// Executions of this chatbot may be waiting in PostgreSQL for a claim.
     backlog: bool,
     claiming: bool,
     claim_again: bool,
     wake_at: Option<chrono::DateTime<Utc>>,
-    /// Nodes the scheduler last found dead: their executions may be claimed.
-    dead: Arc<Vec<Uuid>>,
     draining: bool,
     limiters: Limiters,
     /// A pump is scheduled for when the execution rate lets the next one start.
@@ -185,7 +183,6 @@ impl ChatbotSupervisor {
             claiming: false,
             claim_again: false,
             wake_at: None,
-            dead: Arc::new(Vec::new()),
             draining: false,
             limiters: Limiters::new(limit_defaults.0),
             rate_wait: false,
@@ -201,9 +198,28 @@ impl ChatbotSupervisor {
             || self.claiming
     }
 
-    /// Executions held in memory without an executor.
+    /// Executions held in memory without an executor (waiting for their commit, for
+    /// an executor, or on a short timer).
     fn held(&self) -> usize {
-        self.awaiting_commit.len() + self.ready.len()
+        self.awaiting_commit.len() + self.ready.len() + self.timers.len()
+    }
+
+    fn generation(&self) -> u64 {
+        self.deps.health.state().generation
+    }
+
+    /// Gives up the lease of a job this node will not run (its leases lapsed since the
+    /// job was planned): any node may claim it again.
+    fn release(&self, job: &Job, ctx: &mut Context<Self>) {
+        let (store, node, id, epoch) = (self.deps.store.clone(), self.deps.node, job.execution_id, job.epoch);
+        ctx.spawn(
+            async move {
+                if let Err(error) = leases::release(&store, node, id, epoch).await {
+                    tracing::warn!(%error, execution_id = %id, "cannot release a lease; it is freed when this node restarts or dies");
+                }
+            }
+            .into_actor(self),
+        );
     }
 
     /// Starts executors while there is room, and claims from PostgreSQL when the
@@ -235,17 +251,35 @@ impl ChatbotSupervisor {
 
     fn start(&mut self, job: Job, ctx: &mut Context<Self>) {
         let id = job.execution_id;
+        if job.generation != self.generation() {
+            tracing::info!(execution_id = %id, "not starting an execution planned before this node's leases lapsed");
+            self.release(&job, ctx);
+            return;
+        }
+        // An execution whose runs keep being interrupted (its step crashes the
+        // daemon, say) still comes to an end.
+        let policy = Policy::resolve(job.workflow.spec.retry.as_ref(), &self.deps.retry);
+        if job.interrupted && job.attempt > policy.max_attempts {
+            let error = format!("gave up after {} attempts that were interrupted or failed", job.attempt - 1);
+            let mut u = job.update(Status::Dead);
+            u.finished_at = Some(Utc::now());
+            u.error = Some(error.clone());
+            self.report_failure(&job, Status::Dead, &error);
+            self.lane.do_send(RecordProgress { updates: vec![u], lease_lost: Some(ctx.address().recipient()), ..Default::default() });
+            return;
+        }
         let mut mark = job.update(Status::Running);
         mark.started_at = Some(Utc::now());
         self.lane.do_send(RecordProgress { updates: vec![mark], lease_lost: Some(ctx.address().recipient()), ..Default::default() });
         let started = Instant::now();
+        let epoch = job.epoch;
         let fut = executor::run(job, self.env.clone());
         let handle = ctx.spawn(fut.into_actor(self).map(move |(job, end), act, ctx| {
             act.running.remove(&job.execution_id);
             act.finish(job, end, started, ctx);
             act.pump(ctx);
         }));
-        self.running.insert(id, handle);
+        self.running.insert(id, (handle, epoch));
     }
 
     /// Writes how an attempt ended and what comes next.
@@ -253,6 +287,11 @@ impl ChatbotSupervisor {
         let now = Utc::now();
         let mut update = job.update(Status::Running);
         match end {
+            RunEnd::Abandoned => {
+                tracing::warn!(execution_id = %job.execution_id, "abandoned an execution: this node's leases lapsed");
+                self.release(&job, ctx);
+                return;
+            }
             RunEnd::Succeeded => {
                 update.status = Status::Succeeded;
                 update.finished_at = Some(now);
@@ -295,14 +334,14 @@ impl ChatbotSupervisor {
             update.release = true;
             return;
         }
-        let id = job.execution_id;
+        let (id, epoch) = (job.execution_id, job.epoch);
         let handle = ctx.run_later(wait, move |act, ctx| {
             if act.timers.remove(&id).is_some() {
                 act.ready.push_back(job);
                 act.pump(ctx);
             }
         });
-        self.timers.insert(id, handle);
+        self.timers.insert(id, (handle, epoch));
     }
 
     fn report_failure(&self, job: &Job, status: Status, error: &str) {
@@ -339,19 +378,27 @@ impl ChatbotSupervisor {
         }
         self.claiming = true;
         self.claim_again = false;
+        // Set again by anything that overflows to PostgreSQL while the claim runs.
+        self.backlog = false;
         let (store, node, chatbot) = (self.deps.store.clone(), self.deps.node, self.chatbot.id);
-        let dead = self.dead.clone();
+        let ttl = self.deps.health.ttl();
+        let generation = self.generation();
         let index = self.index.clone();
         let versions = self.versions.clone();
         let fut = async move {
-            let claimed = leases::claim(&store, node, chatbot, &dead, room as i64).await?;
+            let claimed = leases::claim(&store, node, chatbot, ttl, room as i64).await?;
             let mut jobs = Vec::with_capacity(claimed.len());
             let mut failed = Vec::new();
             let mut compiled = versions;
             for c in claimed {
                 match workflow_for(&store, &index, &mut compiled, c.workflow_id, c.workflow_version).await {
-                    Ok(w) => jobs.push(job_from(c, w)),
-                    Err(error) => failed.push((c, error)),
+                    Ok(w) => jobs.push(job_from(c, w, generation)),
+                    Err(WorkflowError::Transient(error)) => {
+                        // Not the execution's fault: let it go, to be claimed again.
+                        tracing::warn!(%error, execution_id = %c.id, "cannot load a workflow version now; releasing the execution");
+                        let _ = leases::release(&store, node, c.id, c.epoch).await;
+                    }
+                    Err(WorkflowError::Permanent(error)) => failed.push((c, error)),
                 }
             }
             Ok::<_, StoreError>((jobs, failed, compiled, room))
@@ -366,7 +413,7 @@ impl ChatbotSupervisor {
                         tracing::debug!(chatbot_id = %act.chatbot.id, claimed = n, "claimed executions");
                     }
                     // A full claim means more may be waiting.
-                    act.backlog = n >= room;
+                    act.backlog |= n >= room;
                     for (c, error) in failed {
                         tracing::error!(%error, execution_id = %c.id, "cannot load the workflow version of a claimed execution");
                         let mut u = crate::store::journal::ExecutionUpdate {
@@ -403,8 +450,10 @@ impl ChatbotSupervisor {
     }
 }
 
-fn job_from(c: Claimed, workflow: Arc<CompiledWorkflow>) -> Job {
+fn job_from(c: Claimed, workflow: Arc<CompiledWorkflow>, generation: u64) -> Job {
     Job {
+        generation,
+        interrupted: c.status == "running",
         execution_id: c.id,
         epoch: c.epoch,
         attempt: c.attempt,
@@ -416,6 +465,13 @@ fn job_from(c: Claimed, workflow: Arc<CompiledWorkflow>) -> Job {
     }
 }
 
+enum WorkflowError {
+    /// The database failed to answer: the execution is fine, try later.
+    Transient(String),
+    /// The stored version cannot be read or compiled: the execution cannot run.
+    Permanent(String),
+}
+
 /// The compiled workflow an execution runs: the current one when the version matches,
 /// else the stored version (compiled once, then cached).
 async fn workflow_for(
@@ -424,16 +480,20 @@ async fn workflow_for(
     cache: &mut HashMap<(Uuid, i32), Arc<CompiledWorkflow>>,
     id: Uuid,
     version: i32,
-) -> Result<Arc<CompiledWorkflow>, String> {
+) -> Result<Arc<CompiledWorkflow>, WorkflowError> {
     if let Some(w) = index.workflows().iter().find(|w| w.id == id && w.version == version) {
         return Ok(w.clone());
     }
     if let Some(w) = cache.get(&(id, version)) {
         return Ok(w.clone());
     }
-    let definition = leases::workflow_version(store, id, version).await.map_err(|e| e.to_string())?;
-    let spec: WorkflowSpec = serde_json::from_value(definition).map_err(|e| e.to_string())?;
-    let w = Arc::new(CompiledWorkflow::compile(id, version, spec).map_err(|e| e.to_string())?);
+    let definition = match leases::workflow_version(store, id, version).await {
+        Ok(d) => d,
+        Err(e) if e.is_transient() => return Err(WorkflowError::Transient(e.to_string())),
+        Err(e) => return Err(WorkflowError::Permanent(e.to_string())),
+    };
+    let spec: WorkflowSpec = serde_json::from_value(definition).map_err(|e| WorkflowError::Permanent(e.to_string()))?;
+    let w = Arc::new(CompiledWorkflow::compile(id, version, spec).map_err(|e| WorkflowError::Permanent(e.to_string()))?);
     cache.insert((id, version), w.clone());
     Ok(w)
 }
@@ -574,6 +634,8 @@ impl Handler<SupervisorEvents> for ChatbotSupervisor {
                 planned.push(PlannedExecution { execution_id, workflow_id: workflow.id, workflow_version: workflow.version, leased });
                 if leased {
                     let job = Job {
+                        generation: self.generation(),
+                        interrupted: false,
                         execution_id,
                         epoch: 1,
                         attempt: 1,
@@ -627,15 +689,20 @@ impl Handler<LeaseLost> for ChatbotSupervisor {
     type Result = ();
 
     fn handle(&mut self, msg: LeaseLost, ctx: &mut Context<Self>) {
-        for id in msg.0 {
-            if let Some(h) = self.running.remove(&id) {
-                ctx.cancel_future(h);
-                tracing::warn!(execution_id = %id, "stopped an execution another node took over");
+        for (id, epoch) in msg.0 {
+            // Only what runs under that epoch; a later claim of ours stands.
+            if self.running.get(&id).is_some_and(|(_, e)| *e == epoch) {
+                if let Some((h, _)) = self.running.remove(&id) {
+                    ctx.cancel_future(h);
+                    tracing::warn!(execution_id = %id, "stopped an execution another node took over");
+                }
             }
-            if let Some(h) = self.timers.remove(&id) {
-                ctx.cancel_future(h);
+            if self.timers.get(&id).is_some_and(|(_, e)| *e == epoch) {
+                if let Some((h, _)) = self.timers.remove(&id) {
+                    ctx.cancel_future(h);
+                }
             }
-            self.ready.retain(|j| j.execution_id != id);
+            self.ready.retain(|j| !(j.execution_id == id && j.epoch == epoch));
         }
         self.pump(ctx);
     }
@@ -645,7 +712,6 @@ impl Handler<WakeUp> for ChatbotSupervisor {
     type Result = ();
 
     fn handle(&mut self, msg: WakeUp, ctx: &mut Context<Self>) {
-        self.dead = msg.dead;
         self.backlog = true;
         let wait = (msg.due_at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
         if wait.is_zero() {

@@ -79,6 +79,12 @@ pub fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         config.ingest.tcp = "127.0.0.1:0".into();
         config.ingest.unix_socket = scratch.join("bench.sock").to_string_lossy().into_owned();
         config.metrics.listen = String::new();
+        config.admin.listen = String::new();
+        // Limits are checked on every event but set out of reach: the bench measures
+        // the pipeline, not the limiter's refusals.
+        config.limits.events_per_second = 100_000_000;
+        config.limits.burst = 100_000_000;
+        config.limits.executions_per_second = 100_000_000;
         config.log.level = "warn".into();
         crate::telemetry::init_logging(&config.log);
         let db = Database::open_owned(&config)?;

@@ -191,10 +191,11 @@ pub struct RecordProgress {
     pub committed: Option<oneshot::Sender<()>>,
 }
 
-/// Sent by a lane: these executions' updates were refused; their lease is gone.
+/// Sent by a lane: these executions' updates (at these epochs) were refused; the lease
+/// they were written under is gone.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
-pub struct LeaseLost(pub Vec<Uuid>);
+pub struct LeaseLost(pub Vec<(Uuid, i64)>);
 
 /// Resolves once everything received before it is committed (or given up on).
 #[derive(Message)]
@@ -337,9 +338,10 @@ impl Progress {
             ..Default::default()
         };
         let mut keep = VecDeque::new();
+        let mut kept = HashSet::new();
         while let Some(id) = self.order.pop_front() {
             let Some(p) = self.updates.get(&id) else { continue };
-            if taken.updates.contains_key(&id) || keep.contains(&id) {
+            if taken.updates.contains_key(&id) || kept.contains(&id) {
                 continue;
             }
             if everything || !p.update.is_start_mark() || p.first_seen.elapsed() >= RUNNING_MARK_DELAY {
@@ -347,6 +349,7 @@ impl Progress {
                 taken.order.push_back(id);
                 taken.updates.insert(id, p);
             } else {
+                kept.insert(id);
                 keep.push_back(id);
             }
         }
@@ -578,10 +581,11 @@ impl JournalLane {
         let node = self.node;
         let fut = async move {
             let conn = match conn {
-                Some(c) => c,
-                None => match LaneConn::open(&store).await {
+                Some(c) if !c.client.is_closed() => c,
+                _ => match LaneConn::open(&store).await {
                     Ok(c) => Arc::new(c),
-                    Err(_) => return (Vec::new(), batch.events),
+                    // Not the batch's fault: try it again later, whole.
+                    Err(_) => return Err(batch),
                 },
             };
             let mut done = Vec::new();
@@ -601,7 +605,20 @@ impl JournalLane {
                 let single = Batch { events: Vec::new(), progress };
                 match write(&conn, node, &single).await {
                     Ok(written) => done.push((single, written)),
-                    Err(error) => tracing::error!(%error, "dropping execution progress that cannot be written"),
+                    Err(error) => {
+                        tracing::error!(%error, "dropping execution progress that cannot be written");
+                        // Its execution must not stay leased to this node for ever:
+                        // free it, to be claimed (and retried) again.
+                        for (id, p) in &single.progress.updates {
+                            let _ = conn
+                                .client
+                                .execute(
+                                    "UPDATE executions SET lease_owner = NULL WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3",
+                                    &[id, &node, &p.update.epoch],
+                                )
+                                .await;
+                        }
+                    }
                 }
             }
             for w in batch.events {
@@ -619,10 +636,22 @@ impl JournalLane {
                     }
                 }
             }
-            (done, failed)
+            Ok((done, failed))
         };
-        ctx.spawn(fut.into_actor(self).map(|(done, failed), act, ctx| {
+        ctx.spawn(fut.into_actor(self).map(|res, act, ctx| {
             act.flushing = false;
+            let (done, failed) = match res {
+                Ok(r) => r,
+                Err(batch) => {
+                    act.put_back(batch);
+                    act.flushing = true;
+                    ctx.run_later(Duration::from_secs(1), |act, ctx| {
+                        act.flushing = false;
+                        act.kick(ctx);
+                    });
+                    return;
+                }
+            };
             for (batch, written) in done {
                 act.answer(batch, written);
             }
@@ -654,7 +683,11 @@ impl JournalLane {
                     if holder == Some(x.execution_id) {
                         any_new = true;
                         created += 1;
-                        report.committed.push(x.execution_id);
+                        if x.leased && !written.not_ours.contains(&x.execution_id) {
+                            report.committed.push(x.execution_id);
+                        } else {
+                            report.dropped.push(x.execution_id);
+                        }
                     } else {
                         report.dropped.push(x.execution_id);
                     }
@@ -671,11 +704,11 @@ impl JournalLane {
         for (recipient, list) in outcomes {
             recipient.do_send(EventOutcomes(list));
         }
-        let mut lost: HashMap<Recipient<LeaseLost>, Vec<Uuid>> = HashMap::new();
+        let mut lost: HashMap<Recipient<LeaseLost>, Vec<(Uuid, i64)>> = HashMap::new();
         for (id, p) in batch.progress.updates {
             if !written.updated.contains(&id) {
                 if let Some(to) = p.lease_lost {
-                    lost.entry(to).or_default().push(id);
+                    lost.entry(to).or_default().push((id, p.update.epoch));
                 }
             } else if p.update.status.is_final() {
                 metrics::counter!(m::EXECUTIONS, "status" => p.update.status.as_str()).increment(1);
@@ -758,6 +791,8 @@ impl Batch {
 struct Written {
     inserted: HashSet<Uuid>,
     existing: HashMap<Uuid, Uuid>,
+    /// Inserted by an earlier try of this write, and no longer leased to this node.
+    not_ours: HashSet<Uuid>,
     updated: HashSet<Uuid>,
 }
 
@@ -816,6 +851,8 @@ WITH ins AS (
                   WHERE e.id = c.execution_id AND e.lease_owner = $10 AND e.lease_epoch = c.epoch)
     ON CONFLICT (command_id) DO UPDATE
         SET status = EXCLUDED.status, payload = EXCLUDED.payload, acked_at = EXCLUDED.acked_at
+        -- A retried step sends its command again; an ack already received stands.
+        WHERE outbox.status <> 'acked'
 ), acks AS (
     UPDATE outbox SET status = 'acked', acked_at = now()
     WHERE command_id = ANY($41::text[]) AND status <> 'acked'
@@ -832,7 +869,7 @@ UNION ALL
 SELECT false, id FROM upd";
 
 const EXISTING_SQL: &str = "
-SELECT e.id, u.planned
+SELECT e.id, u.planned, e.lease_owner IS NOT DISTINCT FROM $4 AND e.lease_epoch = 1
 FROM unnest($1::uuid[], $2::text[], $3::uuid[]) AS u(workflow_id, event_id, planned)
 JOIN executions e ON e.workflow_id = u.workflow_id AND e.event_id = u.event_id";
 
@@ -844,9 +881,11 @@ SELECT gen_random_uuid(), e.id, e.chatbot_id, e.workflow_id, e.workflow_version,
        coalesce((SELECT jsonb_agg(jsonb_build_object(
                      'attempt', s.attempt, 'step_index', s.step_index, 'step_id', s.step_id, 'action', s.action,
                      'status', s.status, 'started_at', s.started_at, 'finished_at', s.finished_at,
-                     'error', s.error) ORDER BY s.attempt, s.step_index)
+                     'output', s.output, 'error', s.error) ORDER BY s.attempt, s.step_index)
                  FROM execution_steps s WHERE s.execution_id = e.id), '[]'::jsonb)
-FROM executions e WHERE e.id = ANY($1) AND e.status = 'dead'";
+FROM executions e WHERE e.id = ANY($1) AND e.status = 'dead'
+-- A retried write (its first try's outcome lost) must not add a second letter.
+ON CONFLICT (execution_id) WHERE replayed_at IS NULL AND discarded_at IS NULL DO NOTHING";
 
 /// A lane's own connection with its statements prepared.
 struct LaneConn {
@@ -1046,8 +1085,13 @@ async fn write(conn: &LaneConn, node: Uuid, batch: &Batch) -> Result<Written, St
                 planned.push(ids[i]);
             }
         }
-        for r in conn.client.query(&conn.existing, &[&wf, &ev, &planned]).await? {
-            written.existing.insert(r.get(1), r.get(0));
+        for r in conn.client.query(&conn.existing, &[&wf, &ev, &planned, &node]).await? {
+            let (id, planned): (Uuid, Uuid) = (r.get(0), r.get(1));
+            written.existing.insert(planned, id);
+            // Ours from an earlier try, but claimed since by another node: not ours to run.
+            if id == planned && !r.get::<_, bool>(2) {
+                written.not_ours.insert(id);
+            }
         }
     }
     Ok(written)

@@ -14,7 +14,6 @@
 use super::{Store, StoreError, StoreResult};
 use chrono::{DateTime, Utc};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
@@ -45,14 +44,8 @@ pub async fn register(store: &Store, node: Uuid) -> StoreResult<u64> {
             &[&node, &host, &(std::process::id() as i32)],
         )
         .await?;
-    let freed = client
-        .execute(
-            "UPDATE executions SET lease_owner = NULL
-             WHERE lease_owner = $1 AND status IN ('queued', 'running', 'retrying', 'waiting')",
-            &[&node],
-        )
-        .await?;
-    Ok(freed)
+    drop(client);
+    release_all(store, node).await
 }
 
 fn hostname() -> String {
@@ -61,66 +54,41 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-/// Refreshes the node's heartbeat.
-pub async fn heartbeat(store: &Store, node: Uuid) -> StoreResult<()> {
-    let client = store.pool().get().await?;
-    let n = client.execute("UPDATE nodes SET heartbeat_at = now() WHERE id = $1", &[&node]).await?;
-    if n == 0 {
-        // Removed by an operator or another node's cleanup: come back.
-        client
-            .execute(
-                "INSERT INTO nodes (id, hostname, pid) VALUES ($1, $2, $3) ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()",
-                &[&node, &hostname(), &(std::process::id() as i32)],
-            )
-            .await?;
-    }
-    Ok(())
-}
-
-/// Nodes other than `me` whose heartbeat is older than `ttl`.
-pub async fn dead_nodes(store: &Store, me: Uuid, ttl: Duration) -> StoreResult<Vec<Uuid>> {
-    let client = store.pool().get().await?;
-    let rows = client
-        .query(
-            "SELECT id FROM nodes WHERE id <> $1 AND heartbeat_at < now() - make_interval(secs => $2)",
-            &[&me, &(ttl.as_secs_f64())],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
-}
-
-/// Forgets dead nodes that hold no lease any more.
-pub async fn forget_dead(store: &Store, dead: &[Uuid]) -> StoreResult<()> {
-    if dead.is_empty() {
-        return Ok(());
-    }
+/// Forgets nodes dead for a long while (ten TTLs) that hold no lease any more.
+pub async fn forget_dead(store: &Store, ttl: Duration) -> StoreResult<()> {
     let client = store.pool().get().await?;
     client
         .execute(
-            "DELETE FROM nodes n WHERE n.id = ANY($1)
+            "DELETE FROM nodes n WHERE n.heartbeat_at < now() - make_interval(secs => $1)
              AND NOT EXISTS (SELECT 1 FROM executions e
                              WHERE e.lease_owner = n.id AND e.status IN ('queued', 'running', 'retrying', 'waiting'))",
-            &[&dead],
+            &[&(ttl.as_secs_f64() * 10.0)],
         )
         .await?;
     Ok(())
 }
 
 /// Chatbots with work for any node: free executions due before `horizon` from now,
-/// and executions of dead nodes. With the earliest due time of each.
-pub async fn due_chatbots(store: &Store, dead: &[Uuid], horizon: Duration) -> StoreResult<Vec<(Uuid, DateTime<Utc>)>> {
+/// and executions of nodes whose heartbeat is older than `ttl`. With the earliest due
+/// time of each. Who is dead is decided here, on PostgreSQL's clock.
+pub async fn due_chatbots(store: &Store, ttl: Duration, horizon: Duration) -> StoreResult<Vec<(Uuid, DateTime<Utc>)>> {
     let client = store.pool().get().await?;
     let stmt = client
         .prepare_cached(
-            "SELECT chatbot_id, min(run_after) FROM executions
-             WHERE status IN ('queued', 'running', 'retrying', 'waiting')
-               AND (lease_owner IS NULL OR lease_owner = ANY($1))
-               AND run_after <= now() + make_interval(secs => $2)
+            "SELECT chatbot_id, min(run_after) FROM (
+                 SELECT chatbot_id, run_after FROM executions
+                 WHERE lease_owner IS NULL AND status IN ('queued', 'running', 'retrying', 'waiting')
+                   AND run_after <= now() + make_interval(secs => $2)
+                 UNION ALL
+                 SELECT chatbot_id, run_after FROM executions
+                 WHERE status IN ('queued', 'running', 'retrying', 'waiting')
+                   AND lease_owner IN (SELECT id FROM nodes WHERE heartbeat_at < now() - make_interval(secs => $1))
+             ) due
              GROUP BY chatbot_id
              LIMIT 10000",
         )
         .await?;
-    let rows = client.query(&stmt, &[&dead, &horizon.as_secs_f64()]).await?;
+    let rows = client.query(&stmt, &[&ttl.as_secs_f64(), &horizon.as_secs_f64()]).await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
@@ -140,10 +108,12 @@ pub struct Claimed {
     pub status: String,
 }
 
-/// Claims up to `limit` due executions of a chatbot that are free or held by a dead
-/// node, oldest due first. Rows another node is claiming at the same moment are
-/// skipped, never waited for.
-pub async fn claim(store: &Store, node: Uuid, chatbot: Uuid, dead: &[Uuid], limit: i64) -> StoreResult<Vec<Claimed>> {
+/// Claims up to `limit` due executions of a chatbot that are free or held by a node
+/// whose heartbeat is older than `ttl`, oldest due first. Rows another node is
+/// claiming at the same moment are skipped, never waited for. An execution that was
+/// `running` when it was interrupted gets its next attempt number, so one that keeps
+/// crashing its daemon still comes to an end.
+pub async fn claim(store: &Store, node: Uuid, chatbot: Uuid, ttl: Duration, limit: i64) -> StoreResult<Vec<Claimed>> {
     if limit <= 0 {
         return Ok(Vec::new());
     }
@@ -153,18 +123,25 @@ pub async fn claim(store: &Store, node: Uuid, chatbot: Uuid, dead: &[Uuid], limi
             "WITH c AS (
                  SELECT id, status FROM executions
                  WHERE chatbot_id = $2 AND status IN ('queued', 'running', 'retrying', 'waiting')
-                   AND run_after <= now() AND (lease_owner IS NULL OR lease_owner = ANY($3))
+                   AND run_after <= now()
+                   AND (lease_owner IS NULL
+                        OR lease_owner IN (SELECT id FROM nodes WHERE heartbeat_at < now() - make_interval(secs => $3)))
                  ORDER BY run_after, id
                  LIMIT $4
                  FOR UPDATE SKIP LOCKED
              )
-             UPDATE executions e SET lease_owner = $1, lease_epoch = e.lease_epoch + 1
+             UPDATE executions e
+             SET lease_owner = $1, lease_epoch = e.lease_epoch + 1,
+                 attempt = CASE WHEN c.status = 'running' THEN e.attempt + 1 ELSE e.attempt END
              FROM c WHERE e.id = c.id
              RETURNING e.id, e.workflow_id, e.workflow_version, e.event, e.conversation_id, e.step_index,
                        e.outputs, e.attempt, e.lease_epoch, c.status",
         )
         .await?;
-    let rows = client.query(&stmt, &[&node, &chatbot, &dead, &limit]).await?;
+    let rows = client.query(&stmt, &[&node, &chatbot, &ttl.as_secs_f64(), &limit]).await?;
+    if !rows.is_empty() {
+        metrics::counter!(crate::telemetry::metrics::CLAIMS).increment(rows.len() as u64);
+    }
     Ok(rows
         .iter()
         .map(|r| Claimed {
@@ -182,6 +159,32 @@ pub async fn claim(store: &Store, node: Uuid, chatbot: Uuid, dead: &[Uuid], limi
         .collect())
 }
 
+/// Gives up this node's lease on one execution (if it still holds it at `epoch`), so
+/// any node may claim it again when due.
+pub async fn release(store: &Store, node: Uuid, execution: Uuid, epoch: i64) -> StoreResult<()> {
+    let client = store.pool().get().await?;
+    client
+        .execute(
+            "UPDATE executions SET lease_owner = NULL WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3",
+            &[&execution, &node, &epoch],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Gives up every lease this node holds (at shutdown, so others need not wait out the
+/// TTL; and at start, for a previous incarnation's).
+pub async fn release_all(store: &Store, node: Uuid) -> StoreResult<u64> {
+    let client = store.pool().get().await?;
+    Ok(client
+        .execute(
+            "UPDATE executions SET lease_owner = NULL
+             WHERE lease_owner = $1 AND status IN ('queued', 'running', 'retrying', 'waiting')",
+            &[&node],
+        )
+        .await?)
+}
+
 /// A stored workflow version (for executions that run a version other than the
 /// current one).
 pub async fn workflow_version(store: &Store, workflow: Uuid, version: i32) -> StoreResult<serde_json::Value> {
@@ -196,39 +199,122 @@ pub async fn workflow_version(store: &Store, workflow: Uuid, version: i32) -> St
         .ok_or_else(|| StoreError::NotFound { what: "workflow version", id: format!("{workflow} v{version}") })
 }
 
-/// Whether this node's leases can be trusted right now: its last heartbeat succeeded
-/// within the TTL (with a margin, measured from when the heartbeat was sent). Steps
-/// are not started while it cannot: another node may be taking them over.
+/// Whether this node's leases can be trusted right now, shared by the heartbeat task
+/// (which updates it) and every executor (which checks it around each step).
+///
+/// `healthy` is false while the last successful heartbeat is older than two thirds of
+/// the TTL (the rest covers clock drift and the time a step needs to notice): another
+/// node may be about to take this one's executions. `generation` grows when a heartbeat
+/// finds this node was away longer than the TTL: other nodes may have claimed any of
+/// its executions, so every job started before is abandoned (and its lease given up)
+/// rather than trusted.
 #[derive(Clone)]
 pub struct LeaseHealth {
-    epoch: Instant,
-    /// Milliseconds since `epoch` at which the last successful heartbeat was sent.
-    last_ok_ms: Arc<AtomicU64>,
+    tx: Arc<tokio::sync::watch::Sender<LeaseState>>,
     ttl: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseState {
+    pub generation: u64,
+    pub healthy: bool,
 }
 
 impl LeaseHealth {
     pub fn new(ttl: Duration) -> LeaseHealth {
-        LeaseHealth { epoch: Instant::now(), last_ok_ms: Arc::new(AtomicU64::new(0)), ttl }
+        let (tx, _) = tokio::sync::watch::channel(LeaseState { generation: 0, healthy: true });
+        LeaseHealth { tx: Arc::new(tx), ttl }
     }
 
-    /// Records a heartbeat that succeeded, sent at `sent`.
-    pub fn beat(&self, sent: Instant) {
-        let ms = sent.saturating_duration_since(self.epoch).as_millis() as u64;
-        self.last_ok_ms.fetch_max(ms, Ordering::SeqCst);
+    pub fn ttl(&self) -> Duration {
+        self.ttl
     }
 
-    pub fn healthy(&self) -> bool {
-        let last = self.epoch + Duration::from_millis(self.last_ok_ms.load(Ordering::SeqCst));
-        // Two thirds of the TTL: the remaining third covers clock drift between the
-        // daemon and the server and the time a step needs to notice.
-        last.elapsed() < self.ttl * 2 / 3
+    pub fn state(&self) -> LeaseState {
+        *self.tx.borrow()
     }
 
-    /// Waits until healthy, checking every 50 ms.
-    pub async fn wait_healthy(&self) {
-        while !self.healthy() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<LeaseState> {
+        self.tx.subscribe()
+    }
+
+    pub fn set_healthy(&self, healthy: bool) {
+        self.tx.send_if_modified(|s| {
+            let changed = s.healthy != healthy;
+            s.healthy = healthy;
+            changed
+        });
+    }
+
+    /// Every job started so far is void.
+    pub fn new_generation(&self) {
+        self.tx.send_modify(|s| s.generation += 1);
+    }
+}
+
+/// Keeps this node's heartbeat on a connection of its own (so a busy pool cannot make
+/// a live node look dead) and keeps `LeaseHealth` up to date.
+pub async fn keep_heartbeat(store: Store, node: Uuid, health: LeaseHealth, cancel: tokio_util::sync::CancellationToken) {
+    let ttl = health.ttl();
+    let tick = (ttl / 6).max(Duration::from_millis(20));
+    let mut client: Option<tokio_postgres::Client> = None;
+    let mut last_ok = Instant::now();
+    let mut beat_due = Instant::now();
+    loop {
+        if Instant::now() >= beat_due {
+            beat_due = Instant::now() + ttl / 3;
+            let sent = Instant::now();
+            match beat(&store, &mut client, node).await {
+                Ok(away) => {
+                    if away.is_none_or(|a| a >= ttl) {
+                        // Away long enough to be declared dead: whatever this node held
+                        // may have been claimed by another. Start over.
+                        tracing::warn!(away_ms = away.map(|a| a.as_millis() as u64), "this node's heartbeat lapsed; abandoning its executions");
+                        health.new_generation();
+                    }
+                    last_ok = sent;
+                }
+                Err(error) => {
+                    client = None;
+                    tracing::warn!(%error, "heartbeat failed");
+                }
+            }
+        }
+        health.set_healthy(last_ok.elapsed() < ttl * 2 / 3);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(tick) => {}
+        }
+    }
+}
+
+/// One heartbeat; returns how long the node's previous one was ago (PostgreSQL's
+/// clock), or `None` if its row was gone.
+async fn beat(store: &Store, client: &mut Option<tokio_postgres::Client>, node: Uuid) -> StoreResult<Option<Duration>> {
+    if client.as_ref().is_none_or(|c| c.is_closed()) {
+        let c = store.dedicated().await?;
+        c.batch_execute("SET statement_timeout = 5000").await?;
+        *client = Some(c);
+    }
+    let Some(c) = client.as_ref() else { return Err(StoreError::Connect("no heartbeat connection".into())) };
+    let row = c
+        .query_opt(
+            "WITH old AS (SELECT heartbeat_at FROM nodes WHERE id = $1 FOR UPDATE)
+             UPDATE nodes SET heartbeat_at = now() FROM old WHERE nodes.id = $1
+             RETURNING extract(epoch FROM now() - old.heartbeat_at)::float8",
+            &[&node],
+        )
+        .await?;
+    match row {
+        Some(r) => Ok(Some(Duration::from_secs_f64(r.get::<_, f64>(0).max(0.0)))),
+        None => {
+            // Forgotten as dead: come back as a new registration.
+            c.execute(
+                "INSERT INTO nodes (id, hostname, pid) VALUES ($1, $2, $3) ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()",
+                &[&node, &hostname(), &(std::process::id() as i32)],
+            )
+            .await?;
+            Ok(None)
         }
     }
 }

@@ -33,6 +33,7 @@ pub const WORKFLOW_RELOADS: &str = "botflow_workflow_reloads_total";
 pub const DEAD_LETTERS: &str = "botflow_dead_letters";
 pub const RETRIES: &str = "botflow_retries_total";
 pub const NOTIFICATIONS: &str = "botflow_notifications_total";
+pub const CLAIMS: &str = "botflow_executions_claimed_total";
 
 /// Seconds: from a millisecond to a minute.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -92,6 +93,7 @@ fn describe() {
     describe_counter!(WORKFLOW_RELOADS, Unit::Count, "Trigger index rebuilds after a workflow change.");
     describe_counter!(RETRIES, Unit::Count, "Attempts that failed and were scheduled to run again.");
     describe_counter!(NOTIFICATIONS, Unit::Count, "Operator notifications sent, by kind.");
+    describe_counter!(CLAIMS, Unit::Count, "Executions claimed from PostgreSQL (resumed, taken over, or past the memory bound).");
     describe_gauge!(DEAD_LETTERS, Unit::Count, "Dead letters neither replayed nor discarded.");
 }
 

@@ -133,6 +133,11 @@ impl TestDaemon {
         config.admin.listen = "127.0.0.1:0".into();
         config.ingest.workers = 2;
         config.shutdown_timeout_seconds = 10;
+        // Tests send bursts far over the production defaults; the limits have tests
+        // of their own.
+        config.limits.events_per_second = 1_000_000;
+        config.limits.burst = 1_000_000;
+        config.limits.executions_per_second = 1_000_000;
         (opts.tweak)(&mut config);
         botflow::telemetry::init_logging(&botflow::config::LogConfig {
             format: "text".into(),

@@ -10,6 +10,7 @@ use super::StepError;
 use crate::ingest::protocol::Command;
 use crate::outbox::{Deliver, Forget, Outbox};
 use crate::store::journal::{CommandRow, JournalLane, RecordProgress};
+use crate::store::Store;
 use actix::Addr;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -19,11 +20,18 @@ use std::time::Duration;
 pub async fn send(
     lane: &Addr<JournalLane>,
     outbox: &Addr<Outbox>,
+    store: &Store,
     ack_timeout: Duration,
     command: Arc<Command>,
     account_id: uuid::Uuid,
     epoch: i64,
+    attempt: i32,
 ) -> Result<Value, StepError> {
+    let acked = |delivered: usize| Ok(json!({ "command_id": command.command_id, "delivered": delivered, "acked": true }));
+    // A later attempt: the client may have acked the first one after it gave up.
+    if attempt > 1 && is_acked(store, &command.command_id).await {
+        return acked(0);
+    }
     // Written to the connections without waiting for the row's commit: the client's
     // ack goes through the same journal lane, after the row; and if the daemon dies
     // before the commit, the step runs again and sends the same command id.
@@ -33,16 +41,36 @@ pub async fn send(
         .send(Deliver { command: command.clone(), account_id, acked: acked_tx })
         .await
         .map_err(|e| StepError::retryable(format!("the outbox is not running: {e}")))?;
+    // However this step ends (acked, timed out, cancelled), the outbox stops waiting.
+    let _forget = ForgetOnDrop { outbox: outbox.clone(), command_id: command.command_id.clone() };
     match tokio::time::timeout(ack_timeout, acked_rx).await {
-        Ok(Ok(())) => Ok(json!({ "command_id": command.command_id, "delivered": delivered, "acked": true })),
-        _ => {
-            outbox.do_send(Forget { command_id: command.command_id.clone() });
-            Err(StepError::retryable(format!(
-                "no client acked command {} within {} ms (written to {delivered} connection{})",
-                command.command_id,
-                ack_timeout.as_millis(),
-                if delivered == 1 { "" } else { "s" }
-            )))
-        }
+        Ok(Ok(())) => acked(delivered),
+        // Acked on another node, or through the database.
+        _ if is_acked(store, &command.command_id).await => acked(delivered),
+        _ => Err(StepError::retryable(format!(
+            "no client acked command {} within {} ms (written to {delivered} connection{})",
+            command.command_id,
+            ack_timeout.as_millis(),
+            if delivered == 1 { "" } else { "s" }
+        ))),
+    }
+}
+
+async fn is_acked(store: &Store, command_id: &str) -> bool {
+    let Ok(client) = store.pool().get().await else { return false };
+    matches!(
+        client.query_opt("SELECT status FROM outbox WHERE command_id = $1", &[&command_id]).await,
+        Ok(Some(r)) if r.get::<_, String>(0) == "acked"
+    )
+}
+
+struct ForgetOnDrop {
+    outbox: Addr<Outbox>,
+    command_id: String,
+}
+
+impl Drop for ForgetOnDrop {
+    fn drop(&mut self) {
+        self.outbox.do_send(Forget { command_id: std::mem::take(&mut self.command_id) });
     }
 }
