@@ -247,3 +247,86 @@ async fn two_daemons_share_a_database_without_running_an_execution_twice_at_once
         }
     }
 }
+
+#[actix_rt::test]
+async fn a_paused_daemon_loses_its_executions_and_does_not_run_them_when_it_wakes() {
+    let pg = fresh_database().await;
+    let url = pg_url(&pg);
+    let receiver = Receiver::start().await;
+    receiver.on("/work", Behaviour::Script(vec![Reply::new(200, "{}").after(Duration::from_millis(150))]));
+    let ttl_ms = 1200u64;
+    let env = vec![
+        ("BOTFLOW_DATABASE__URL", url.clone()),
+        ("BOTFLOW_LEASE__TTL_MS", ttl_ms.to_string()),
+        ("BOTFLOW_EXECUTOR__CONCURRENCY_PER_CHATBOT", "4".to_string()),
+    ];
+    let (dir_a, dir_b) = (TempDir::new("pause-a"), TempDir::new("pause-b"));
+    let a = serve(dir_a.path(), &env);
+    let _b = serve(dir_b.path(), &env);
+    let s = bootstrap(
+        dir_a.path(),
+        &env,
+        json!({"name": "work", "trigger": {"event": "x.go"},
+               "steps": [{"id": "one", "action": "webhook", "url": receiver.url("/work")},
+                         {"id": "two", "action": "webhook", "url": receiver.url("/work")}]}),
+    );
+    let mut ca = Client::unix(&dir_a.path().join("botflow.sock")).await.hello(&s.key, &[]).await;
+    let mut burst = String::new();
+    for i in 0..40 {
+        burst.push_str(&format!("{}\n", event(&format!("p{i}"), s.bot, "x.go", json!({}))));
+    }
+    ca.send_raw(&burst).await;
+    let _ = ca.answers(40).await;
+    receiver.wait_for("/work", 6).await;
+
+    // A stops in the middle of its steps, long enough to be declared dead.
+    let pid = a.child.id() as i32;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let paused = Instant::now();
+    tokio::time::sleep(Duration::from_millis(ttl_ms * 3)).await;
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let resumed = Instant::now();
+
+    let (db, conn) = pg.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    eventually("every execution succeeds", || async {
+        let n: i64 = db.query_one("SELECT count(*) FROM executions WHERE status = 'succeeded'", &[]).await.unwrap().get(0);
+        n == 40
+    })
+    .await;
+    // Let A's woken tasks do whatever they would do.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let hits = receiver.received();
+    assert!(
+        hits.iter().any(|h| h.at > paused && h.at < resumed && h.header("x-botflow-lease-epoch") != Some("1")),
+        "the other node took over while A was paused"
+    );
+    // For each step of each execution: no two leases sent it at the same time, and
+    // after A woke it sent nothing under a lease it had lost.
+    let mut by_step: std::collections::HashMap<(String, String), Vec<&Received>> = std::collections::HashMap::new();
+    for h in &hits {
+        let key = h.header("idempotency-key").unwrap().to_string();
+        let epoch = h.header("x-botflow-lease-epoch").unwrap().to_string();
+        by_step.entry((key, epoch)).or_default().push(h);
+    }
+    let mut by_key: std::collections::HashMap<String, Vec<&Received>> = std::collections::HashMap::new();
+    for h in &hits {
+        by_key.entry(h.header("idempotency-key").unwrap().to_string()).or_default().push(h);
+    }
+    for (key, mut reqs) in by_key {
+        reqs.sort_by_key(|r| r.at);
+        for pair in reqs.windows(2) {
+            let (old, new) = (pair[0], pair[1]);
+            if old.header("x-botflow-lease-epoch") == new.header("x-botflow-lease-epoch") {
+                continue;
+            }
+            let old_end = old.done.lock().unwrap().expect("answered");
+            assert!(new.at >= old_end, "{key}: two leases ran this step at once");
+            assert!(
+                !(new.at > resumed && new.header("x-botflow-lease-epoch") == Some("1")),
+                "{key}: the woken node ran a step it no longer held"
+            );
+        }
+    }
+}

@@ -131,15 +131,27 @@ pub async fn run(mut job: Job, env: Arc<ExecEnv>) -> (Job, RunEnd) {
     let generation = job.generation;
     while job.step_index < job.workflow.steps.len() {
         // Never start a step while another node may be taking this execution over.
-        let state = *lease.borrow_and_update();
+        lease.borrow_and_update();
+        let state = env.health.state();
         if state.generation != generation {
             return (job, RunEnd::Abandoned);
         }
         if !state.healthy {
             tracing::warn!(execution_id = %job.execution_id, "lease heartbeat late; waiting before the next step");
-            let ok = tokio::time::timeout_at(deadline, lease.wait_for(|s| s.healthy || s.generation != generation)).await;
+            // The heartbeat task may not have noticed yet (the process was paused, say):
+            // wait for its word, at most the execution's time.
+            let ok = tokio::time::timeout_at(deadline, async {
+                loop {
+                    let s = env.health.state();
+                    if s.healthy || s.generation != generation {
+                        return s;
+                    }
+                    let _ = tokio::time::timeout(Duration::from_millis(100), lease.changed()).await;
+                }
+            })
+            .await;
             match ok {
-                Ok(Ok(s)) if s.generation == generation => continue,
+                Ok(s) if s.generation == generation => continue,
                 Ok(_) => return (job, RunEnd::Abandoned),
                 Err(_) => {
                     let error = format!("the execution timed out after {} ms waiting for the database", timeout.as_millis());

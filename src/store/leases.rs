@@ -212,6 +212,11 @@ pub async fn workflow_version(store: &Store, workflow: Uuid, version: i32) -> St
 pub struct LeaseHealth {
     tx: Arc<tokio::sync::watch::Sender<LeaseState>>,
     ttl: Duration,
+    start: Instant,
+    /// Milliseconds after `start` at which the last successful heartbeat was sent.
+    /// Read at every check: after the process was paused, the flag in `tx` is stale
+    /// until the heartbeat task runs again, but the time since this is not.
+    last_ok_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,19 +228,33 @@ pub struct LeaseState {
 impl LeaseHealth {
     pub fn new(ttl: Duration) -> LeaseHealth {
         let (tx, _) = tokio::sync::watch::channel(LeaseState { generation: 0, healthy: true });
-        LeaseHealth { tx: Arc::new(tx), ttl }
+        LeaseHealth { tx: Arc::new(tx), ttl, start: Instant::now(), last_ok_ms: Arc::default() }
     }
 
     pub fn ttl(&self) -> Duration {
         self.ttl
     }
 
-    pub fn state(&self) -> LeaseState {
-        *self.tx.borrow()
+    fn fresh(&self) -> bool {
+        let ms = self.last_ok_ms.load(std::sync::atomic::Ordering::SeqCst);
+        (self.start + Duration::from_millis(ms)).elapsed() < self.ttl * 2 / 3
     }
 
+    /// The state now: healthy only if the last heartbeat is recent by the clock, too.
+    pub fn state(&self) -> LeaseState {
+        let s = *self.tx.borrow();
+        LeaseState { healthy: s.healthy && self.fresh(), ..s }
+    }
+
+    /// Wakes whoever waits on it when the heartbeat task changes the state.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<LeaseState> {
         self.tx.subscribe()
+    }
+
+    /// A heartbeat sent at `sent` succeeded.
+    pub fn beat(&self, sent: Instant) {
+        let ms = sent.saturating_duration_since(self.start).as_millis() as u64;
+        self.last_ok_ms.fetch_max(ms, std::sync::atomic::Ordering::SeqCst);
     }
 
     pub fn set_healthy(&self, healthy: bool) {
@@ -258,7 +277,8 @@ pub async fn keep_heartbeat(store: Store, node: Uuid, health: LeaseHealth, cance
     let ttl = health.ttl();
     let tick = (ttl / 6).max(Duration::from_millis(20));
     let mut client: Option<tokio_postgres::Client> = None;
-    let mut last_ok = Instant::now();
+    // The registration at start was a heartbeat.
+    health.beat(Instant::now());
     let mut beat_due = Instant::now();
     loop {
         if Instant::now() >= beat_due {
@@ -272,7 +292,7 @@ pub async fn keep_heartbeat(store: Store, node: Uuid, health: LeaseHealth, cance
                         tracing::warn!(away_ms = away.map(|a| a.as_millis() as u64), "this node's heartbeat lapsed; abandoning its executions");
                         health.new_generation();
                     }
-                    last_ok = sent;
+                    health.beat(sent);
                 }
                 Err(error) => {
                     client = None;
@@ -280,7 +300,7 @@ pub async fn keep_heartbeat(store: Store, node: Uuid, health: LeaseHealth, cance
                 }
             }
         }
-        health.set_healthy(last_ok.elapsed() < ttl * 2 / 3);
+        health.set_healthy(health.fresh());
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(tick) => {}
