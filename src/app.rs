@@ -156,6 +156,7 @@ impl App {
             execution_timeout: Duration::from_millis(config.executor.execution_timeout_ms),
             retry: config.retry.clone(),
             limit_defaults: crate::store::limits::Defaults::from_config(config),
+            watchlist: config.metrics.watchlist.iter().filter_map(|s| s.parse().ok()).collect(),
         });
         let router = Router::new(deps, workers.handles(), Duration::from_secs(config.executor.idle_supervisor_seconds)).start();
         let scheduler = Scheduler {

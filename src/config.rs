@@ -81,6 +81,9 @@ pub struct AdminConfig {
 pub struct MetricsConfig {
     /// `GET /metrics` for Prometheus; empty: disabled.
     pub listen: String,
+    /// Chatbot ids that get series of their own (`chatbot` label); nobody else's id
+    /// ever becomes a label, so the number of series stays bounded.
+    pub watchlist: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -223,7 +226,7 @@ impl Default for AdminConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig { listen: "127.0.0.1:9464".into() }
+        MetricsConfig { listen: "127.0.0.1:9464".into(), watchlist: Vec::new() }
     }
 }
 
@@ -412,6 +415,14 @@ impl Config {
             if !value.is_empty() && value.parse::<SocketAddr>().is_err() {
                 bad(key, format!("{value:?} is not a host:port address such as 127.0.0.1:7071"));
             }
+        }
+        for (i, id) in self.metrics.watchlist.iter().enumerate() {
+            if id.parse::<uuid::Uuid>().is_err() {
+                bad(&format!("metrics.watchlist[{i}]"), format!("{id:?} is not a chatbot id (a UUID)"));
+            }
+        }
+        if self.metrics.watchlist.len() > 1000 {
+            bad("metrics.watchlist", "lists more than 1000 chatbots; series per chatbot are for a few".into());
         }
         if self.ingest.unix_socket.len() > 100 {
             bad("ingest.unix_socket", "a Unix socket path must be shorter than 100 bytes".into());

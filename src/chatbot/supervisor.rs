@@ -72,6 +72,8 @@ pub struct SupervisorDeps {
     pub execution_timeout: Duration,
     pub retry: RetryConfig,
     pub limit_defaults: Defaults,
+    /// Chatbots with series of their own.
+    pub watchlist: std::collections::HashSet<Uuid>,
 }
 
 /// Sent by the Router: events of this chatbot in the order their connection sent them.
@@ -155,6 +157,7 @@ pub struct ChatbotSupervisor {
     wake_at: Option<chrono::DateTime<Utc>>,
     draining: bool,
     limiters: Limiters,
+    watched: Option<m::Watched>,
     /// A pump is scheduled for when the execution rate lets the next one start.
     rate_wait: bool,
     matched: Vec<u32>,
@@ -165,6 +168,7 @@ impl ChatbotSupervisor {
         let lane = deps.journal.lane_for(chatbot.id);
         let env = Arc::new(ExecEnv::new(&deps, chatbot.clone(), lane.clone(), me.recipient()));
         let limit_defaults = deps.limit_defaults;
+        let watched = deps.watchlist.contains(&chatbot.id).then(|| m::Watched::new(chatbot.id));
         ChatbotSupervisor {
             lane,
             chatbot,
@@ -185,6 +189,7 @@ impl ChatbotSupervisor {
             wake_at: None,
             draining: false,
             limiters: Limiters::new(limit_defaults.0),
+            watched,
             rate_wait: false,
             matched: Vec::new(),
         }
@@ -322,6 +327,9 @@ impl ChatbotSupervisor {
                     self.report_failure(&job, update.status, &error);
                 }
             }
+        }
+        if let (Some(w), true) = (&self.watched, update.status.is_final()) {
+            w.execution(update.status.as_str());
         }
         self.lane.do_send(RecordProgress { updates: vec![update], lease_lost: Some(ctx.address().recipient()), ..Default::default() });
     }
@@ -577,6 +585,7 @@ impl Handler<SupervisorEvents> for ChatbotSupervisor {
 
     fn handle(&mut self, msg: SupervisorEvents, ctx: &mut Context<Self>) {
         let SupervisorEvents { events, received_at, reply_to } = msg;
+        let received = events.len() as u64;
         if !matches!(self.state, LoadState::Ready) {
             let nack = Nack::new(NackCode::Unavailable, "the chatbot's workflows cannot be loaded (database unreachable); send the event again later");
             EventOutcomes::nack_all(&reply_to, events.into_iter().map(|e| (e.id, received_at)), &nack);
@@ -659,6 +668,10 @@ impl Handler<SupervisorEvents> for ChatbotSupervisor {
             let hot = m::hot();
             hot.rate_limited_events.increment(limited);
             hot.rejected(NackCode::RateLimited).increment(limited);
+        }
+        if let Some(w) = &self.watched {
+            w.events.increment(received);
+            w.rate_limited.increment(limited);
         }
         if !answers.is_empty() {
             reply_to.do_send(EventOutcomes(answers));
@@ -769,6 +782,7 @@ impl Handler<LimitsChanged> for ChatbotSupervisor {
                 Ok(overrides) => {
                     let limits = overrides.resolve(&act.deps.limit_defaults);
                     tracing::info!(%chatbot_id, ?limits, "rate limits changed");
+                    metrics::counter!(m::LIMIT_CHANGES).increment(1);
                     act.limiters.update(limits);
                     act.pump(ctx);
                 }

@@ -400,6 +400,9 @@ impl Connection {
         }
         if let (false, Some(scope)) = (events.is_empty(), self.scope) {
             self.unanswered += events.len();
+            let hot = m::hot();
+            hot.in_flight.increment(events.len() as f64);
+            hot.connection_in_flight.record(self.unanswered as f64);
             self.deps.router.do_send(RouteEvents {
                 scope,
                 events,
@@ -564,6 +567,7 @@ impl Handler<EventOutcomes> for Connection {
             }
         });
         hot.acked.increment(acked);
+        hot.in_flight.decrement(n as f64);
         self.unanswered = self.unanswered.saturating_sub(n);
         self.maybe_finish(ctx);
     }

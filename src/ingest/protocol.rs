@@ -430,6 +430,21 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    pub const ALL: [ErrorCode; 12] = [
+        ErrorCode::InvalidFrame,
+        ErrorCode::UnknownOp,
+        ErrorCode::FrameTooLarge,
+        ErrorCode::Unauthenticated,
+        ErrorCode::Forbidden,
+        ErrorCode::UnknownChatbot,
+        ErrorCode::UnsupportedVersion,
+        ErrorCode::HandshakeTimeout,
+        ErrorCode::IncompleteFrame,
+        ErrorCode::ProtocolError,
+        ErrorCode::Unavailable,
+        ErrorCode::Internal,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::InvalidFrame => "invalid_frame",

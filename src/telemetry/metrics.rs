@@ -34,6 +34,13 @@ pub const DEAD_LETTERS: &str = "botflow_dead_letters";
 pub const RETRIES: &str = "botflow_retries_total";
 pub const NOTIFICATIONS: &str = "botflow_notifications_total";
 pub const CLAIMS: &str = "botflow_executions_claimed_total";
+pub const EVENTS_IN_FLIGHT: &str = "botflow_events_in_flight";
+pub const CONNECTION_IN_FLIGHT: &str = "botflow_connection_in_flight";
+pub const LIMIT_CHANGES: &str = "botflow_limit_changes_total";
+/// Per-chatbot series, only for chatbots on `metrics.watchlist`.
+pub const CHATBOT_EVENTS: &str = "botflow_chatbot_events_received_total";
+pub const CHATBOT_EXECUTIONS: &str = "botflow_chatbot_executions_total";
+pub const CHATBOT_RATE_LIMITED: &str = "botflow_chatbot_rate_limited_total";
 
 /// Seconds: from a millisecond to a minute.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -44,6 +51,8 @@ const EXECUTION_BUCKETS: &[f64] =
     &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0];
 /// Rows per journal transaction.
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0];
+/// Unanswered events of one connection.
+const IN_FLIGHT_BUCKETS: &[f64] = &[0.0, 1.0, 4.0, 16.0, 64.0, 256.0, 512.0, 1024.0, 4096.0, 16384.0];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -56,6 +65,7 @@ pub fn install() -> PrometheusHandle {
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(EXECUTION_DURATION.into()), EXECUTION_BUCKETS))
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(JOURNAL_BATCH_SIZE.into()), BATCH_BUCKETS))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(CONNECTION_IN_FLIGHT.into()), IN_FLIGHT_BUCKETS))
                 .expect("bucket lists are non-empty");
             let handle = match builder.install_recorder() {
                 Ok(h) => h,
@@ -95,6 +105,12 @@ fn describe() {
     describe_counter!(NOTIFICATIONS, Unit::Count, "Operator notifications sent, by kind.");
     describe_counter!(CLAIMS, Unit::Count, "Executions claimed from PostgreSQL (resumed, taken over, or past the memory bound).");
     describe_gauge!(DEAD_LETTERS, Unit::Count, "Dead letters neither replayed nor discarded.");
+    describe_gauge!(EVENTS_IN_FLIGHT, Unit::Count, "Events read and not yet answered, over all connections.");
+    describe_histogram!(CONNECTION_IN_FLIGHT, Unit::Count, "Unanswered events of a connection, seen at each read.");
+    describe_counter!(LIMIT_CHANGES, Unit::Count, "Rate limit changes applied by this daemon's supervisors.");
+    describe_counter!(CHATBOT_EVENTS, Unit::Count, "Events accepted, for chatbots on metrics.watchlist.");
+    describe_counter!(CHATBOT_EXECUTIONS, Unit::Count, "Executions by status, for chatbots on metrics.watchlist.");
+    describe_counter!(CHATBOT_RATE_LIMITED, Unit::Count, "Rate limit hits, for chatbots on metrics.watchlist.");
 }
 
 /// Pre-registered handles for the per-event paths.
@@ -110,6 +126,8 @@ pub struct Hot {
     pub rate_limited_executions: Counter,
     pub journal_batch: Histogram,
     pub journal_commit: Histogram,
+    pub in_flight: metrics::Gauge,
+    pub connection_in_flight: Histogram,
 }
 
 impl Hot {
@@ -129,7 +147,7 @@ static HOT: OnceLock<Hot> = OnceLock::new();
 pub fn hot() -> &'static Hot {
     HOT.get_or_init(|| {
         install();
-        Hot {
+        let hot = Hot {
             received: EventType::NATIVE
                 .iter()
                 .map(|k| (k.clone(), metrics::counter!(EVENTS_RECEIVED, "type" => k.metric_label())))
@@ -147,6 +165,67 @@ pub fn hot() -> &'static Hot {
             rate_limited_executions: metrics::counter!(RATE_LIMITED, "kind" => "executions"),
             journal_batch: metrics::histogram!(JOURNAL_BATCH_SIZE),
             journal_commit: metrics::histogram!(JOURNAL_COMMIT_DURATION),
-        }
+            in_flight: metrics::gauge!(EVENTS_IN_FLIGHT),
+            connection_in_flight: metrics::histogram!(CONNECTION_IN_FLIGHT),
+        };
+        register_all();
+        hot
     })
+}
+
+/// Every series with a bounded label set exists from the start, at zero: a dashboard
+/// or an alert reads 0 rather than "no data" for what has not happened yet.
+fn register_all() {
+    for status in ["created", "succeeded", "failed", "dead"] {
+        metrics::counter!(EXECUTIONS, "status" => status).absolute(0);
+    }
+    for kind in ["transient", "permanent"] {
+        metrics::counter!(DB_ERRORS, "kind" => kind).absolute(0);
+    }
+    for action in ["webhook", "reply", "tag", "handoff", "delay", "notify"] {
+        for outcome in ["succeeded", "failed"] {
+            metrics::counter!(STEPS, "action" => action, "outcome" => outcome).absolute(0);
+        }
+        let _ = metrics::histogram!(STEP_DURATION, "action" => action);
+    }
+    for kind in ["reply", "tag", "handoff"] {
+        metrics::counter!(COMMANDS_SENT, "kind" => kind).absolute(0);
+    }
+    for kind in ["dead_execution", "workflow_failing", "database_unreachable"] {
+        metrics::counter!(NOTIFICATIONS, "kind" => kind).absolute(0);
+    }
+    for code in crate::ingest::protocol::ErrorCode::ALL {
+        metrics::counter!(FRAMES_REJECTED, "reason" => code.as_str()).absolute(0);
+    }
+    for name in [RETRIES, CLAIMS, WORKFLOW_RELOADS, LIMIT_CHANGES] {
+        metrics::counter!(name).absolute(0);
+    }
+    for name in [SUPERVISORS_ACTIVE, CONNECTIONS_ACTIVE, DEAD_LETTERS] {
+        metrics::gauge!(name).increment(0.0);
+    }
+    let _ = metrics::histogram!(EXECUTION_DURATION);
+}
+
+/// Per-chatbot counters for the chatbots on `metrics.watchlist`; everyone else has
+/// none, so the number of series stays bounded by the configuration.
+#[derive(Clone)]
+pub struct Watched {
+    pub events: Counter,
+    pub rate_limited: Counter,
+    chatbot: String,
+}
+
+impl Watched {
+    pub fn new(chatbot: uuid::Uuid) -> Watched {
+        let label = chatbot.to_string();
+        Watched {
+            events: metrics::counter!(CHATBOT_EVENTS, "chatbot" => label.clone()),
+            rate_limited: metrics::counter!(CHATBOT_RATE_LIMITED, "chatbot" => label.clone()),
+            chatbot: label,
+        }
+    }
+
+    pub fn execution(&self, status: &'static str) {
+        metrics::counter!(CHATBOT_EXECUTIONS, "chatbot" => self.chatbot.clone(), "status" => status).increment(1);
+    }
 }
