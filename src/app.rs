@@ -55,7 +55,8 @@ pub struct App;
 impl App {
     /// Starts the daemon against `pg` (a server URL's config, or the embedded server's).
     pub async fn start(config: &Config, pg: tokio_postgres::Config) -> anyhow::Result<RunningApp> {
-        let prometheus = m::install();
+        // Without a metrics endpoint nothing is recorded at all.
+        let prometheus = (!config.metrics.listen.is_empty()).then(m::install);
         m::hot();
         let store = Store::new(pg, config.database.pool_size, Duration::from_millis(config.database.connect_timeout_ms))?;
         store
@@ -196,9 +197,9 @@ impl App {
             None => None,
         };
         let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
-        let metrics_server = match metrics_listener {
-            Some(l) => Some(start_metrics_server(l, prometheus)?),
-            None => None,
+        let metrics_server = match (metrics_listener, prometheus) {
+            (Some(l), Some(p)) => Some(start_metrics_server(l, p)?),
+            _ => None,
         };
 
         let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));

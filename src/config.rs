@@ -89,6 +89,8 @@ pub struct MetricsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
+    /// Rate limiting on or off for every chatbot.
+    pub enabled: bool,
     /// Events per second each chatbot may send (sustained).
     pub events_per_second: u32,
     /// Events a chatbot may send at once above its rate.
@@ -232,7 +234,7 @@ impl Default for MetricsConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        LimitsConfig { events_per_second: 200, burst: 400, executions_per_second: 100 }
+        LimitsConfig { enabled: true, events_per_second: 200, burst: 400, executions_per_second: 100 }
     }
 }
 

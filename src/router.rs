@@ -21,7 +21,7 @@ use crate::chatbot::supervisor::{
     ChatbotSupervisor, GetUsage, LimitsChanged, Reload, StopIfIdle, SupervisorDeps, SupervisorEvents, WakeUp,
 };
 use crate::event::Event;
-use crate::ingest::connection::EventOutcomes;
+use crate::ingest::connection::{BatchAnswers, EventOutcomes};
 use crate::ingest::protocol::{Nack, NackCode};
 use crate::store::accounts::{self, ChatbotRecord};
 use crate::store::listen::Change;
@@ -82,12 +82,13 @@ pub struct WorkflowsChanged(pub Change);
 #[rtype(result = "usize")]
 pub struct BusySupervisors;
 
-/// A batch held while its chatbot's supervisor is starting or stopping.
+/// One chatbot's share of a batch, on its way (or held while its chatbot's
+/// supervisor starts or stops).
 struct Held {
     scope: Scope,
     events: Vec<Event>,
     received_at: Instant,
-    reply_to: Recipient<EventOutcomes>,
+    answers: Arc<BatchAnswers>,
 }
 
 enum Slot {
@@ -162,17 +163,17 @@ impl Router {
                     addr.do_send(SupervisorEvents {
                         events: held.events,
                         received_at: held.received_at,
-                        reply_to: held.reply_to,
+                        answers: held.answers,
                     });
                 } else {
                     nack_all(held, forbidden(chatbot_id));
                 }
             }
-            Some(Slot::Loading(waiting)) => waiting.push(held),
-            Some(Slot::Stopping { held: waiting, .. }) => waiting.push(held),
+            Some(Slot::Loading(waiting)) => waiting.push(held.detached()),
+            Some(Slot::Stopping { held: waiting, .. }) => waiting.push(held.detached()),
             Some(Slot::Missing { until }) if *until > Instant::now() => nack_all(held, unknown(chatbot_id)),
             Some(Slot::Missing { .. }) | None => {
-                self.slots.insert(chatbot_id, Slot::Loading(vec![held]));
+                self.slots.insert(chatbot_id, Slot::Loading(vec![held.detached()]));
                 self.load(chatbot_id, ctx);
             }
         }
@@ -329,7 +330,17 @@ fn forbidden(chatbot_id: Uuid) -> Nack {
 
 fn nack_all(held: Held, nack: Nack) {
     let at = held.received_at;
-    EventOutcomes::nack_all(&held.reply_to, held.events.into_iter().map(|e| (e.id, at)), &nack);
+    held.answers.nack_all(held.events.into_iter().map(|e| (e.id, at)), &nack);
+}
+
+impl Held {
+    /// A share that must wait (its chatbot is loading or stopping) answers on its own,
+    /// so the rest of its batch is not held up: it leaves the batch's collector.
+    fn detached(self) -> Held {
+        let own = BatchAnswers::new(self.answers.reply_to().clone(), 1);
+        self.answers.add(Vec::new());
+        Held { answers: own, ..self }
+    }
 }
 
 impl Actor for Router {
@@ -352,7 +363,8 @@ impl Handler<RouteEvents> for Router {
         let first = events.first().map(|e| e.chatbot_id);
         if let Some(first) = first {
             if events.iter().all(|e| e.chatbot_id == first) {
-                self.route(first, Held { scope, events, received_at, reply_to }, ctx);
+                let answers = BatchAnswers::new(reply_to, 1);
+                self.route(first, Held { scope, events, received_at, answers }, ctx);
                 return;
             }
         }
@@ -363,8 +375,9 @@ impl Handler<RouteEvents> for Router {
                 None => groups.push((e.chatbot_id, vec![e])),
             }
         }
+        let answers = BatchAnswers::new(reply_to, groups.len());
         for (chatbot_id, events) in groups {
-            self.route(chatbot_id, Held { scope, events, received_at, reply_to: reply_to.clone() }, ctx);
+            self.route(chatbot_id, Held { scope, events, received_at, answers: answers.clone() }, ctx);
         }
     }
 }

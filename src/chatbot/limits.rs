@@ -6,7 +6,7 @@
 //! change. So the cells a limiter has used (its burst minus what is left now) are
 //! carried over: the new limiter starts with the same number used.
 
-use governor::clock::{Clock, DefaultClock, Reference};
+use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
@@ -39,12 +39,9 @@ type Limiter<C> = RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddle
 
 /// One rate: a limiter plus what is needed to carry its state over.
 struct Rate<C: Clock> {
-    per_second: u32,
     burst: u32,
     limiter: Limiter<C>,
     clock: C,
-    /// Remaining burst at the last check, and when.
-    last: (u32, C::Instant),
 }
 
 fn nz(n: u32) -> NonZeroU32 {
@@ -56,35 +53,29 @@ impl<C: Clock + Clone> Rate<C> {
         let quota = Quota::per_second(nz(per_second)).allow_burst(nz(burst));
         let limiter = RateLimiter::direct_with_clock(quota, clock.clone()).with_middleware::<StateInformationMiddleware>();
         let burst = burst.max(1);
-        let used = used.min(burst);
-        if let Some(n) = NonZeroU32::new(used) {
+        if let Some(n) = NonZeroU32::new(used.min(burst)) {
             // Cannot fail: `used` is within the burst of a limiter that is full.
             let _ = limiter.check_n(n);
         }
-        Rate { per_second: per_second.max(1), burst, limiter, clock: clock.clone(), last: (burst - used, clock.now()) }
+        Rate { burst, limiter, clock: clock.clone() }
     }
 
-    /// Lets one cell through, or says how long until one may pass.
-    fn check(&mut self) -> Result<(), Duration> {
-        let now = self.clock.now();
+    /// Lets one cell through, or says how long until one may pass. The hot path: one
+    /// clock read and one compare-and-swap.
+    fn check(&self) -> Result<(), Duration> {
         match self.limiter.check() {
-            Ok(snapshot) => {
-                self.last = (snapshot.remaining_burst_capacity(), now);
-                Ok(())
-            }
-            Err(not_until) => {
-                self.last = (0, now);
-                Err(not_until.wait_time_from(now))
-            }
+            Ok(_) => Ok(()),
+            Err(not_until) => Err(not_until.wait_time_from(self.clock.now())),
         }
     }
 
-    /// Cells available now, from the last check plus what was replenished since.
+    /// Cells available now. Governor has no way to look without taking, so this takes
+    /// one cell and counts it back: a probe for carrying state over and for reports.
     fn available(&self) -> u32 {
-        let (remaining, at) = self.last;
-        let elapsed: Duration = self.clock.now().duration_since(at).into();
-        let refilled = (elapsed.as_secs_f64() * self.per_second as f64) as u64;
-        (remaining as u64 + refilled).min(self.burst as u64) as u32
+        match self.limiter.check() {
+            Ok(snapshot) => (snapshot.remaining_burst_capacity() + 1).min(self.burst),
+            Err(_) => 0,
+        }
     }
 
     fn used(&self) -> u32 {

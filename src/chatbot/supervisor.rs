@@ -29,7 +29,7 @@ use super::retry::Policy;
 use super::triggers::TriggerIndex;
 use crate::config::RetryConfig;
 use crate::event::Event;
-use crate::ingest::connection::EventOutcomes;
+use crate::ingest::connection::BatchAnswers;
 use crate::ingest::protocol::{Nack, NackCode, Outcome};
 use crate::notify::{Kind, Notifier, Report};
 use crate::outbox::Outbox;
@@ -77,13 +77,14 @@ pub struct SupervisorDeps {
 }
 
 /// Sent by the Router: events of this chatbot in the order their connection sent them.
-/// Every event is answered once on `reply_to` (here, or by the journal after commit).
+/// Every event is answered once: at once through `answers` (gathered with the rest of
+/// its batch), or by the journal after its executions are committed.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct SupervisorEvents {
     pub events: Vec<Event>,
     pub received_at: Instant,
-    pub reply_to: Recipient<EventOutcomes>,
+    pub answers: Arc<BatchAnswers>,
 }
 
 /// Sent by the Router when this chatbot's workflows changed.
@@ -182,8 +183,10 @@ impl ChatbotSupervisor {
             ready: VecDeque::new(),
             running: HashMap::new(),
             timers: HashMap::new(),
-            // Anything left unfinished by an earlier run of this chatbot is claimed once.
-            backlog: true,
+            // Work left in PostgreSQL for this chatbot is found by the scheduler's scan,
+            // which wakes the supervisor; a fresh one does not ask for it on its own
+            // (ten thousand starting at once would each cost a query).
+            backlog: false,
             claiming: false,
             claim_again: false,
             wake_at: None,
@@ -237,7 +240,7 @@ impl ChatbotSupervisor {
         while self.running.len() < concurrency && !self.ready.is_empty() && !self.rate_wait {
             // Over the execution rate, executions wait (in memory or as queued rows)
             // and start when allowed; none is dropped.
-            if let Err(wait) = self.limiters.check_execution() {
+            if let Err(wait) = if self.deps.limit_defaults.enabled() { self.limiters.check_execution() } else { Ok(()) } {
                 m::hot().rate_limited_executions.increment(1);
                 self.rate_wait = true;
                 ctx.run_later(wait.max(Duration::from_millis(1)), |act, ctx| {
@@ -584,11 +587,12 @@ impl Handler<SupervisorEvents> for ChatbotSupervisor {
     type Result = ();
 
     fn handle(&mut self, msg: SupervisorEvents, ctx: &mut Context<Self>) {
-        let SupervisorEvents { events, received_at, reply_to } = msg;
+        let SupervisorEvents { events, received_at, answers: batch } = msg;
+        let reply_to = batch.reply_to().clone();
         let received = events.len() as u64;
         if !matches!(self.state, LoadState::Ready) {
             let nack = Nack::new(NackCode::Unavailable, "the chatbot's workflows cannot be loaded (database unreachable); send the event again later");
-            EventOutcomes::nack_all(&reply_to, events.into_iter().map(|e| (e.id, received_at)), &nack);
+            batch.nack_all(events.into_iter().map(|e| (e.id, received_at)), &nack);
             return;
         }
         let mut answers = Vec::new();
@@ -597,7 +601,7 @@ impl Handler<SupervisorEvents> for ChatbotSupervisor {
         let mut limited = 0u64;
         let index = self.index.clone();
         for event in events {
-            if let Err(wait) = self.limiters.check_event() {
+            if let Err(wait) = if self.deps.limit_defaults.enabled() { self.limiters.check_event() } else { Ok(()) } {
                 limited += 1;
                 let mut nack = Nack::new(
                     NackCode::RateLimited,
@@ -673,9 +677,7 @@ impl Handler<SupervisorEvents> for ChatbotSupervisor {
             w.events.increment(received);
             w.rate_limited.increment(limited);
         }
-        if !answers.is_empty() {
-            reply_to.do_send(EventOutcomes(answers));
-        }
+        batch.add(answers);
         if !pending.is_empty() {
             self.lane.do_send(RecordExecutions { events: pending, supervisor: ctx.address().recipient() });
         }

@@ -10,6 +10,8 @@
 //! - `durable`: executions/s completed of a three-step workflow (reply, delay 0,
 //!   reply), every step's outcome committed, the clients subscribed and acking every
 //!   command;
+//! - `scale`: events/s with no match over one chatbot and over 10,000 (each with its
+//!   own supervisor, limiters and metrics), and the memory one idle supervisor takes;
 //! - `latency`: ack latency p50/p99/max at a fixed offered rate of events that each
 //!   create an execution.
 //!
@@ -34,7 +36,8 @@ use uuid::Uuid;
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Which measurements to run: all, nomatch, executions, durable, latency
+    /// Which measurements to run: all (nomatch, executions, durable, latency), or one of
+    /// them, or scale (the cost of limits and metrics with 1 and 10,000 chatbots)
     #[arg(long, default_value = "all")]
     pub scenario: String,
     /// Client connections
@@ -55,6 +58,15 @@ pub struct BenchArgs {
     /// Events in the durable run (three steps each: reply, delay 0, reply)
     #[arg(long, default_value_t = 30_000)]
     pub durable_events: u64,
+    /// Chatbots in the scale run (compared with one)
+    #[arg(long, default_value_t = 10_000)]
+    pub scale_chatbots: usize,
+    /// Events in each run of the scale measurement
+    #[arg(long, default_value_t = 2_000_000)]
+    pub scale_events: u64,
+    /// Runs with and without limits and metrics, each (the median is reported)
+    #[arg(long, default_value_t = 3)]
+    pub scale_repeats: usize,
     /// Offered rate of the latency run, events/s
     #[arg(long, default_value_t = 5_000)]
     pub rate: u64,
@@ -67,9 +79,69 @@ pub struct BenchArgs {
     /// Print the results as one JSON object on stdout
     #[arg(long)]
     pub json: bool,
+    /// No rate limiting and no metrics (to measure what they cost)
+    #[arg(long)]
+    pub bare: bool,
 }
 
-pub fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
+pub fn run(config: Config, args: BenchArgs) -> anyhow::Result<()> {
+    if args.scenario == "scale" {
+        return scale(&args);
+    }
+    run_in_process(config, args)
+}
+
+/// The cost of rate limiting and metrics, with one chatbot and with many: each case in
+/// a process of its own (a metrics recorder cannot be removed once installed), with
+/// and without (`--bare`) both.
+fn scale(args: &BenchArgs) -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?;
+    let mut rows = Vec::new();
+    eprintln!("botflow bench: scale, {} events per run over {} connections", args.scale_events, args.connections);
+    for chatbots in [1, args.scale_chatbots] {
+        // Alternating runs with and without, the median of each: this machine is noisy.
+        let mut runs: Vec<(bool, f64, f64)> = Vec::new();
+        for bare in std::iter::repeat([true, false]).take(args.scale_repeats.max(1)).flatten() {
+            let mut c = std::process::Command::new(&exe);
+            c.args(["bench", "--scenario", "scale-run", "--json"])
+                .args(["--connections", &args.connections.to_string()])
+                .args(["--scale-chatbots", &chatbots.to_string()])
+                .args(["--scale-events", &args.scale_events.to_string()])
+                .stderr(std::process::Stdio::inherit());
+            if bare {
+                c.arg("--bare");
+            }
+            let out = c.output().context("run a scale measurement")?;
+            anyhow::ensure!(out.status.success(), "a scale measurement failed");
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("read a scale measurement")?;
+            runs.push((bare, v["events_per_second"].as_f64().unwrap_or(0.0), v["idle_supervisor_bytes"].as_f64().unwrap_or(0.0)));
+        }
+        let median = |bare: bool| {
+            let mut v: Vec<f64> = runs.iter().filter(|r| r.0 == bare).map(|r| r.1).collect();
+            v.sort_by(|a, b| a.total_cmp(b));
+            v[v.len() / 2]
+        };
+        let memory = runs.iter().filter(|r| !r.0).map(|r| r.2).fold(0.0, f64::max);
+        let rates = [(0.0, 0.0), (0.0, memory)];
+        let (bare, full) = (median(true), median(false));
+        let cost = (1.0 - full / bare) * 100.0;
+        eprintln!(
+            "scale:       {chatbots:>6} chatbot(s): {full:>10.0} events/s with limits and metrics, {bare:>10.0} without: they cost {cost:.1} %"
+        );
+        rows.push(json!({"chatbots": chatbots, "events_per_second": full.round(), "bare_events_per_second": bare.round(),
+                         "limits_and_metrics_cost_percent": (cost * 10.0).round() / 10.0,
+                         "idle_supervisor_bytes": rates[1].1.round()}));
+    }
+    if let Some(last) = rows.last() {
+        eprintln!("             {:>10.0} bytes of memory per idle supervisor", last["idle_supervisor_bytes"].as_f64().unwrap_or(0.0));
+    }
+    if args.json {
+        println!("{}", json!({ "scale": rows }));
+    }
+    Ok(())
+}
+
+fn run_in_process(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     let scratch = std::env::temp_dir().join(format!("botflow-bench-{}", Uuid::new_v4().simple()));
     std::fs::create_dir_all(&scratch)?;
     let result = (|| {
@@ -78,10 +150,12 @@ pub fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         }
         config.ingest.tcp = "127.0.0.1:0".into();
         config.ingest.unix_socket = scratch.join("bench.sock").to_string_lossy().into_owned();
-        config.metrics.listen = String::new();
+        // Metrics are recorded (as in production) and limits checked on every event,
+        // set out of reach: the bench measures the pipeline, not the limiter's refusals.
+        // `--bare` turns both off, to measure what they cost.
+        config.metrics.listen = if args.bare { String::new() } else { "127.0.0.1:0".into() };
         config.admin.listen = String::new();
-        // Limits are checked on every event but set out of reach: the bench measures
-        // the pipeline, not the limiter's refusals.
+        config.limits.enabled = !args.bare;
         config.limits.events_per_second = 100_000_000;
         config.limits.burst = 100_000_000;
         config.limits.executions_per_second = 100_000_000;
@@ -155,7 +229,7 @@ async fn bench(app: &crate::app::RunningApp, config: &Config, args: &BenchArgs) 
     };
     let clients = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     let mut report = serde_json::Map::new();
-    let want = |s: &str| args.scenario == "all" || args.scenario == s;
+    let want = |s: &str| args.scenario == s || (args.scenario == "all" && s != "scale-run");
     eprintln!(
         "botflow bench: {} connections over {}, {} chatbots, {} cores",
         args.connections,
@@ -251,6 +325,42 @@ async fn bench(app: &crate::app::RunningApp, config: &Config, args: &BenchArgs) 
         report.insert("durable_executions_per_second".into(), json!((done as f64 / completed_in.as_secs_f64()).round()));
     }
 
+    if args.scenario == "scale-run" {
+        // One case of `scale`: no-match events over `--scale-chatbots` chatbots, each
+        // with its own supervisor (limiters, metrics), after a warm-up that starts them all.
+        let bots = create_chatbots(store, account, args.scale_chatbots).await?;
+        let rss_before = rss_bytes();
+        let (t, a) = (target.clone(), args.clone());
+        let warm = bots.clone();
+        run_on(&clients, async move {
+            blast(&t, a.connections, warm.len().max(a.connections) as u64 * 2, &warm, 0, move |i, bot, buf| {
+                event_line(buf, 4_000_000_000_000 + i, bot, "x.scale", "{}");
+            })
+            .await
+        })
+        .await?;
+        let rss_after = rss_bytes();
+        let (t, a) = (target.clone(), args.clone());
+        let r = run_on(&clients, async move {
+            blast(&t, a.connections, a.scale_events, &bots, 0, move |i, bot, buf| {
+                event_line(buf, 3_000_000_000_000 + i, bot, "x.scale", "{}");
+            })
+            .await
+        })
+        .await?;
+        let per = rss_after.saturating_sub(rss_before) as f64 / args.scale_chatbots as f64;
+        eprintln!(
+            "scale-run:   {:>10.0} events/s over {} chatbot(s){} ({} nacked); {:.0} bytes per idle supervisor",
+            r.per_second(),
+            args.scale_chatbots,
+            if args.bare { " without limits or metrics" } else { "" },
+            r.nacked,
+            per
+        );
+        report.insert("events_per_second".into(), json!(r.per_second().round()));
+        report.insert("idle_supervisor_bytes".into(), json!(per.round()));
+    }
+
     if want("latency") {
         let (t, a) = (target.clone(), args.clone());
         let bots = exec_bots.clone();
@@ -270,6 +380,28 @@ async fn bench(app: &crate::app::RunningApp, config: &Config, args: &BenchArgs) 
     }
     clients.shutdown_background();
     Ok(serde_json::Value::Object(report))
+}
+
+/// Chatbots in bulk, with one statement.
+async fn create_chatbots(store: &Store, account: Uuid, n: usize) -> anyhow::Result<Vec<Uuid>> {
+    let ids: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
+    let c = store.pool().get().await?;
+    c.execute(
+        "INSERT INTO chatbots (id, account_id, name, webhook_secret)
+         SELECT id, $2, 'bench-scale-' || ord, md5(id::text) FROM unnest($1::uuid[]) WITH ORDINALITY AS u(id, ord)",
+        &[&ids, &account],
+    )
+    .await?;
+    Ok(ids)
+}
+
+/// This process's resident memory.
+fn rss_bytes() -> u64 {
+    let pages: u64 = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse().ok()))
+        .unwrap_or(0);
+    pages * 4096
 }
 
 async fn finished_count(store: &Store) -> anyhow::Result<i64> {

@@ -58,6 +58,51 @@ pub struct IngestDeps {
 #[rtype(result = "()")]
 pub struct EventOutcomes(pub Vec<(Box<str>, Outcome, Instant)>);
 
+/// The immediate answers to one routed batch, gathered from every supervisor its
+/// events went to and sent to the connection as one message when the last is done:
+/// a batch spread over many chatbots costs one answer message, not one per chatbot.
+/// (Events whose executions must be committed first are answered by the journal.)
+pub struct BatchAnswers {
+    remaining: std::sync::atomic::AtomicUsize,
+    answers: Mutex<Vec<(Box<str>, Outcome, Instant)>>,
+    reply_to: Recipient<EventOutcomes>,
+}
+
+impl BatchAnswers {
+    /// Expects `parts` contributions (one per chatbot of the batch).
+    pub fn new(reply_to: Recipient<EventOutcomes>, parts: usize) -> Arc<BatchAnswers> {
+        Arc::new(BatchAnswers {
+            remaining: std::sync::atomic::AtomicUsize::new(parts.max(1)),
+            answers: Mutex::new(Vec::new()),
+            reply_to,
+        })
+    }
+
+    pub fn reply_to(&self) -> &Recipient<EventOutcomes> {
+        &self.reply_to
+    }
+
+    /// One part's answers; the last part sends them all.
+    pub fn add(&self, answers: Vec<(Box<str>, Outcome, Instant)>) {
+        if !answers.is_empty() {
+            self.answers.lock().unwrap_or_else(|p| p.into_inner()).extend(answers);
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let all = std::mem::take(&mut *self.answers.lock().unwrap_or_else(|p| p.into_inner()));
+            if !all.is_empty() {
+                self.reply_to.do_send(EventOutcomes(all));
+            }
+        }
+    }
+
+    /// One part's events, all refused for the same reason.
+    pub fn nack_all(&self, events: impl IntoIterator<Item = (Box<str>, Instant)>, nack: &Nack) {
+        let list: Vec<_> = events.into_iter().map(|(id, at)| (id, Outcome::Nack(nack.clone()), at)).collect();
+        m::hot().rejected(nack.code).increment(list.len() as u64);
+        self.add(list);
+    }
+}
+
 impl EventOutcomes {
     /// Nacks events (id, time read) for one reason, counting them in the metrics.
     pub fn nack_all(to: &Recipient<EventOutcomes>, events: impl IntoIterator<Item = (Box<str>, Instant)>, nack: &Nack) {
@@ -388,7 +433,6 @@ impl Connection {
                     return;
                 }
                 Incoming::Frame(Ok(ClientFrame::Event(e))) => {
-                    m::hot().received(&e.kind).increment(1);
                     events.push(e);
                 }
                 Incoming::Frame(Ok(ClientFrame::CommandAck { command_id })) => {
@@ -401,6 +445,7 @@ impl Connection {
         if let (false, Some(scope)) = (events.is_empty(), self.scope) {
             self.unanswered += events.len();
             let hot = m::hot();
+            hot.count_received(&events);
             hot.in_flight.increment(events.len() as f64);
             hot.connection_in_flight.record(self.unanswered as f64);
             self.deps.router.do_send(RouteEvents {
@@ -558,9 +603,14 @@ impl Handler<EventOutcomes> for Connection {
         let n = msg.0.len();
         let mut acked = 0u64;
         self.out.push_answers(n, |b| {
+            // One latency sample per batch read (answers of one batch share its time).
+            let mut last: Option<Instant> = None;
             for (id, outcome, received_at) in &msg.0 {
                 protocol::write_outcome(b, id, outcome);
-                hot.ack_latency.record(now.duration_since(*received_at).as_secs_f64());
+                if last != Some(*received_at) {
+                    hot.ack_latency.record(now.duration_since(*received_at).as_secs_f64());
+                    last = Some(*received_at);
+                }
                 if matches!(outcome, Outcome::Ack { .. }) {
                     acked += 1;
                 }

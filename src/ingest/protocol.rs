@@ -35,7 +35,9 @@ fn check_id(id: &str) -> Result<(), &'static str> {
 /// Whether the JSON text holds a `\u0000` escape (a NUL character, which PostgreSQL's
 /// jsonb cannot store). An escaped backslash followed by `u0000` is not one.
 fn has_nul_escape(line: &[u8]) -> bool {
-    memchr::memmem::find_iter(line, b"\\u0000").any(|at| {
+    static FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\\u0000"));
+    FINDER.find_iter(line).any(|at| {
         let backslashes = line[..at].iter().rev().take_while(|&&b| b == b'\\').count();
         backslashes % 2 == 0
     })

@@ -57,18 +57,25 @@ impl Overrides {
     }
 }
 
-/// The daemon's defaults, from the configuration.
+/// The daemon's defaults, from the configuration, and whether rates are limited at all.
 #[derive(Debug, Clone, Copy)]
-pub struct Defaults(pub Limits);
+pub struct Defaults(pub Limits, pub bool);
 
 impl Defaults {
     pub fn from_config(config: &Config) -> Defaults {
-        Defaults(Limits {
+        Defaults(
+            Limits {
             events_per_second: config.limits.events_per_second,
             burst: config.limits.burst,
             executions_per_second: config.limits.executions_per_second,
             max_concurrent: config.executor.concurrency_per_chatbot.min(u32::MAX as usize) as u32,
-        })
+            },
+            config.limits.enabled,
+        )
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.1
     }
 }
 

@@ -88,7 +88,11 @@ fn describe() {
     describe_histogram!(EXECUTION_DURATION, Unit::Seconds, "Time from an execution's start to its final status.");
     describe_histogram!(STEP_DURATION, Unit::Seconds, "Time one step attempt took, by action.");
     describe_counter!(STEPS, Unit::Count, "Step attempts by action and outcome.");
-    describe_histogram!(ACK_LATENCY, Unit::Seconds, "Time from reading an event to writing its ack or nack.");
+    describe_histogram!(
+        ACK_LATENCY,
+        Unit::Seconds,
+        "Time from reading events to writing their acks or nacks (one sample per batch read)."
+    );
     describe_counter!(
         RATE_LIMITED,
         Unit::Count,
@@ -135,6 +139,21 @@ impl Hot {
         self.received.iter().find(|(k, _)| k == kind).map(|(_, c)| c).unwrap_or(&self.received_custom)
     }
 
+    /// Counts a batch of events by type with one add per type.
+    pub fn count_received(&self, events: &[crate::event::Event]) {
+        let mut counts = [0u64; 7];
+        for e in events {
+            let i = EventType::NATIVE.iter().position(|k| *k == e.kind).unwrap_or(6);
+            counts[i] += 1;
+        }
+        for (i, n) in counts.iter().enumerate().filter(|(_, n)| **n > 0) {
+            match self.received.get(i) {
+                Some((_, c)) => c.increment(*n),
+                None => self.received_custom.increment(*n),
+            }
+        }
+    }
+
     pub fn rejected(&self, code: NackCode) -> &Counter {
         // ALL lists every code, so the lookup always succeeds.
         &self.rejected.iter().find(|(c, _)| *c == code).unwrap_or(&self.rejected[0]).1
@@ -143,10 +162,10 @@ impl Hot {
 
 static HOT: OnceLock<Hot> = OnceLock::new();
 
-/// The hot-path handles; the recorder is installed first if it was not.
+/// The hot-path handles, bound to the recorder installed at the time of the first
+/// call (none when metrics are disabled: then they cost nothing).
 pub fn hot() -> &'static Hot {
     HOT.get_or_init(|| {
-        install();
         let hot = Hot {
             received: EventType::NATIVE
                 .iter()
