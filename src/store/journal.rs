@@ -811,7 +811,7 @@ WITH ins AS (
     FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::text[], $6::text[], $8::text[], $9::int4[], $11::bool[])
          AS u(id, chatbot_id, workflow_id, workflow_version, event_id, event_type, conversation_id, doc, leased)
     ON CONFLICT (workflow_id, event_id) DO NOTHING
-    RETURNING id
+    RETURNING id, chatbot_id, workflow_id
 ), upd AS (
     UPDATE executions e
     SET status = u.status, attempt = u.attempt, step_index = u.step_index,
@@ -825,9 +825,43 @@ WITH ins AS (
         lease_owner = CASE WHEN u.release THEN NULL ELSE e.lease_owner END
     FROM unnest($12::uuid[], $13::int8[], $14::text[], $15::int4[], $16::int4[], $17::text[], $18::timestamptz[],
                 $19::timestamptz[], $20::timestamptz[], $21::text[], $22::bool[])
-         AS u(id, epoch, status, attempt, step_index, outputs, run_after, started_at, finished_at, error, release)
-    WHERE e.id = u.id AND e.lease_owner = $10 AND e.lease_epoch = u.epoch
-    RETURNING e.id
+         AS u(id, epoch, status, attempt, step_index, outputs, run_after, started_at, finished_at, error, release),
+         executions prev
+    WHERE e.id = u.id AND e.lease_owner = $10 AND e.lease_epoch = u.epoch AND prev.id = e.id
+    -- `prev` is the row as this statement found it: an outcome is counted in the rollups
+    -- only when it is new (a retried write may apply the same final update twice).
+    RETURNING e.id, e.chatbot_id, e.workflow_id, e.created_at, e.status, e.duration_ms, prev.status AS old_status
+), ended AS (
+    SELECT * FROM upd
+    WHERE status IN ('succeeded', 'failed', 'dead') AND old_status NOT IN ('succeeded', 'failed', 'dead')
+), stats AS (
+    -- One upsert for both (one command may not update a row twice).
+    INSERT INTO execution_stats (chatbot_id, workflow_id, minute, created, succeeded, failed, dead)
+    SELECT chatbot_id, workflow_id, minute, sum(created), sum(succeeded), sum(failed), sum(dead)
+    FROM (
+        SELECT chatbot_id, workflow_id, date_trunc('minute', now()) AS minute, 1 AS created,
+               0 AS succeeded, 0 AS failed, 0 AS dead
+        FROM ins
+        UNION ALL
+        SELECT chatbot_id, workflow_id, date_trunc('minute', created_at), 0,
+               (status = 'succeeded')::int, (status = 'failed')::int, (status = 'dead')::int
+        FROM ended
+    ) c
+    GROUP BY 1, 2, 3
+    ON CONFLICT (chatbot_id, workflow_id, minute) DO UPDATE
+        SET created = execution_stats.created + EXCLUDED.created,
+            succeeded = execution_stats.succeeded + EXCLUDED.succeeded,
+            failed = execution_stats.failed + EXCLUDED.failed,
+            dead = execution_stats.dead + EXCLUDED.dead
+), stats_durations AS (
+    INSERT INTO execution_durations (chatbot_id, workflow_id, minute, bucket, count)
+    SELECT chatbot_id, workflow_id, date_trunc('minute', created_at),
+           CASE WHEN duration_ms < 1 THEN 0
+                ELSE least(191, floor(8 * log(duration_ms) / log(2.0::float8))::int + 1) END,
+           count(*)
+    FROM ended WHERE duration_ms IS NOT NULL GROUP BY 1, 2, 3, 4
+    ON CONFLICT (chatbot_id, workflow_id, minute, bucket) DO UPDATE
+        SET count = execution_durations.count + EXCLUDED.count
 ), steps AS (
     INSERT INTO execution_steps
         (execution_id, step_index, attempt, step_id, action, status, started_at, finished_at, output, error)
@@ -899,7 +933,14 @@ impl LaneConn {
     async fn open(store: &Store) -> Result<LaneConn, StoreError> {
         let client = store.dedicated().await?;
         // The server gives up on a write the lane has given up on too.
-        client.batch_execute(&format!("SET statement_timeout = {}", WRITE_TIMEOUT.as_millis())).await?;
+        // Plans are made for each write: a generic plan fixed while the tables were
+        // small (a sequential scan of executions) would stay for the connection's life.
+        client
+            .batch_execute(&format!(
+                "SET statement_timeout = {}; SET plan_cache_mode = force_custom_plan",
+                WRITE_TIMEOUT.as_millis()
+            ))
+            .await?;
         let write = client.prepare(WRITE_SQL).await?;
         let existing = client.prepare(EXISTING_SQL).await?;
         let dead_letter = client.prepare(DEAD_LETTER_SQL).await?;
