@@ -3,6 +3,9 @@
 -- rollups make analytics over millions of executions cheap.
 
 CREATE UNIQUE INDEX workflows_chatbot_name_idx ON workflows (chatbot_id, name) WHERE deleted_at IS NULL;
+DROP INDEX chatbots_account_idx;
+CREATE INDEX chatbots_account_page_idx ON chatbots (account_id, created_at, id);
+CREATE INDEX chatbots_page_idx ON chatbots (created_at, id);
 CREATE INDEX workflows_chatbot_page_idx ON workflows (chatbot_id, created_at, id) WHERE deleted_at IS NULL;
 
 -- History pages are (created_at, id) descending within a chatbot, for each filter.

@@ -183,6 +183,8 @@ impl App {
             }
         });
 
+        // Open socket connections and HTTP ingest requests: the shutdown drain waits for both.
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
         let admin_server = match admin_listener {
             Some(l) => Some(crate::admin::start(
@@ -191,6 +193,9 @@ impl App {
                     store: store.clone(),
                     router: router.clone(),
                     limit_defaults: crate::store::limits::Defaults::from_config(config),
+                    shutdown: shutdown.clone(),
+                    connections: connections.clone(),
+                    max_frame_bytes: config.ingest.max_frame_bytes,
                 },
                 2,
             )?),
@@ -202,7 +207,6 @@ impl App {
             _ => None,
         };
 
-        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let ingest = Arc::new(IngestDeps {
             store: store.clone(),
             router: router.clone(),

@@ -30,6 +30,10 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Bench(args) => botflow::cli::bench::run(config, args),
+        Command::Openapi => botflow::admin::openapi()
+            .to_pretty_json()
+            .map(|doc| println!("{doc}"))
+            .map_err(anyhow::Error::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

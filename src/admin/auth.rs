@@ -44,6 +44,14 @@ impl Caller {
         self.is_operator() || self.principal.account_id == account
     }
 
+    /// The chatbot of a resource found by its own id (an execution, a dead letter), if
+    /// this caller may reach it; otherwise the resource is "not found", named as asked.
+    pub async fn owner(&self, state: &AdminState, chatbot: Option<Uuid>, what: &str, id: Uuid) -> Result<ChatbotRecord, ApiError> {
+        let missing = || ApiError::not_found(format!("{what} {id} not found"));
+        let chatbot = chatbot.ok_or_else(missing)?;
+        self.chatbot(state, chatbot).await.map_err(|e| if e.status == 404 { missing() } else { e })
+    }
+
     /// The chatbot, if this caller may reach it (admins: their own account's; operators:
     /// any). Anything else is "not found", with no hint that it exists.
     pub async fn chatbot(&self, state: &AdminState, id: Uuid) -> Result<ChatbotRecord, ApiError> {

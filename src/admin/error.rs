@@ -13,17 +13,51 @@ pub struct ApiError {
     pub field: Option<String>,
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
-    error: Inner<'a>,
+/// Every error the API answers.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody<'a> {
+    pub error: ErrorDetail<'a>,
 }
 
-#[derive(Serialize)]
-struct Inner<'a> {
-    code: &'a str,
-    message: &'a str,
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail<'a> {
+    /// bad_request, unauthenticated, forbidden, not_found, conflict, too_large,
+    /// unsupported_media_type, invalid, unavailable or internal.
+    pub code: &'a str,
+    /// What went wrong, for a person.
+    pub message: &'a str,
+    /// The request field at fault, when one is.
     #[serde(skip_serializing_if = "Option::is_none")]
-    field: Option<&'a str>,
+    pub field: Option<&'a str>,
+}
+
+/// The error answers every endpoint may give, for the OpenAPI document.
+pub struct Errors;
+
+impl utoipa::IntoResponses for Errors {
+    fn responses() -> std::collections::BTreeMap<String, utoipa::openapi::RefOr<utoipa::openapi::response::Response>> {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        [
+            ("400", "Malformed request: bad JSON, wrong types, unknown fields, bad ids or cursors"),
+            ("401", "Missing or unknown key"),
+            ("403", "The key's role may not do this"),
+            ("404", "No such resource, or it belongs to another account"),
+            ("409", "Conflicts with the current state"),
+            ("413", "The body is too large"),
+            ("415", "The body is not JSON"),
+            ("422", "Well-formed but not valid; `field` names the problem"),
+            ("503", "The database is unreachable or the daemon is draining; try again"),
+        ]
+        .into_iter()
+        .map(|(status, description)| {
+            let content = ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build();
+            (
+                status.to_string(),
+                ResponseBuilder::new().description(description).content("application/json", content).build().into(),
+            )
+        })
+        .collect()
+    }
 }
 
 impl ApiError {
@@ -56,6 +90,10 @@ impl ApiError {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
+    pub fn too_large(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message)
+    }
+
     pub fn conflict(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::CONFLICT, "conflict", message)
     }
@@ -77,8 +115,8 @@ impl ResponseError for ApiError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.status).json(Body {
-            error: Inner { code: self.code, message: &self.message, field: self.field.as_deref() },
+        HttpResponse::build(self.status).json(ErrorBody {
+            error: ErrorDetail { code: self.code, message: &self.message, field: self.field.as_deref() },
         })
     }
 }
@@ -91,6 +129,7 @@ impl From<crate::store::StoreError> for ApiError {
         match &e {
             StoreError::NotFound { what, id } => ApiError::not_found(format!("{what} {id} not found")),
             StoreError::Invalid(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", m.clone()),
+            StoreError::Conflict(m) => ApiError::conflict(m.clone()),
             _ if e.is_transient() => ApiError::unavailable("the database is unreachable; try again"),
             _ => {
                 tracing::error!(error = %e, "admin API database error");

@@ -2,16 +2,16 @@
 //! defaults, current usage and the recent changes) and `PUT` (operators only).
 
 use super::auth::Caller;
-use super::error::ApiError;
+use super::error::{ApiError, Errors};
 use super::AdminState;
 use crate::chatbot::limits::{Limits, Usage};
 use crate::router::ChatbotUsage;
 use crate::store::limits::{self, Change, Overrides};
-use actix_web::{web, HttpResponse};
+use actix_web::{get, put, web, HttpResponse};
 use serde::Serialize;
 use uuid::Uuid;
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct LimitsView {
     pub chatbot_id: Uuid,
     /// In force: the chatbot's own values, the defaults for the rest.
@@ -36,11 +36,24 @@ async fn view(state: &AdminState, chatbot: Uuid) -> Result<LimitsView, ApiError>
     })
 }
 
+#[utoipa::path(
+    tag = "limits",
+    params(("id" = Uuid, Path, description = "Chatbot id")),
+    responses((status = 200, description = "The limits in force, the chatbot's own values, the defaults, usage and recent changes", body = LimitsView), Errors)
+)]
+#[get("/v1/chatbots/{id}/limits")]
 pub async fn get(state: web::Data<AdminState>, caller: Caller, path: web::Path<Uuid>) -> Result<HttpResponse, ApiError> {
     let bot = caller.chatbot(&state, path.into_inner()).await?;
     Ok(HttpResponse::Ok().json(view(&state, bot.id).await?))
 }
 
+#[utoipa::path(
+    tag = "limits",
+    params(("id" = Uuid, Path, description = "Chatbot id")),
+    request_body = Overrides,
+    responses((status = 200, description = "Saved; in force on every daemon within a second", body = LimitsView), Errors)
+)]
+#[put("/v1/chatbots/{id}/limits")]
 pub async fn put(
     state: web::Data<AdminState>,
     caller: Caller,

@@ -15,7 +15,7 @@ use std::num::NonZeroU32;
 use std::time::Duration;
 
 /// The limits in force for one chatbot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Limits {
     pub events_per_second: u32,
     pub burst: u32,
@@ -24,7 +24,7 @@ pub struct Limits {
 }
 
 /// What a chatbot is using of its limits right now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Usage {
     /// Events it may send at once now.
     pub events_available: u32,

@@ -98,7 +98,7 @@ fn actor(by: Option<String>) -> String {
 pub fn dlq(config: Config, cmd: DlqCmd) -> anyhow::Result<()> {
     match cmd {
         DlqCmd::List { chatbot, all, limit, json } => {
-            let letters = run(&config, async |s| Ok(dead_letters::list(s, chatbot, all, limit).await?))?;
+            let letters = run(&config, async |s| Ok(dead_letters::list(s, &dead_letters::Filter { chatbot_id: chatbot, state: if all { dead_letters::State::All } else { dead_letters::State::Open }, ..Default::default() }, None, limit).await?))?;
             if json {
                 for dl in &letters {
                     println!("{}", serde_json::to_string(dl)?);

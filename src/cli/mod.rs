@@ -54,6 +54,8 @@ pub enum Command {
     Send(send::SendArgs),
     /// Measure the daemon's throughput and latency against a real PostgreSQL
     Bench(bench::BenchArgs),
+    /// Print the admin API's OpenAPI document (the one served at /v1/openapi.json)
+    Openapi,
 }
 
 #[derive(Subcommand, Debug)]

@@ -517,7 +517,7 @@ impl Nack {
 }
 
 /// One execution an event created (or had created before, for a duplicate).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ExecutionRef {
     pub execution_id: Uuid,
     pub workflow_id: Uuid,

@@ -223,3 +223,50 @@ mod tests {
         assert!("root".parse::<Role>().unwrap_err().contains("root"));
     }
 }
+
+/// A chatbot as the admin API shows it (never its webhook secret).
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct ChatbotRow {
+    pub id: Uuid,
+    pub account_id: Uuid,
+    pub name: String,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    /// Workflows that are not deleted.
+    pub workflows: i64,
+}
+
+const CHATBOT_ROW: &str = "c.id, c.account_id, c.name, c.created_at,
+    (SELECT count(*) FROM workflows w WHERE w.chatbot_id = c.id AND w.deleted_at IS NULL)";
+
+fn to_chatbot_row(r: &tokio_postgres::Row) -> ChatbotRow {
+    ChatbotRow { id: r.get(0), account_id: r.get(1), name: r.get(2), created_at: r.get(3), workflows: r.get(4) }
+}
+
+pub async fn chatbot_row(store: &Store, id: Uuid) -> StoreResult<Option<ChatbotRow>> {
+    let client = store.pool().get().await?;
+    let row = client.query_opt(&format!("SELECT {CHATBOT_ROW} FROM chatbots c WHERE c.id = $1"), &[&id]).await?;
+    Ok(row.as_ref().map(to_chatbot_row))
+}
+
+/// A page of chatbots (of one account, or all), oldest first, after `(created_at, id)`.
+pub async fn list_chatbots(
+    store: &Store,
+    account: Option<Uuid>,
+    after: Option<(chrono::DateTime<chrono::Utc>, Uuid)>,
+    limit: i64,
+) -> StoreResult<Vec<ChatbotRow>> {
+    let client = store.pool().get().await?;
+    let (at, id) = after.unzip();
+    let rows = client
+        .query(
+            &format!(
+                "SELECT {CHATBOT_ROW} FROM chatbots c
+                 WHERE ($1::uuid IS NULL OR c.account_id = $1)
+                   AND ($2::timestamptz IS NULL OR (c.created_at, c.id) > ($2, $3))
+                 ORDER BY c.created_at, c.id LIMIT $4"
+            ),
+            &[&account, &at, &id, &limit],
+        )
+        .await?;
+    Ok(rows.iter().map(to_chatbot_row).collect())
+}

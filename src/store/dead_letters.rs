@@ -6,9 +6,10 @@ use super::listen::WAKE_CHANNEL;
 use super::{Store, StoreError, StoreResult};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct DeadLetter {
     pub id: Uuid,
     pub execution_id: Uuid,
@@ -60,20 +61,85 @@ fn from_row(r: &tokio_postgres::Row) -> DeadLetter {
     }
 }
 
-/// Dead letters, newest first; only open ones unless `all`.
-pub async fn list(store: &Store, chatbot: Option<Uuid>, all: bool, limit: i64) -> StoreResult<Vec<DeadLetter>> {
+/// Which dead letters a list or a bulk action covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Neither replayed nor discarded (the default).
+    #[default]
+    Open,
+    Replayed,
+    Discarded,
+    All,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub chatbot_id: Option<Uuid>,
+    pub workflow_id: Option<Uuid>,
+    pub state: State,
+    /// Died at or after.
+    pub since: Option<DateTime<Utc>>,
+    /// Died before.
+    pub until: Option<DateTime<Utc>>,
+    /// Text in the last error (case-insensitive, taken literally).
+    pub q: Option<String>,
+}
+
+impl Filter {
+    /// The WHERE clause (over `dead_letters`) and its parameters, numbered from 1.
+    fn sql(&self) -> (String, Vec<Box<dyn ToSql + Sync + Send>>) {
+        let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+        let mut sql = String::from(match self.state {
+            State::Open => "replayed_at IS NULL AND discarded_at IS NULL",
+            State::Replayed => "replayed_at IS NOT NULL",
+            State::Discarded => "discarded_at IS NOT NULL",
+            State::All => "true",
+        });
+        let mut and = |clause: &str, value: Box<dyn ToSql + Sync + Send>| {
+            params.push(value);
+            sql.push_str(&clause.replace("$?", &format!("${}", params.len())));
+        };
+        if let Some(c) = self.chatbot_id {
+            and(" AND chatbot_id = $?", Box::new(c));
+        }
+        if let Some(w) = self.workflow_id {
+            and(" AND workflow_id = $?", Box::new(w));
+        }
+        if let Some(t) = self.since {
+            and(" AND created_at >= $?", Box::new(t));
+        }
+        if let Some(t) = self.until {
+            and(" AND created_at < $?", Box::new(t));
+        }
+        if let Some(q) = &self.q {
+            and(" AND last_error ILIKE $? ESCAPE '\\'", Box::new(super::executions::like_literal(q)));
+        }
+        (sql, params)
+    }
+}
+
+fn refs(params: &[Box<dyn ToSql + Sync + Send>]) -> Vec<&(dyn ToSql + Sync)> {
+    params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect()
+}
+
+/// A page of dead letters, newest first, older than the `(created_at, id)` given.
+pub async fn list(
+    store: &Store,
+    filter: &Filter,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
+) -> StoreResult<Vec<DeadLetter>> {
+    let (mut clause, mut params) = filter.sql();
+    if let Some((at, id)) = after {
+        params.push(Box::new(at));
+        params.push(Box::new(id));
+        clause.push_str(&format!(" AND (created_at, id) < (${}, ${})", params.len() - 1, params.len()));
+    }
+    params.push(Box::new(limit));
+    let sql = format!("SELECT {COLUMNS} FROM dead_letters WHERE {clause} ORDER BY created_at DESC, id DESC LIMIT ${}", params.len());
     let client = store.pool().get().await?;
-    let rows = client
-        .query(
-            &format!(
-                "SELECT {COLUMNS} FROM dead_letters
-                 WHERE ($1::uuid IS NULL OR chatbot_id = $1)
-                   AND ($2 OR (replayed_at IS NULL AND discarded_at IS NULL))
-                 ORDER BY created_at DESC, id DESC LIMIT $3"
-            ),
-            &[&chatbot, &all, &limit],
-        )
-        .await?;
+    let rows = client.query(&sql, &refs(&params)).await?;
     Ok(rows.iter().map(from_row).collect())
 }
 
@@ -83,45 +149,125 @@ pub async fn get(store: &Store, id: Uuid) -> StoreResult<DeadLetter> {
     row.as_ref().map(from_row).ok_or_else(|| StoreError::NotFound { what: "dead letter", id: id.to_string() })
 }
 
-/// Locks an open dead letter in `tx`, or says why it cannot be acted on.
-async fn lock_open(tx: &tokio_postgres::Transaction<'_>, id: Uuid) -> StoreResult<DeadLetter> {
-    let row = tx.query_opt(&format!("SELECT {COLUMNS} FROM dead_letters WHERE id = $1 FOR UPDATE"), &[&id]).await?;
-    let dl = row.as_ref().map(from_row).ok_or_else(|| StoreError::NotFound { what: "dead letter", id: id.to_string() })?;
-    match dl.state() {
-        "open" => Ok(dl),
-        state => Err(StoreError::Invalid(format!("dead letter {id} was already {state}"))),
+/// Replays the open letters among `ids`: one more attempt of each dead execution, from
+/// the step that failed. The rollups forget the death (the execution counts again when
+/// it ends). Running daemons hear of it through NOTIFY and pick the work up at once.
+/// Returns the letters replayed.
+const REPLAY_SQL: &str = "
+WITH dl AS (
+    SELECT id, execution_id FROM dead_letters
+    WHERE id = ANY($1) AND replayed_at IS NULL AND discarded_at IS NULL
+    FOR UPDATE SKIP LOCKED
+), ex AS (
+    UPDATE executions e
+    SET status = 'queued', attempt = e.attempt + 1, run_after = now(), lease_owner = NULL,
+        error = NULL, finished_at = NULL, duration_ms = NULL
+    FROM dl, executions prev
+    WHERE e.id = dl.execution_id AND e.status = 'dead' AND prev.id = e.id
+    RETURNING e.id, e.chatbot_id, e.workflow_id, e.created_at, prev.duration_ms
+), marked AS (
+    UPDATE dead_letters d SET replayed_at = now(), replayed_by = $2
+    FROM dl JOIN ex ON ex.id = dl.execution_id
+    WHERE d.id = dl.id
+    RETURNING d.id, d.chatbot_id
+), stats AS (
+    UPDATE execution_stats s SET dead = s.dead - c.n
+    FROM (SELECT chatbot_id, workflow_id, date_trunc('minute', created_at) AS minute, count(*) AS n
+          FROM ex GROUP BY 1, 2, 3) c
+    WHERE s.chatbot_id = c.chatbot_id AND s.workflow_id = c.workflow_id AND s.minute = c.minute
+), durations AS (
+    UPDATE execution_durations s SET count = s.count - c.n
+    FROM (SELECT chatbot_id, workflow_id, date_trunc('minute', created_at) AS minute,
+                 CASE WHEN duration_ms < 1 THEN 0
+                      ELSE least(191, floor(8 * log(duration_ms) / log(2.0::float8))::int + 1) END AS bucket,
+                 count(*) AS n
+          FROM ex WHERE duration_ms IS NOT NULL GROUP BY 1, 2, 3, 4) c
+    WHERE s.chatbot_id = c.chatbot_id AND s.workflow_id = c.workflow_id AND s.minute = c.minute
+      AND s.bucket = c.bucket
+), woken AS (
+    SELECT pg_notify($3, chatbot_id::text) FROM (SELECT DISTINCT chatbot_id FROM marked) m
+)
+SELECT id FROM marked, (SELECT count(*) FROM woken) w";
+
+const DISCARD_SQL: &str = "
+UPDATE dead_letters SET discarded_at = now(), discarded_by = $2
+WHERE id = ANY($1) AND replayed_at IS NULL AND discarded_at IS NULL
+RETURNING id";
+
+/// Replays (`true`) or discards the open letters among `ids`; returns those acted on.
+async fn act(store: &Store, replay: bool, ids: &[Uuid], by: &str) -> StoreResult<Vec<Uuid>> {
+    let client = store.pool().get().await?;
+    let rows = if replay {
+        client.query(REPLAY_SQL, &[&ids, &by, &WAKE_CHANNEL]).await?
+    } else {
+        client.query(DISCARD_SQL, &[&ids, &by]).await?
+    };
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Why an action on one letter did nothing.
+async fn not_open(store: &Store, id: Uuid) -> StoreError {
+    match get(store, id).await {
+        Ok(dl) if dl.state() == "open" => {
+            StoreError::Conflict(format!("dead letter {id} is being acted on by someone else; try again"))
+        }
+        Ok(dl) => StoreError::Conflict(format!("dead letter {id} was already {}", dl.state())),
+        Err(e) => e,
     }
 }
 
-/// Starts one more attempt of the dead execution, from the step that failed. Running
-/// daemons hear of it through NOTIFY and pick it up at once.
+/// Starts one more attempt of the dead execution, from the step that failed.
 pub async fn replay(store: &Store, id: Uuid, by: &str) -> StoreResult<DeadLetter> {
-    let mut client = store.pool().get().await?;
-    let tx = client.transaction().await?;
-    let dl = lock_open(&tx, id).await?;
-    let n = tx
-        .execute(
-            "UPDATE executions SET status = 'queued', attempt = attempt + 1, run_after = now(), lease_owner = NULL,
-                    error = NULL, finished_at = NULL, duration_ms = NULL
-             WHERE id = $1 AND status = 'dead'",
-            &[&dl.execution_id],
-        )
-        .await?;
-    if n == 0 {
-        return Err(StoreError::Invalid(format!("execution {} is no longer dead", dl.execution_id)));
+    if act(store, true, &[id], by).await?.is_empty() {
+        return Err(not_open(store, id).await);
     }
-    tx.execute("UPDATE dead_letters SET replayed_at = now(), replayed_by = $2 WHERE id = $1", &[&id, &by]).await?;
-    tx.execute("SELECT pg_notify($1, $2)", &[&WAKE_CHANNEL, &dl.chatbot_id.to_string()]).await?;
-    tx.commit().await?;
     get(store, id).await
 }
 
 /// Gives up on the dead execution for good, recording who did it.
 pub async fn discard(store: &Store, id: Uuid, by: &str) -> StoreResult<DeadLetter> {
-    let mut client = store.pool().get().await?;
-    let tx = client.transaction().await?;
-    lock_open(&tx, id).await?;
-    tx.execute("UPDATE dead_letters SET discarded_at = now(), discarded_by = $2 WHERE id = $1", &[&id, &by]).await?;
-    tx.commit().await?;
+    if act(store, false, &[id], by).await?.is_empty() {
+        return Err(not_open(store, id).await);
+    }
     get(store, id).await
+}
+
+/// Replays (or discards) every open letter the filter matches, at most `max`, in
+/// batches; returns how many.
+pub async fn act_matching(store: &Store, filter: &Filter, replay: bool, by: &str, max: i64) -> StoreResult<i64> {
+    let filter = Filter { state: State::Open, ..filter.clone() };
+    let (clause, mut params) = filter.sql();
+    let mut done = 0i64;
+    let mut after: Option<(DateTime<Utc>, Uuid)> = None;
+    let base = params.len();
+    while done < max {
+        let batch = (max - done).min(500);
+        params.truncate(base);
+        let mut page = clause.clone();
+        if let Some((at, id)) = after {
+            params.push(Box::new(at));
+            params.push(Box::new(id));
+            page.push_str(&format!(" AND (created_at, id) < (${}, ${})", params.len() - 1, params.len()));
+        }
+        params.push(Box::new(batch));
+        let sql = format!(
+            "SELECT id, created_at FROM dead_letters WHERE {page} ORDER BY created_at DESC, id DESC LIMIT ${}",
+            params.len()
+        );
+        let rows = {
+            let client = store.pool().get().await?;
+            client.query(&sql, &refs(&params)).await?
+        };
+        if rows.is_empty() {
+            break;
+        }
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
+        after = rows.last().map(|r| (r.get(1), r.get(0)));
+        let acted = act(store, replay, &ids, by).await?;
+        done += acted.len() as i64;
+        if (rows.len() as i64) < batch {
+            break;
+        }
+    }
+    Ok(done)
 }

@@ -17,6 +17,9 @@ pub enum StoreError {
     Invalid(String),
     #[error("{what} {id} does not exist")]
     NotFound { what: &'static str, id: String },
+    /// The change clashes with the current state (a name taken, a letter already replayed).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl StoreError {
@@ -25,7 +28,7 @@ impl StoreError {
         match self {
             StoreError::Pool(_) | StoreError::Connect(_) => true,
             StoreError::Db(e) => is_transient_db(e),
-            StoreError::Migrate(_) | StoreError::Invalid(_) | StoreError::NotFound { .. } => false,
+            StoreError::Migrate(_) | StoreError::Invalid(_) | StoreError::NotFound { .. } | StoreError::Conflict(_) => false,
         }
     }
 
@@ -62,6 +65,11 @@ pub fn is_transient_db(e: &tokio_postgres::Error) -> bool {
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Whether the server refused a row because a unique index already holds its key.
+pub fn is_unique_violation(e: &StoreError) -> bool {
+    matches!(e, StoreError::Db(db) if db.code() == Some(&SqlState::UNIQUE_VIOLATION))
+}
 
 /// tokio-postgres prints "db error" for every server error; the server's message (and
 /// SQLSTATE) is what tells an operator what happened.

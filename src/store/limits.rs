@@ -12,7 +12,7 @@ use uuid::Uuid;
 pub const LIMITS_CHANNEL: &str = "botflow_limits";
 
 /// A chatbot's own values; `None` means the daemon's default.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Overrides {
     #[serde(default)]
@@ -147,7 +147,7 @@ pub async fn set(store: &Store, chatbot: Uuid, new: Overrides, by: &str) -> Stor
 }
 
 /// One recorded change.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Change {
     pub changed_at: DateTime<Utc>,
     pub changed_by: String,

@@ -8,6 +8,7 @@ pub mod accounts;
 pub mod dead_letters;
 pub mod embedded;
 pub mod error;
+pub mod executions;
 pub mod journal;
 pub mod leases;
 pub mod limits;

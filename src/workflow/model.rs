@@ -32,7 +32,7 @@ fn present_value<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Er
 }
 
 /// One workflow of one chatbot.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WorkflowSpec {
     pub name: String,
@@ -51,7 +51,7 @@ pub struct WorkflowSpec {
 }
 
 /// The event type a workflow listens to, plus at most one type-specific filter.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Trigger {
     pub event: String,
@@ -86,7 +86,7 @@ impl Trigger {
 }
 
 /// `message.received`: any of the keywords appears as a whole word in `data.text`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KeywordFilter {
     pub any: Vec<String>,
@@ -96,7 +96,7 @@ pub struct KeywordFilter {
 
 /// `intent.detected`: `data.name` is one of `names` (empty = any intent) with
 /// `data.confidence >= min_confidence`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IntentFilter {
     #[serde(default)]
@@ -107,7 +107,7 @@ pub struct IntentFilter {
 
 /// `sentiment.analyzed`: `data.label` is one of `labels` (when given) and
 /// `score_above < data.score < score_below` for the bounds that are given.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SentimentFilter {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -120,7 +120,7 @@ pub struct SentimentFilter {
 
 /// `image.uploaded`: one of `labels_any` is in `data.labels` (when given) and
 /// `data.mime_type` is one of `mime_types` (when given).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ImageFilter {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -130,7 +130,7 @@ pub struct ImageFilter {
 }
 
 /// A test on one field of the event document, e.g. `data.mime_type eq "image/png"`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Condition {
     pub path: String,
@@ -143,7 +143,7 @@ pub struct Condition {
     pub value: Option<Value>,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ConditionOp {
     Eq,
@@ -177,7 +177,7 @@ impl ConditionOp {
 
 /// Per-workflow overrides of the daemon's retry defaults; unset fields fall back to
 /// the configuration.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetryPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -191,7 +191,7 @@ pub struct RetryPolicy {
 }
 
 /// One step of a workflow, tagged by `action`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(tag = "action", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Step {
     Webhook {
@@ -320,7 +320,7 @@ pub fn parse_workflows(bytes: &[u8]) -> Result<Vec<WorkflowSpec>, ValidationErro
 
 /// Deserialises and validates one workflow; an empty `field` in the error means the
 /// workflow object itself (the caller names it).
-fn parse_one(doc: &Value) -> Result<WorkflowSpec, ValidationError> {
+pub fn parse_one(doc: &Value) -> Result<WorkflowSpec, ValidationError> {
     let spec: WorkflowSpec = match serde_path_to_error::deserialize(doc) {
         Ok(spec) => spec,
         Err(err) => {

@@ -1,0 +1,99 @@
+//! `/v1/chatbots`: create (in the caller's account; operators may name another),
+//! list (the caller's account; operators: all, or one account) and read one.
+
+use super::auth::Caller;
+use super::error::{ApiError, Errors};
+use super::page::{self, Page, Position};
+use super::AdminState;
+use crate::store::accounts::{self, ChatbotRow};
+use actix_web::{get, post, web, HttpResponse};
+use serde::Deserialize;
+use uuid::Uuid;
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewChatbot {
+    /// 1 to 200 characters.
+    pub name: String,
+    /// The owning account: the caller's own when absent (only operators may name another).
+    #[serde(default)]
+    pub account_id: Option<Uuid>,
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// Operators: only this account's chatbots.
+    pub account_id: Option<Uuid>,
+    /// 1 to 500 (default 50).
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+}
+
+#[utoipa::path(
+    tag = "chatbots",
+    request_body = NewChatbot,
+    responses((status = 201, description = "Created", body = ChatbotRow), Errors)
+)]
+#[post("/v1/chatbots")]
+pub async fn create(state: web::Data<AdminState>, caller: Caller, body: web::Json<NewChatbot>) -> Result<HttpResponse, ApiError> {
+    caller.require_admin()?;
+    let body = body.into_inner();
+    let account = body.account_id.unwrap_or(caller.principal.account_id);
+    if !caller.reaches(account) {
+        return Err(ApiError::not_found(format!("account {account} not found")).field("account_id"));
+    }
+    let name = body.name.trim();
+    if name.is_empty() || name.chars().count() > 200 {
+        return Err(ApiError::invalid("name", "name must be 1 to 200 characters"));
+    }
+    let id = accounts::create_chatbot(&state.store, account, name).await.map_err(|e| match e {
+        crate::store::StoreError::NotFound { .. } => {
+            ApiError::not_found(format!("account {account} not found")).field("account_id")
+        }
+        e => e.into(),
+    })?;
+    let row = accounts::chatbot_row(&state.store, id).await?.ok_or_else(|| ApiError::unavailable("try again"))?;
+    Ok(HttpResponse::Created().json(row))
+}
+
+#[utoipa::path(
+    tag = "chatbots",
+    params(ListQuery),
+    responses((status = 200, description = "A page of chatbots, oldest first", body = Page<ChatbotRow>), Errors)
+)]
+#[get("/v1/chatbots")]
+pub async fn list(state: web::Data<AdminState>, caller: Caller, q: web::Query<ListQuery>) -> Result<HttpResponse, ApiError> {
+    caller.require_admin()?;
+    let limit = page::limit(q.limit)?;
+    let account = if caller.is_operator() {
+        q.account_id
+    } else {
+        // An admin sees its own account only; naming another finds nothing.
+        match q.account_id {
+            Some(a) if a != caller.principal.account_id => {
+                return Ok(HttpResponse::Ok().json(Page::<ChatbotRow> { items: vec![], next_cursor: None }))
+            }
+            _ => Some(caller.principal.account_id),
+        }
+    };
+    let query = format!("chatbots:{account:?}");
+    let after = q.cursor.as_deref().map(|c| page::decode(c, &query)?.time()).transpose()?;
+    let rows = accounts::list_chatbots(&state.store, account, after, limit + 1).await?;
+    Ok(HttpResponse::Ok().json(page::page(rows, limit, &query, |r| Position::at(r.created_at, r.id))))
+}
+
+#[utoipa::path(
+    tag = "chatbots",
+    params(("id" = Uuid, Path, description = "Chatbot id")),
+    responses((status = 200, description = "The chatbot", body = ChatbotRow), Errors)
+)]
+#[get("/v1/chatbots/{id}")]
+pub async fn get(state: web::Data<AdminState>, caller: Caller, path: web::Path<Uuid>) -> Result<HttpResponse, ApiError> {
+    let bot = caller.chatbot(&state, path.into_inner()).await?;
+    let row = accounts::chatbot_row(&state.store, bot.id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("chatbot {} not found", bot.id)))?;
+    Ok(HttpResponse::Ok().json(row))
+}

@@ -1,0 +1,223 @@
+//! Dead letters: list a chatbot's (operators: everyone's), read one, replay or
+//! discard one, and replay or discard every open letter a filter matches.
+
+use super::auth::Caller;
+use super::error::{ApiError, Errors};
+use super::page::{self, Page, Position};
+use super::AdminState;
+use crate::store::dead_letters::{self, DeadLetter, Filter, State};
+use actix_web::{delete, get, post, web, HttpResponse};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The filter of a list or a bulk action.
+struct FilterQuery {
+    workflow_id: Option<Uuid>,
+    state: Option<State>,
+    since: Option<DateTime<Utc>>,
+    until: Option<DateTime<Utc>>,
+    q: Option<String>,
+}
+
+impl FilterQuery {
+    fn filter(&self, chatbot_id: Option<Uuid>) -> Result<Filter, ApiError> {
+        if self.q.as_ref().is_some_and(|t| t.chars().count() > 200 || t.contains('\0')) {
+            return Err(ApiError::bad_request("q must be at most 200 characters, without NUL").field("q"));
+        }
+        if let (Some(s), Some(u)) = (self.since, self.until) {
+            if s >= u {
+                return Err(ApiError::bad_request("since must be before until").field("since"));
+            }
+        }
+        Ok(Filter {
+            chatbot_id,
+            workflow_id: self.workflow_id,
+            state: self.state.unwrap_or_default(),
+            since: self.since,
+            until: self.until,
+            q: self.q.clone().filter(|t| !t.is_empty()),
+        })
+    }
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// Operators listing every account's letters: only this chatbot's.
+    pub chatbot_id: Option<Uuid>,
+    pub workflow_id: Option<Uuid>,
+    /// open (default), replayed, discarded or all.
+    pub state: Option<State>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    pub q: Option<String>,
+    /// 1 to 500 (default 50).
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+}
+
+impl ListQuery {
+    fn split(&self) -> FilterQuery {
+        FilterQuery {
+            workflow_id: self.workflow_id,
+            state: self.state,
+            since: self.since,
+            until: self.until,
+            q: self.q.clone(),
+        }
+    }
+}
+
+async fn page_of(state: &AdminState, f: Filter, q: &ListQuery) -> Result<Page<DeadLetter>, ApiError> {
+    let limit = page::limit(q.limit)?;
+    let query = format!("dead-letters:{f:?}");
+    let after = q.cursor.as_deref().map(|c| page::decode(c, &query)?.time()).transpose()?;
+    let rows = dead_letters::list(&state.store, &f, after, limit + 1).await?;
+    Ok(page::page(rows, limit, &query, |r| Position::at(r.created_at, r.id)))
+}
+
+#[utoipa::path(
+    tag = "dead letters",
+    params(("id" = Uuid, Path, description = "Chatbot id"), ListQuery),
+    responses((status = 200, description = "A page of the chatbot's dead letters, newest first", body = Page<DeadLetter>), Errors)
+)]
+#[get("/v1/chatbots/{id}/dead-letters")]
+pub async fn list(
+    state: web::Data<AdminState>,
+    caller: Caller,
+    path: web::Path<Uuid>,
+    q: web::Query<ListQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let bot = caller.chatbot(&state, path.into_inner()).await?;
+    if q.chatbot_id.is_some_and(|c| c != bot.id) {
+        return Err(ApiError::bad_request("chatbot_id is for GET /v1/dead-letters").field("chatbot_id"));
+    }
+    let f = q.split().filter(Some(bot.id))?;
+    Ok(HttpResponse::Ok().json(page_of(&state, f, &q).await?))
+}
+
+#[utoipa::path(
+    tag = "dead letters",
+    params(ListQuery),
+    responses((status = 200, description = "Operators: a page of every account's dead letters, newest first", body = Page<DeadLetter>), Errors)
+)]
+#[get("/v1/dead-letters")]
+pub async fn list_all(state: web::Data<AdminState>, caller: Caller, q: web::Query<ListQuery>) -> Result<HttpResponse, ApiError> {
+    caller.require_operator()?;
+    let f = q.split().filter(q.chatbot_id)?;
+    Ok(HttpResponse::Ok().json(page_of(&state, f, &q).await?))
+}
+
+async fn reachable(state: &AdminState, caller: &Caller, id: Uuid) -> Result<(), ApiError> {
+    caller.require_admin()?;
+    let chatbot = match dead_letters::get(&state.store, id).await {
+        Ok(dl) => Some(dl.chatbot_id),
+        Err(crate::store::StoreError::NotFound { .. }) => None,
+        Err(e) => return Err(e.into()),
+    };
+    caller.owner(state, chatbot, "dead letter", id).await.map(|_| ())
+}
+
+#[utoipa::path(
+    tag = "dead letters",
+    params(("id" = Uuid, Path, description = "Dead letter id")),
+    responses((status = 200, description = "The dead letter with its event, last error and every attempt", body = DeadLetter), Errors)
+)]
+#[get("/v1/dead-letters/{id}")]
+pub async fn get(state: web::Data<AdminState>, caller: Caller, path: web::Path<Uuid>) -> Result<HttpResponse, ApiError> {
+    let id = path.into_inner();
+    reachable(&state, &caller, id).await?;
+    Ok(HttpResponse::Ok().json(dead_letters::get(&state.store, id).await?))
+}
+
+fn by(caller: &Caller) -> String {
+    format!("key {}", caller.principal.key_id)
+}
+
+#[utoipa::path(
+    tag = "dead letters",
+    params(("id" = Uuid, Path, description = "Dead letter id")),
+    responses((status = 200, description = "Replayed: the execution runs again from the step that failed", body = DeadLetter), Errors)
+)]
+#[post("/v1/dead-letters/{id}/replay")]
+pub async fn replay(state: web::Data<AdminState>, caller: Caller, path: web::Path<Uuid>) -> Result<HttpResponse, ApiError> {
+    let id = path.into_inner();
+    reachable(&state, &caller, id).await?;
+    Ok(HttpResponse::Ok().json(dead_letters::replay(&state.store, id, &by(&caller)).await?))
+}
+
+#[utoipa::path(
+    tag = "dead letters",
+    params(("id" = Uuid, Path, description = "Dead letter id")),
+    responses((status = 200, description = "Discarded (kept, marked with who and when)", body = DeadLetter), Errors)
+)]
+#[delete("/v1/dead-letters/{id}")]
+pub async fn discard(state: web::Data<AdminState>, caller: Caller, path: web::Path<Uuid>) -> Result<HttpResponse, ApiError> {
+    let id = path.into_inner();
+    reachable(&state, &caller, id).await?;
+    Ok(HttpResponse::Ok().json(dead_letters::discard(&state.store, id, &by(&caller)).await?))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BulkRequest {
+    pub workflow_id: Option<Uuid>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    /// Text in the last error, case-insensitive, taken literally.
+    pub q: Option<String>,
+    /// Act on at most this many (1 to 100000, default 10000).
+    pub max: Option<i64>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct BulkResult {
+    /// Letters replayed or discarded.
+    pub count: i64,
+}
+
+async fn bulk(state: &AdminState, caller: &Caller, chatbot: Uuid, body: BulkRequest, replaying: bool) -> Result<HttpResponse, ApiError> {
+    let bot = caller.chatbot(state, chatbot).await?;
+    let max = body.max.unwrap_or(10_000);
+    if !(1..=100_000).contains(&max) {
+        return Err(ApiError::bad_request("max must be 1 to 100000").field("max"));
+    }
+    let f = FilterQuery { workflow_id: body.workflow_id, state: None, since: body.since, until: body.until, q: body.q }
+        .filter(Some(bot.id))?;
+    let count = dead_letters::act_matching(&state.store, &f, replaying, &by(caller), max).await?;
+    Ok(HttpResponse::Ok().json(BulkResult { count }))
+}
+
+#[utoipa::path(
+    tag = "dead letters",
+    params(("id" = Uuid, Path, description = "Chatbot id")),
+    request_body = BulkRequest,
+    responses((status = 200, description = "Every open letter matching the filter was replayed", body = BulkResult), Errors)
+)]
+#[post("/v1/chatbots/{id}/dead-letters/replay")]
+pub async fn bulk_replay(
+    state: web::Data<AdminState>,
+    caller: Caller,
+    path: web::Path<Uuid>,
+    body: web::Json<BulkRequest>,
+) -> Result<HttpResponse, ApiError> {
+    bulk(&state, &caller, path.into_inner(), body.into_inner(), true).await
+}
+
+#[utoipa::path(
+    tag = "dead letters",
+    params(("id" = Uuid, Path, description = "Chatbot id")),
+    request_body = BulkRequest,
+    responses((status = 200, description = "Every open letter matching the filter was discarded", body = BulkResult), Errors)
+)]
+#[post("/v1/chatbots/{id}/dead-letters/discard")]
+pub async fn bulk_discard(
+    state: web::Data<AdminState>,
+    caller: Caller,
+    path: web::Path<Uuid>,
+    body: web::Json<BulkRequest>,
+) -> Result<HttpResponse, ApiError> {
+    bulk(&state, &caller, path.into_inner(), body.into_inner(), false).await
+}
