@@ -13,12 +13,16 @@
 //! - `scale`: events/s with no match over one chatbot and over 10,000 (each with its
 //!   own supervisor, limiters and metrics), and the memory one idle supervisor takes;
 //! - `latency`: ack latency p50/p99/max at a fixed offered rate of events that each
-//!   create an execution.
+//!   create an execution;
+//! - `history` (`history.rs`): the admin API's history pages and analytics over
+//!   1,000,000 executions of one chatbot.
 //!
 //! The daemon runs on the actix system of the main thread with its usual threads; the
 //! clients run on a separate tokio runtime. With `database.url` empty a private
 //! PostgreSQL is started under a temporary directory with default durability (fsync
 //! on), and removed afterwards.
+
+mod history;
 
 use crate::app::App;
 use crate::cli::database::Database;
@@ -37,7 +41,8 @@ use uuid::Uuid;
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
     /// Which measurements to run: all (nomatch, executions, durable, latency), or one of
-    /// them, or scale (the cost of limits and metrics with 1 and 10,000 chatbots)
+    /// them, or scale (the cost of limits and metrics with 1 and 10,000 chatbots), or
+    /// history (admin API pages and analytics over 1,000,000 executions)
     #[arg(long, default_value = "all")]
     pub scenario: String,
     /// Client connections
@@ -82,6 +87,12 @@ pub struct BenchArgs {
     /// No rate limiting and no metrics (to measure what they cost)
     #[arg(long)]
     pub bare: bool,
+    /// Executions of the one chatbot in the history run
+    #[arg(long, default_value_t = 1_000_000)]
+    pub history_executions: i64,
+    /// Requests per measured query in the history run
+    #[arg(long, default_value_t = 100)]
+    pub history_requests: usize,
 }
 
 pub fn run(config: Config, args: BenchArgs) -> anyhow::Result<()> {
@@ -154,7 +165,7 @@ fn run_in_process(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         // set out of reach: the bench measures the pipeline, not the limiter's refusals.
         // `--bare` turns both off, to measure what they cost.
         config.metrics.listen = if args.bare { String::new() } else { "127.0.0.1:0".into() };
-        config.admin.listen = String::new();
+        config.admin.listen = if args.scenario == "history" { "127.0.0.1:0".into() } else { String::new() };
         config.limits.enabled = !args.bare;
         config.limits.events_per_second = 100_000_000;
         config.limits.burst = 100_000_000;
@@ -165,7 +176,11 @@ fn run_in_process(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         let system = actix_rt::System::new();
         let report = system.block_on(async {
             let app = App::start(&config, db.pg.clone()).await?;
-            let report = bench(&app, &config, &args).await;
+            let report = if args.scenario == "history" {
+                history::bench(&app, args.history_executions, args.history_requests).await
+            } else {
+                bench(&app, &config, &args).await
+            };
             app.shutdown().await;
             report
         })?;
