@@ -141,7 +141,7 @@ async fn always_500_ends_dead_with_one_dead_letter_and_one_notification_and_repl
     assert!(error.as_deref().unwrap_or_default().contains("500"), "{error:?}");
     assert_eq!(receiver.count("/hook"), 3);
 
-    let dls = botflow::store::dead_letters::list(&d.store, Some(t.chatbots[0]), false, 10).await.unwrap();
+    let dls = botflow::store::dead_letters::list(&d.store, &open_of(Some(t.chatbots[0])), None, 10).await.unwrap();
     assert_eq!(dls.len(), 1);
     let dl = &dls[0];
     assert_eq!((dl.execution_id, dl.attempts), (id, 3));
@@ -164,7 +164,7 @@ async fn always_500_ends_dead_with_one_dead_letter_and_one_notification_and_repl
     let (id2, status, attempt, _) = wait_status(&db, "e1", &["succeeded", "dead"]).await;
     assert_eq!((id2, status.as_str(), attempt), (id, "succeeded", 4));
     assert!(botflow::store::dead_letters::replay(&d.store, dl.id, "tester").await.is_err(), "a replayed letter cannot be replayed again");
-    assert!(botflow::store::dead_letters::list(&d.store, None, false, 10).await.unwrap().is_empty());
+    assert!(botflow::store::dead_letters::list(&d.store, &open_of(None), None, 10).await.unwrap().is_empty());
 }
 
 #[actix_rt::test]
@@ -175,13 +175,13 @@ async fn a_discarded_dead_letter_records_who_and_when() {
     let (d, t, mut c, db) = setup(|_| {}, hook_workflow(&receiver, retry)).await;
     send(&mut c, "e1", t.chatbots[0]).await;
     wait_status(&db, "e1", &["dead"]).await;
-    let dl = &botflow::store::dead_letters::list(&d.store, None, false, 10).await.unwrap()[0];
+    let dl = &botflow::store::dead_letters::list(&d.store, &open_of(None), None, 10).await.unwrap()[0];
     let gone = botflow::store::dead_letters::discard(&d.store, dl.id, "ops-alice").await.unwrap();
     assert_eq!(gone.discarded_by.as_deref(), Some("ops-alice"));
     assert!(gone.discarded_at.is_some());
     assert_eq!(gone.state(), "discarded");
     assert!(botflow::store::dead_letters::replay(&d.store, dl.id, "x").await.is_err());
-    assert_eq!(botflow::store::dead_letters::list(&d.store, None, true, 10).await.unwrap().len(), 1);
+    assert_eq!(botflow::store::dead_letters::list(&d.store, &botflow::store::dead_letters::Filter { state: botflow::store::dead_letters::State::All, ..Default::default() }, None, 10).await.unwrap().len(), 1);
 }
 
 #[actix_rt::test]
@@ -477,4 +477,9 @@ async fn executions_running_through_a_database_outage_longer_than_the_lease_fini
     assert_eq!(steps, 32, "every step of every execution is recorded");
     let during: i64 = db.query_one("SELECT count(*) FROM executions WHERE event_id = 'during'", &[]).await.unwrap().get(0);
     assert_eq!(during, 0);
+}
+
+/// Open dead letters, of one chatbot or of all.
+fn open_of(chatbot_id: Option<uuid::Uuid>) -> botflow::store::dead_letters::Filter {
+    botflow::store::dead_letters::Filter { chatbot_id, ..Default::default() }
 }

@@ -887,15 +887,20 @@ WITH ins AS (
         SET status = EXCLUDED.status, payload = EXCLUDED.payload, acked_at = EXCLUDED.acked_at
         -- A retried step sends its command again; an ack already received stands.
         WHERE outbox.status <> 'acked'
+    RETURNING command_id
 ), acks AS (
+    -- Rows `cmds` wrote already carry their ack: one statement may not change a row
+    -- twice (ON CONFLICT DO UPDATE refuses a row another CTE changed).
     UPDATE outbox SET status = 'acked', acked_at = now()
     WHERE command_id = ANY($41::text[]) AND status <> 'acked'
+      AND command_id NOT IN (SELECT command_id FROM cmds)
 ), expired AS (
-    -- An execution that ended keeps no command waiting for a client.
-    -- (Not the ones acked in this batch: two CTEs must not update one row.)
+    -- An execution that ended keeps no command waiting for a client. (Not the ones
+    -- acked in this batch, nor the ones `cmds` wrote: those carry their status.)
     UPDATE outbox o SET status = 'expired'
     WHERE o.execution_id = ANY($42::uuid[]) AND o.status = 'pending'
       AND o.command_id <> ALL($41::text[])
+      AND o.command_id NOT IN (SELECT command_id FROM cmds)
       AND o.execution_id IN (SELECT id FROM upd)
 )
 SELECT true, id FROM ins
@@ -961,11 +966,10 @@ fn storable(text: &str) -> std::borrow::Cow<'_, str> {
 pub(crate) fn storable_json(v: &serde_json::Value) -> String {
     fn clean(v: &mut serde_json::Value) {
         match v {
-            serde_json::Value::String(s) => {
-                if s.contains('\0') {
+            serde_json::Value::String(s)
+                if s.contains('\0') => {
                     *s = s.replace('\0', "\u{fffd}");
                 }
-            }
             serde_json::Value::Array(a) => a.iter_mut().for_each(clean),
             serde_json::Value::Object(o) => {
                 let keys: Vec<String> = o.keys().filter(|k| k.contains('\0')).cloned().collect();
