@@ -1,6 +1,7 @@
 //! `/v1/chatbots`: create (in the caller's account; operators may name another),
 //! list (the caller's account; operators: all, or one account) and read one.
 
+use super::body::Object;
 use super::auth::Caller;
 use super::error::{ApiError, Errors};
 use super::page::{self, Page, Position};
@@ -37,7 +38,7 @@ pub struct ListQuery {
     responses((status = 201, description = "Created", body = ChatbotRow), Errors)
 )]
 #[post("/v1/chatbots")]
-pub async fn create(state: web::Data<AdminState>, caller: Caller, body: web::Json<NewChatbot>) -> Result<HttpResponse, ApiError> {
+pub async fn create(state: web::Data<AdminState>, caller: Caller, body: Object<NewChatbot>) -> Result<HttpResponse, ApiError> {
     caller.require_admin()?;
     let body = body.into_inner();
     let account = body.account_id.unwrap_or(caller.principal.account_id);

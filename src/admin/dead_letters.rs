@@ -1,6 +1,7 @@
 //! Dead letters: list a chatbot's (operators: everyone's), read one, replay or
 //! discard one, and replay or discard every open letter a filter matches.
 
+use super::body::Object;
 use super::auth::Caller;
 use super::error::{ApiError, Errors};
 use super::page::{self, Page, Position};
@@ -201,7 +202,7 @@ pub async fn bulk_replay(
     state: web::Data<AdminState>,
     caller: Caller,
     path: web::Path<Uuid>,
-    body: web::Json<BulkRequest>,
+    body: Object<BulkRequest>,
 ) -> Result<HttpResponse, ApiError> {
     bulk(&state, &caller, path.into_inner(), body.into_inner(), true).await
 }
@@ -217,7 +218,7 @@ pub async fn bulk_discard(
     state: web::Data<AdminState>,
     caller: Caller,
     path: web::Path<Uuid>,
-    body: web::Json<BulkRequest>,
+    body: Object<BulkRequest>,
 ) -> Result<HttpResponse, ApiError> {
     bulk(&state, &caller, path.into_inner(), body.into_inner(), false).await
 }

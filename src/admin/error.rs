@@ -121,7 +121,8 @@ impl ResponseError for ApiError {
     }
 }
 
-/// Database failures: unavailable when worth retrying, otherwise an internal error
+/// Database failures: unavailable when worth retrying, 400 for a value the server
+/// refuses (a NUL in text), otherwise an internal error
 /// whose details go to the log, not to the caller.
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> ApiError {
@@ -131,6 +132,10 @@ impl From<crate::store::StoreError> for ApiError {
             StoreError::Invalid(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", m.clone()),
             StoreError::Conflict(m) => ApiError::conflict(m.clone()),
             _ if e.is_transient() => ApiError::unavailable("the database is unreachable; try again"),
+            _ if crate::store::error::rejected_value(&e).is_some() => ApiError::bad_request(format!(
+                "a value cannot be stored: {}",
+                crate::store::error::rejected_value(&e).unwrap_or_default()
+            )),
             _ => {
                 tracing::error!(error = %e, "admin API database error");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")

@@ -1,6 +1,7 @@
 //! `GET /v1/chatbots/{id}/limits` (the limits in force, the chatbot's own values, the
 //! defaults, current usage and the recent changes) and `PUT` (operators only).
 
+use super::body::Object;
 use super::auth::Caller;
 use super::error::{ApiError, Errors};
 use super::AdminState;
@@ -58,7 +59,7 @@ pub async fn put(
     state: web::Data<AdminState>,
     caller: Caller,
     path: web::Path<Uuid>,
-    body: web::Json<Overrides>,
+    body: Object<Overrides>,
 ) -> Result<HttpResponse, ApiError> {
     let bot = caller.chatbot(&state, path.into_inner()).await?;
     caller.require_operator()?;

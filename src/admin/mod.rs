@@ -9,6 +9,7 @@
 //! with a message naming the problem.
 
 pub mod auth;
+pub mod body;
 pub mod chatbots;
 pub mod dead_letters;
 pub mod error;
@@ -56,7 +57,8 @@ pub struct AdminState {
                        request carries `Authorization: Bearer <key>`; a key reaches its own \
                        account's chatbots (operators: every account), anything else is 404."
     ),
-    components(schemas(error::ErrorBody, error::ErrorDetail)),
+    // Enums used only in query parameters are referenced, so listed here.
+    components(schemas(error::ErrorBody, error::ErrorDetail, crate::store::dead_letters::State)),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]
@@ -87,18 +89,7 @@ fn json_error(err: actix_web::error::JsonPayloadError, _req: &actix_web::HttpReq
             "unsupported_media_type",
             "send JSON with Content-Type: application/json",
         ),
-        E::Deserialize(de) => {
-            let message = de.to_string();
-            let field = message
-                .split('`')
-                .nth(1)
-                .filter(|_| message.starts_with("unknown field") || message.starts_with("missing field"));
-            let mut e = ApiError::bad_request(format!("the JSON body is not valid: {message}"));
-            if let Some(f) = field {
-                e = e.field(f);
-            }
-            e
-        }
+        E::Deserialize(de) => body::invalid_body(&de.to_string()),
         _ => ApiError::bad_request(format!("the body cannot be read: {err}")),
     };
     e.into()

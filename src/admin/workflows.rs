@@ -4,6 +4,7 @@
 //! NOTIFY; bodies are validated with the same parser as `botflow workflows apply`, so
 //! errors name the field (`steps[1].url`).
 
+use super::body::Object;
 use super::auth::Caller;
 use super::error::{ApiError, Errors};
 use super::page::{self, Page, Position};
@@ -136,7 +137,7 @@ pub async fn patch(
     state: web::Data<AdminState>,
     caller: Caller,
     path: Ids,
-    body: web::Json<Patch>,
+    body: Object<Patch>,
 ) -> Result<HttpResponse, ApiError> {
     let (id, wid) = path.into_inner();
     let bot = caller.chatbot(&state, id).await?;
@@ -200,7 +201,7 @@ pub async fn copy(
     state: web::Data<AdminState>,
     caller: Caller,
     path: Ids,
-    body: web::Json<CopyRequest>,
+    body: Object<CopyRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let (id, wid) = path.into_inner();
     let bot = caller.chatbot(&state, id).await?;
@@ -293,7 +294,7 @@ pub async fn dry_run(
     state: web::Data<AdminState>,
     caller: Caller,
     path: web::Path<Uuid>,
-    body: web::Json<DryRunRequest>,
+    body: Object<DryRunRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let bot = caller.chatbot(&state, path.into_inner()).await?;
     let body = body.into_inner();

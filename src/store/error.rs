@@ -66,6 +66,16 @@ pub fn is_transient_db(e: &tokio_postgres::Error) -> bool {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// The server's message when it refused a value itself (SQLSTATE class 22, data
+/// exception: a NUL in text, a number out of range): the caller's input is at fault,
+/// not the database.
+pub fn rejected_value(e: &StoreError) -> Option<&str> {
+    match e {
+        StoreError::Db(db) => db.as_db_error().filter(|d| d.code().code().starts_with("22")).map(|d| d.message()),
+        _ => None,
+    }
+}
+
 /// Whether the server refused a row because a unique index already holds its key.
 pub fn is_unique_violation(e: &StoreError) -> bool {
     matches!(e, StoreError::Db(db) if db.code() == Some(&SqlState::UNIQUE_VIOLATION))

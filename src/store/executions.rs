@@ -280,26 +280,31 @@ fn bucket_bounds(b: i16) -> (f64, f64) {
     }
 }
 
-/// The `q` quantile of a histogram (bucket → count), interpolated inside its bucket.
+/// The `q` quantile of a histogram (bucket → count), with the semantics of PostgreSQL's
+/// `percentile_cont`: the samples at ranks ⌊q(n−1)⌋ and ⌈q(n−1)⌉, interpolated. Each
+/// sample is placed evenly inside its bucket, so an estimate is off by at most one
+/// bucket's width (2^(1/8), about 9%) however few samples there are.
 pub fn histogram_quantile(hist: &BTreeMap<i16, i64>, q: f64) -> Option<f64> {
-    let total: i64 = hist.values().sum();
+    let total: i64 = hist.values().filter(|&&n| n > 0).sum();
     if total == 0 {
         return None;
     }
-    let rank = q * (total - 1) as f64;
-    let mut seen = 0i64;
-    for (&b, &n) in hist {
-        if n <= 0 {
-            continue;
+    // The estimated value of the sample of rank k (0-based, ascending).
+    let sample = |k: i64| -> f64 {
+        let mut seen = 0i64;
+        for (&b, &n) in hist.iter().filter(|(_, &n)| n > 0) {
+            if seen + n > k {
+                let (lo, hi) = bucket_bounds(b);
+                return lo + (hi - lo) * ((k - seen) as f64 + 0.5) / n as f64;
+            }
+            seen += n;
         }
-        if (seen + n) as f64 > rank {
-            let (lo, hi) = bucket_bounds(b);
-            let within = if n == 1 { 0.5 } else { (rank - seen as f64) / (n - 1) as f64 };
-            return Some(lo + (hi - lo) * within.clamp(0.0, 1.0));
-        }
-        seen += n;
-    }
-    hist.keys().next_back().map(|&b| bucket_bounds(b).1)
+        hist.keys().next_back().map_or(0.0, |&b| bucket_bounds(b).1)
+    };
+    let rank = q.clamp(0.0, 1.0) * (total - 1) as f64;
+    let (below, above) = (rank.floor() as i64, rank.ceil() as i64);
+    let low = sample(below);
+    Some(if above == below { low } else { low + (sample(above) - low) * (rank - below as f64) })
 }
 
 #[derive(Default)]
@@ -341,10 +346,8 @@ pub async fn analytics(
         }
     };
     let mut acc: BTreeMap<Uuid, Acc> = BTreeMap::new();
-    let count_sql = format!(
-        "SELECT workflow_id, count(*), count(*) FILTER (WHERE status = 'succeeded'),
-                count(*) FILTER (WHERE status = 'failed'), count(*) FILTER (WHERE status = 'dead')"
-    );
+    let count_sql = "SELECT workflow_id, count(*), count(*) FILTER (WHERE status = 'succeeded'),
+                count(*) FILTER (WHERE status = 'failed'), count(*) FILTER (WHERE status = 'dead')".to_string();
     if exact || first >= last {
         let rows = client
             .query(
@@ -484,5 +487,22 @@ mod tests {
         assert!((p50 - 505.0).abs() / 505.0 < 0.1, "p50 {p50}");
         assert!((p95 - 950.0).abs() / 950.0 < 0.1, "p95 {p95}");
         assert_eq!(histogram_quantile(&BTreeMap::new(), 0.5), None);
+    }
+
+    #[test]
+    fn quantiles_of_few_samples_interpolate_between_samples_like_percentile_cont() {
+        // Five fast executions and one slow: percentile_cont(0.95) lies three quarters of
+        // the way from the fifth to the sixth.
+        let samples = [3.0, 3.5, 4.0, 4.2, 5.0, 40.0];
+        let mut hist = BTreeMap::new();
+        for ms in samples {
+            *hist.entry(bucket_of(ms)).or_insert(0) += 1;
+        }
+        for (q, want) in [(0.5, 4.1), (0.95, 5.0 + 0.75 * 35.0), (0.0, 3.0), (1.0, 40.0)] {
+            let got = histogram_quantile(&hist, q).unwrap();
+            assert!((got - want).abs() / want < 0.1, "q {q}: {got} vs {want}");
+        }
+        let one = BTreeMap::from([(bucket_of(12.0), 1)]);
+        assert!((histogram_quantile(&one, 0.95).unwrap() - 12.0).abs() / 12.0 < 0.1);
     }
 }

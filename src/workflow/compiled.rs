@@ -102,7 +102,7 @@ impl CompiledWorkflow {
 
     /// Why this workflow does not match the event: `None` when it matches. Checks the
     /// event type, then the trigger filter, then the conditions, and reports the first
-    /// thing that fails.
+    /// thing that fails as `<workflow field>: <why>` (the dry run splits the two).
     pub fn explain(&self, doc: &Value) -> Option<String> {
         let wanted = self.spec.trigger.event.as_str();
         match doc.get("type").and_then(Value::as_str) {
@@ -426,7 +426,7 @@ mod tests {
         assert_eq!(
             wf.explain(&doc(json!({"name": "refund", "confidence": 0.9})))
                 .unwrap(),
-            "condition conditions[0] (data.entities.order exists) failed: field is missing"
+            "conditions[0]: condition (data.entities.order exists) failed, field is missing"
         );
         let matching =
             doc(json!({"name": "refund", "confidence": 0.7, "entities": {"order": "o-1"}}));

@@ -197,14 +197,14 @@ impl CompiledCondition {
     }
 
     /// Why the condition fails on `doc`, for dry-run explanations:
-    /// `condition conditions[0] (data.mime_type eq "image/png") failed: field is "image/jpeg"`.
+    /// `conditions[0]: condition (data.mime_type eq "image/png") failed, field is "image/jpeg"`.
     pub fn describe_failure(&self, doc: &Value) -> String {
         let actual = match lookup(doc, self.path.segments()) {
             None => "field is missing".to_string(),
             Some(value) => format!("field is {}", short_json(value)),
         };
         format!(
-            "condition conditions[{}] ({}) failed: {actual}",
+            "conditions[{}]: condition ({}) failed, {actual}",
             self.index,
             self.describe()
         )
@@ -463,12 +463,12 @@ mod tests {
         let c = cond("data.mime_type", "eq", Some(json!("image/jpeg")));
         assert_eq!(
             c.describe_failure(&doc()),
-            "condition conditions[0] (data.mime_type eq \"image/jpeg\") failed: field is \"image/png\""
+            "conditions[0]: condition (data.mime_type eq \"image/jpeg\") failed, field is \"image/png\""
         );
         let c = cond("data.user", "exists", None);
         assert_eq!(
             c.describe_failure(&doc()),
-            "condition conditions[0] (data.user exists) failed: field is missing"
+            "conditions[0]: condition (data.user exists) failed, field is missing"
         );
         let c = cond("data.caption", "eq", Some(json!("x".repeat(500))));
         assert!(c.describe().chars().count() < 200);

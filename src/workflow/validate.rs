@@ -581,7 +581,7 @@ fn check_url(field: &str, template: &Template) -> Result<(), ValidationError> {
             ),
         ));
     }
-    if !url.host_str().is_some_and(|host| !host.is_empty()) {
+    if url.host_str().is_none_or(|host| host.is_empty()) {
         return Err(err(field, "must have a host"));
     }
     Ok(())
