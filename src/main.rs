@@ -21,8 +21,10 @@ fn main() -> ExitCode {
         Command::Accounts(cmd) => bootstrap::accounts(config, cmd),
         Command::Keys(cmd) => bootstrap::keys(config, cmd),
         Command::Chatbots(cmd) => bootstrap::chatbots(config, cmd),
-        Command::Workflows(cmd) => bootstrap::workflows(config, cmd),
-        Command::Dlq(cmd) => bootstrap::dlq(config, cmd),
+        Command::Workflows(cmd) => botflow::cli::workflows::run(config, cmd),
+        Command::Executions(cmd) => botflow::cli::executions::run(config, cmd),
+        Command::Analytics(args) => botflow::cli::analytics::run(config, args),
+        Command::Dlq(cmd) => botflow::cli::dlq::run(config, cmd),
         Command::Limits(cmd) => botflow::cli::limits::run(config, cmd),
         Command::Send(args) => match botflow::cli::send::run(config, args) {
             Ok(true) => Ok(()),

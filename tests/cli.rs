@@ -324,71 +324,387 @@ fn logs_can_be_json() {
     assert!(lines.iter().any(|l| l["message"] == "botflow stopped"), "{log}");
 }
 
+/// The commands over the admin API, run against one daemon with one key. The CLI gets
+/// a database it cannot reach, so nothing passes unless it went through the API.
+struct ApiCli {
+    admin: String,
+    key: String,
+    dir: std::path::PathBuf,
+}
+
+impl ApiCli {
+    fn new(d: &TestDaemon, key: &str) -> ApiCli {
+        ApiCli { admin: d.admin(), key: key.to_string(), dir: d.dir.path().to_path_buf() }
+    }
+
+    /// The daemon's actors run on this test's thread: wait for the CLI without blocking it.
+    async fn run(&self, args: &[&str]) -> Output {
+        let mut c = tokio::process::Command::from(botflow());
+        c.args(args)
+            .current_dir(&self.dir)
+            .env("BOTFLOW_ADMIN_URL", &self.admin)
+            .env("BOTFLOW_TOKEN", &self.key)
+            .env("BOTFLOW_DATABASE__URL", "host=/nonexistent port=1 user=nobody dbname=nothing connect_timeout=1");
+        c.output().await.expect("run botflow")
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    async fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args).await;
+        assert!(o.status.success(), "botflow {args:?} failed: {}", stderr(&o));
+        stdout(&o)
+    }
+
+    /// Runs a command that must fail, with nothing on stdout; returns its stderr.
+    async fn fails(&self, args: &[&str]) -> String {
+        let o = self.run(args).await;
+        assert!(!o.status.success(), "botflow {args:?} succeeded: {}", stdout(&o));
+        assert!(stdout(&o).is_empty(), "botflow {args:?} printed {:?}", stdout(&o));
+        stderr(&o)
+    }
+
+    /// The `--json` lines of a list command.
+    async fn json_lines(&self, args: &[&str]) -> Vec<Value> {
+        let mut args = args.to_vec();
+        args.push("--json");
+        self.ok(&args).await.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect()
+    }
+}
+
+/// The rows of a table printed by the CLI (without its header), split into cells.
+fn rows(table: &str) -> Vec<Vec<String>> {
+    let mut lines = table.lines();
+    lines.next();
+    lines.map(|l| l.split_whitespace().map(str::to_string).collect()).collect()
+}
+
+async fn operator_key(d: &TestDaemon) -> String {
+    d.app().operator_key.clone().expect("a fresh database gets an operator key")
+}
+
 #[actix_rt::test]
-async fn dlq_commands_list_replay_and_discard() {
+async fn workflow_execution_and_analytics_commands_work_over_the_api() {
+    let receiver = Receiver::start().await;
+    receiver.on("/bad", Behaviour::Status(500, "{}".into()));
+    let d = TestDaemon::start().await;
+    let cli = ApiCli::new(&d, &operator_key(&d).await);
+    let t = tenant(&d.store, "acme", 2).await;
+    let (bot, other_bot) = (t.chatbots[0].to_string(), t.chatbots[1].to_string());
+    let db = d.db().await;
+    let dir = TempDir::new("apicli");
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_string_lossy().into_owned()
+    };
+
+    // apply through the API: YAML turned into JSON, one id per line, unchanged on a second run.
+    let yaml = format!(
+        "- name: ok\n  trigger: {{event: x.ok}}\n  steps:\n    - {{id: call, action: webhook, url: {ok}}}\n\
+         - name: bad\n  trigger: {{event: x.bad}}\n  retry: {{max_attempts: 1}}\n  steps:\n    - {{id: call, action: webhook, url: {bad}}}\n",
+        ok = receiver.url("/ok"),
+        bad = receiver.url("/bad")
+    );
+    let file = write("workflows.yaml", &yaml);
+    let o = cli.run(&["workflows", "apply", "--chatbot", &bot, &file]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ids: Vec<String> = stdout(&o).lines().map(str::to_string).collect();
+    assert_eq!(ids.len(), 2, "{}", stdout(&o));
+    assert!(ids.iter().all(|id| id.parse::<uuid::Uuid>().is_ok()), "{ids:?}");
+    assert!(stderr(&o).contains("created workflow \"ok\""), "{}", stderr(&o));
+    let (ok_wf, bad_wf) = (ids[0].clone(), ids[1].clone());
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM workflows WHERE chatbot_id = $1::text::uuid", &[&bot])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+    let o = cli.run(&["workflows", "apply", "--chatbot", &bot, &file]).await;
+    assert_eq!(stdout(&o).lines().collect::<Vec<_>>(), ids);
+    assert!(stderr(&o).contains("unchanged"), "{}", stderr(&o));
+    // --admin and --token on the command line do the same as the environment.
+    let mut c = tokio::process::Command::from(botflow());
+    c.args(["workflows", "apply", "--chatbot", &bot, &file, "--admin", &cli.admin, "--token", &cli.key])
+        .current_dir(&cli.dir)
+        .env("BOTFLOW_DATABASE__URL", "host=/nonexistent port=1 user=nobody dbname=nothing connect_timeout=1");
+    let o = c.output().await.unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).lines().collect::<Vec<_>>(), ids);
+    let v2 = write("v2.yaml", &yaml.replacen("url:", "timeout_ms: 4000, url:", 1));
+    let applied = cli.json_lines(&["workflows", "apply", "--chatbot", &bot, &v2]).await;
+    assert_eq!((applied[0]["result"].as_str(), applied[0]["version"].as_i64()), (Some("updated"), Some(2)), "{applied:?}");
+    assert_eq!(applied[1]["result"], "unchanged");
+    let bad_file = write("bad.yaml", "name: x\ntrigger: {event: x.a}\nsteps:\n  - {id: a, action: webhook, url: ftp://nowhere}\n");
+    let err = cli.fails(&["workflows", "apply", "--chatbot", &bot, &bad_file]).await;
+    assert!(err.contains("422") && err.contains("steps[0].url"), "{err}");
+    let err = cli.fails(&["workflows", "apply", "--chatbot", &uuid::Uuid::new_v4().to_string(), &file]).await;
+    assert!(err.contains("not found"), "{err}");
+
+    // list, get, versions.
+    let table = cli.ok(&["workflows", "list", "--chatbot", &bot]).await;
+    let listed = rows(&table);
+    assert_eq!(listed.len(), 2, "{table}");
+    assert_eq!(listed[0][..4], [ok_wf.clone(), "ok".into(), "2".into(), "yes".into()], "{table}");
+    assert_eq!(listed[1][..2], [bad_wf.clone(), "bad".into()], "{table}");
+    let names: Vec<Value> = cli.json_lines(&["workflows", "list", "--chatbot", &bot]).await.iter().map(|w| w["name"].clone()).collect();
+    assert_eq!(names, ["ok", "bad"]);
+    let definition: Value = serde_json::from_str(&cli.ok(&["workflows", "get", "--chatbot", &bot, &ok_wf]).await).unwrap();
+    assert_eq!(definition["name"], "ok");
+    assert_eq!(definition["steps"][0]["timeout_ms"], 4000);
+    let record: Value = serde_json::from_str(&cli.ok(&["workflows", "get", "--chatbot", &bot, &ok_wf, "--json"]).await).unwrap();
+    assert_eq!((record["id"].as_str(), record["version"].as_i64()), (Some(ok_wf.as_str()), Some(2)));
+    let table = cli.ok(&["workflows", "versions", "--chatbot", &bot, &ok_wf]).await;
+    let versions: Vec<String> = rows(&table).iter().map(|r| r[0].clone()).collect();
+    assert_eq!(versions, ["2", "1"], "{table}");
+    let err = cli.fails(&["workflows", "list", "--chatbot", &uuid::Uuid::new_v4().to_string()]).await;
+    assert!(err.contains("404") && err.contains("not found"), "{err}");
+
+    // copy, disable, enable, delete.
+    let o = cli.run(&["workflows", "copy", "--chatbot", &bot, &ok_wf, "--to", &other_bot, "--name", "ok copy"]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let copy = stdout(&o).trim().to_string();
+    assert!(copy.parse::<uuid::Uuid>().is_ok() && copy != ok_wf, "stdout is only the new id: {copy:?}");
+    let copied: Vec<Value> = cli.json_lines(&["workflows", "list", "--chatbot", &other_bot]).await;
+    assert_eq!(copied.len(), 1);
+    assert_eq!((copied[0]["id"].as_str(), copied[0]["name"].as_str()), (Some(copy.as_str()), Some("ok copy")));
+    let enabled = |id: String| {
+        let db = &db;
+        async move {
+            let e: bool = db.query_one("SELECT enabled FROM workflows WHERE id = $1::text::uuid", &[&id]).await.unwrap().get(0);
+            e
+        }
+    };
+    assert!(cli.ok(&["workflows", "disable", "--chatbot", &other_bot, &copy]).await.is_empty());
+    assert!(!enabled(copy.clone()).await);
+    cli.ok(&["workflows", "enable", "--chatbot", &other_bot, &copy]).await;
+    assert!(enabled(copy.clone()).await);
+    cli.ok(&["workflows", "delete", "--chatbot", &other_bot, &copy]).await;
+    let err = cli.fails(&["workflows", "get", "--chatbot", &other_bot, &copy]).await;
+    assert!(err.contains("not found"), "{err}");
+    let err = cli.fails(&["workflows", "copy", "--chatbot", &bot, &ok_wf, "--to", &uuid::Uuid::new_v4().to_string()]).await;
+    assert!(err.contains("not found"), "{err}");
+
+    // dry-run: a saved workflow or a file, exit 0 whether it matches or not.
+    let matching = write("ok-event.json", r#"{"op":"event","id":"e","type":"x.ok","data":{}}"#);
+    let other = write("other-event.json", r#"{"type":"x.other"}"#);
+    let dry_run = ["workflows", "dry-run", "--chatbot", &bot, "--workflow-id", &ok_wf, "--event"];
+    let out = cli.ok(&[&dry_run[..], &[&matching]].concat()).await;
+    assert_eq!(out.trim(), "match");
+    let out = cli.ok(&[&dry_run[..], &[&other]].concat()).await;
+    assert!(out.starts_with("no match: trigger.event") && out.contains("x.other"), "{out}");
+    let err = cli.fails(&["workflows", "dry-run", "--chatbot", &bot, "--file", &v2, "--event", &other]).await;
+    assert!(err.contains("dry-run tries one workflow; the file has 2"), "{err}");
+    let one = write("one.yaml", "name: kw\ntrigger: {event: message.received, keywords: {any: [refund]}}\nsteps:\n  - {id: r, action: reply, text: hi}\n");
+    let msg = write("msg.yaml", "type: message.received\ndata: {text: I want a REFUND now}\n");
+    let v: Value = serde_json::from_str(&cli.ok(&["workflows", "dry-run", "--chatbot", &bot, "--file", &one, "--event", &msg, "--json"]).await).unwrap();
+    assert_eq!(v["matches"], true, "{v}");
+    let err = cli.fails(&["workflows", "dry-run", "--chatbot", &bot, "--file", &bad_file, "--event", &msg]).await;
+    assert!(err.contains("workflow.steps[0].url"), "{err}");
+
+    // Two executions: one succeeds, one dies.
+    let mut c = Client::tcp(d.tcp()).await.hello(&t.key, &[]).await;
+    c.send(&event("e-ok", t.chatbots[0], "x.ok", serde_json::json!({}))).await;
+    let mut bad_event = event("e-bad", t.chatbots[0], "x.bad", serde_json::json!({}));
+    bad_event["conversation_id"] = "conv-2".into();
+    c.send(&bad_event).await;
+    let _ = c.answers(2).await;
+    eventually("one execution succeeds and one dies", || async {
+        let rows = db
+            .query("SELECT status FROM executions WHERE status IN ('succeeded', 'dead') ORDER BY status", &[])
+            .await
+            .unwrap();
+        rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>() == ["dead", "succeeded"]
+    })
+    .await;
+    let id_of = |status: &'static str| {
+        let db = &db;
+        async move {
+            let r = db.query_one("SELECT id::text FROM executions WHERE status = $1", &[&status]).await.unwrap();
+            r.get::<_, String>(0)
+        }
+    };
+    let (succeeded, dead) = (id_of("succeeded").await, id_of("dead").await);
+
+    // executions list: a table, filters, pages.
+    let table = cli.ok(&["executions", "list", "--chatbot", &bot]).await;
+    let listed = rows(&table);
+    assert_eq!(listed.iter().map(|r| r[0].clone()).collect::<Vec<_>>(), [dead.clone(), succeeded.clone()], "newest first: {table}");
+    assert_eq!(listed[0][3], "dead", "{table}");
+    let only_dead = cli.json_lines(&["executions", "list", "--chatbot", &bot, "--status", "dead"]).await;
+    assert_eq!(only_dead.len(), 1);
+    assert_eq!((only_dead[0]["id"].as_str(), only_dead[0]["status"].as_str()), (Some(dead.as_str()), Some("dead")));
+    assert!(only_dead[0]["error"].as_str().unwrap().contains("500"), "{}", only_dead[0]);
+    let by_workflow = cli.json_lines(&["executions", "list", "--chatbot", &bot, "--workflow", &ok_wf]).await;
+    assert_eq!(by_workflow.iter().map(|e| e["id"].as_str().unwrap()).collect::<Vec<_>>(), [succeeded.as_str()]);
+    let by_conversation = cli.json_lines(&["executions", "list", "--chatbot", &bot, "--conversation", "conv-2"]).await;
+    assert_eq!(by_conversation.len(), 1);
+    assert_eq!(by_conversation[0]["id"].as_str(), Some(dead.as_str()));
+    let by_text = cli.json_lines(&["executions", "list", "--chatbot", &bot, "--q", "500"]).await;
+    assert_eq!(by_text.len(), 1);
+    let future = cli.json_lines(&["executions", "list", "--chatbot", &bot, "--since", "2999-01-01T00:00:00Z"]).await;
+    assert!(future.is_empty());
+    let o = cli.run(&["executions", "list", "--chatbot", &bot, "--limit", "1"]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(rows(&stdout(&o)).len(), 1);
+    let cursor = stderr(&o).lines().find_map(|l| l.strip_prefix("more: --cursor ")).map(str::to_string).expect("a cursor on stderr");
+    let o = cli.run(&["executions", "list", "--chatbot", &bot, "--limit", "1", "--cursor", &cursor]).await;
+    assert_eq!(rows(&stdout(&o))[0][0], succeeded);
+    assert!(!stderr(&o).contains("--cursor"), "the last page has no cursor: {}", stderr(&o));
+    let all = cli.json_lines(&["executions", "list", "--chatbot", &bot, "--limit", "1", "--all"]).await;
+    assert_eq!(all.len(), 2);
+    let err = cli.fails(&["executions", "list", "--chatbot", &bot, "--status", "exploded"]).await;
+    assert!(err.contains("400") && err.contains("status \"exploded\" is not one of"), "{err}");
+    let err = cli.fails(&["executions", "list", "--chatbot", &uuid::Uuid::new_v4().to_string()]).await;
+    assert!(err.contains("not found"), "{err}");
+    let err = cli.fails(&["executions", "list", "--chatbot", &bot, "--since", "yesterday"]).await;
+    assert!(err.contains("--since"), "{err}");
+
+    // executions show: the execution and one line per step attempt.
+    let out = cli.ok(&["executions", "show", &dead]).await;
+    assert!(out.contains(&format!("execution    {dead}")) && out.contains("dead (attempt 1)"), "{out}");
+    let attempt = out.lines().find(|l| l.starts_with("0 call")).expect("a line for the step's attempt");
+    assert!(attempt.contains("webhook") && attempt.contains("failed") && attempt.contains("500"), "{out}");
+    let v: Value = serde_json::from_str(&cli.ok(&["executions", "show", &succeeded, "--json"]).await).unwrap();
+    assert_eq!((v["status"].as_str(), v["steps"].as_array().map(Vec::len)), (Some("succeeded"), Some(1)));
+    let err = cli.fails(&["executions", "show", &uuid::Uuid::new_v4().to_string()]).await;
+    assert!(err.contains("not found"), "{err}");
+
+    // analytics: a row per workflow.
+    let table = cli.ok(&["analytics", "--chatbot", &bot]).await;
+    let stats = rows(&table);
+    assert_eq!(stats.len(), 2, "{table}");
+    let ok_row = stats.iter().find(|r| r[0] == "ok").expect("a row for ok");
+    assert_eq!(ok_row[1..7], ["1", "1", "0", "0", "0", "100.0%"], "{table}");
+    let bad_row = stats.iter().find(|r| r[0] == "bad").expect("a row for bad");
+    assert_eq!(bad_row[1..7], ["1", "0", "0", "1", "0", "0.0%"], "{table}");
+    let v: Value = serde_json::from_str(&cli.ok(&["analytics", "--chatbot", &bot, "--method", "exact", "--json"]).await).unwrap();
+    assert_eq!(v["exact"], true);
+    assert_eq!(v["workflows"].as_array().unwrap().len(), 2);
+    let v: Value = serde_json::from_str(&cli.ok(&["analytics", "--chatbot", &bot, "--method", "rollup", "--json"]).await).unwrap();
+    assert_eq!(v["exact"], false);
+    let err = cli.fails(&["analytics", "--chatbot", &bot, "--method", "guess"]).await;
+    assert!(err.contains("method \"guess\""), "{err}");
+    let err = cli.fails(&["analytics", "--chatbot", &bot, "--since", "2026-01-02T00:00:00Z", "--until", "2026-01-01T00:00:00Z"]).await;
+    assert!(err.contains("since must be before until"), "{err}");
+    let out = cli.ok(&["analytics", "--chatbot", &other_bot]).await;
+    assert!(out.is_empty(), "no executions, no table: {out}");
+}
+
+#[actix_rt::test]
+async fn dlq_commands_list_show_replay_and_discard_over_the_api() {
     let receiver = Receiver::start().await;
     receiver.on("/hook", Behaviour::Status(500, "{}".into()));
-    let daemon = TestDaemon::start().await;
-    let t = tenant(&daemon.store, "acme", 1).await;
-    apply(
-        &daemon.store,
+    let d = TestDaemon::start().await;
+    let t = tenant(&d.store, "acme", 1).await;
+    let bot = t.chatbots[0].to_string();
+    let workflow = apply(
+        &d.store,
         t.chatbots[0],
         serde_json::json!({"name": "w", "trigger": {"event": "x.go"}, "retry": {"max_attempts": 1},
                            "steps": [{"id": "call", "action": "webhook", "url": receiver.url("/hook")}]}),
     )
-    .await;
-    let mut c = Client::tcp(daemon.tcp()).await.hello(&t.key, &[]).await;
-    for id in ["e1", "e2"] {
+    .await[0]
+    .to_string();
+    let mut c = Client::tcp(d.tcp()).await.hello(&t.key, &[]).await;
+    for id in ["e1", "e2", "e3", "e4"] {
         c.send(&event(id, t.chatbots[0], "x.go", serde_json::json!({}))).await;
     }
-    let _ = c.answers(2).await;
-    let db = daemon.db().await;
-    eventually("both executions die", || async {
+    let _ = c.answers(4).await;
+    let db = d.db().await;
+    eventually("every execution dies", || async {
         let n: i64 = db.query_one("SELECT count(*) FROM dead_letters", &[]).await.unwrap().get(0);
-        n == 2
+        n == 4
     })
     .await;
+    let cli = ApiCli::new(&d, &operator_key(&d).await);
 
-    let url = pg_url(&daemon.pg);
-    let dlq = |args: &[&str]| {
-        let mut c = botflow();
-        c.arg("dlq").args(args).env("BOTFLOW_DATABASE__URL", &url).env("USER", "ops-bob");
-        run(&mut c)
-    };
-    let o = dlq(&["list", "--json"]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let letters: Vec<Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(letters.len(), 2);
-    assert!(letters.iter().all(|l| l["last_error"].as_str().unwrap().contains("500") && l["attempts"] == 1));
-    let (first, second) = (letters[0]["id"].as_str().unwrap(), letters[1]["id"].as_str().unwrap());
-    let o = dlq(&["list"]);
-    assert_eq!(stdout(&o).lines().count(), 2, "a line per dead letter");
+    // list: one JSON object per line, a table, pages.
+    let letters = cli.json_lines(&["dlq", "list", "--chatbot", &bot]).await;
+    assert_eq!(letters.len(), 4);
+    assert!(letters.iter().all(|l| l["last_error"].as_str().unwrap().contains("500") && l["attempts"] == 1), "{letters:?}");
+    let ids: Vec<String> = letters.iter().map(|l| l["id"].as_str().unwrap().to_string()).collect();
+    let table = cli.ok(&["dlq", "list"]).await;
+    let listed = rows(&table);
+    assert_eq!(listed.iter().map(|r| r[0].clone()).collect::<Vec<_>>(), ids, "operators see every account's: {table}");
+    assert!(listed.iter().all(|r| r[3] == "open" && r[4] == bot && r[5] == workflow), "{table}");
+    let o = cli.run(&["dlq", "list", "--chatbot", &bot, "--limit", "3"]).await;
+    assert_eq!(rows(&stdout(&o)).len(), 3);
+    let cursor = stderr(&o).lines().find_map(|l| l.strip_prefix("more: --cursor ")).map(str::to_string).expect("a cursor on stderr");
+    let rest = cli.json_lines(&["dlq", "list", "--chatbot", &bot, "--limit", "3", "--cursor", &cursor]).await;
+    assert_eq!(rest.iter().map(|l| l["id"].as_str().unwrap()).collect::<Vec<_>>(), [ids[3].as_str()]);
+    assert_eq!(cli.json_lines(&["dlq", "list", "--limit", "1", "--all-pages"]).await.len(), 4);
+    assert_eq!(cli.json_lines(&["dlq", "list", "--chatbot", &bot, "--q", "nothing like this"]).await.len(), 0);
 
-    let o = dlq(&["discard", first]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    // show: the letter, its event and its attempts.
+    let out = cli.ok(&["dlq", "show", &ids[0]]).await;
+    assert!(out.contains(&format!("dead letter  {}", ids[0])) && out.contains("after attempt 1"), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("0 call") && l.contains("webhook") && l.contains("failed")), "{out}");
+    let v: Value = serde_json::from_str(&cli.ok(&["dlq", "show", &ids[0], "--json"]).await).unwrap();
+    assert_eq!(v["event"]["type"], "x.go");
+
+    // discard one: the API records the key that did it.
+    cli.ok(&["dlq", "discard", &ids[0]]).await;
     let by: Option<String> =
-        db.query_one("SELECT discarded_by FROM dead_letters WHERE id = $1::text::uuid", &[&first]).await.unwrap().get(0);
-    assert_eq!(by.as_deref(), Some("ops-bob"));
-    let o = dlq(&["discard", first]);
-    assert!(!o.status.success() && stderr(&o).contains("already discarded"), "{}", stderr(&o));
+        db.query_one("SELECT discarded_by FROM dead_letters WHERE id = $1::text::uuid", &[&ids[0]]).await.unwrap().get(0);
+    assert!(by.as_deref().is_some_and(|b| b.starts_with("key ")), "{by:?}");
+    let err = cli.fails(&["dlq", "discard", &ids[0]]).await;
+    assert!(err.contains("409") && err.contains("already discarded"), "{err}");
 
+    // replay one: prints the execution id, which then succeeds.
     receiver.on("/hook", Behaviour::Status(200, "{}".into()));
-    let o = dlq(&["replay", second, "--by", "ops-carol"]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let execution = stdout(&o).trim().to_string();
-    eventually("the replayed execution succeeds", || async {
-        let s: String = db
-            .query_one("SELECT status FROM executions WHERE id = $1::text::uuid", &[&execution])
-            .await
-            .unwrap()
-            .get(0);
-        s == "succeeded"
-    })
-    .await;
-    let o = dlq(&["list"]);
-    assert!(stdout(&o).trim().is_empty(), "nothing open is left: {}", stdout(&o));
-    let o = dlq(&["list", "--all"]);
-    assert_eq!(stdout(&o).lines().count(), 2);
-    let o = dlq(&["replay", &uuid::Uuid::new_v4().to_string()]);
-    assert!(!o.status.success() && stderr(&o).contains("does not exist"), "{}", stderr(&o));
+    let execution = cli.ok(&["dlq", "replay", &ids[1]]).await.trim().to_string();
+    assert_eq!(execution, letters[1]["execution_id"].as_str().unwrap());
+    let succeeded = |execution: String| {
+        let db = &db;
+        async move {
+            let s: String =
+                db.query_one("SELECT status FROM executions WHERE id = $1::text::uuid", &[&execution]).await.unwrap().get(0);
+            s == "succeeded"
+        }
+    };
+    eventually("the replayed execution succeeds", || succeeded(execution.clone())).await;
+
+    // Bulk: replay what matches, then discard the rest; each prints a count.
+    let n = cli
+        .ok(&["dlq", "replay", "--chatbot", &bot, "--matching", "--workflow", &workflow, "--q", "500", "--max", "1"])
+        .await;
+    assert_eq!(n.trim(), "1");
+    let n = cli.ok(&["dlq", "discard", "--chatbot", &bot, "--matching"]).await;
+    assert_eq!(n.trim(), "1");
+    let o = cli.run(&["dlq", "list", "--chatbot", &bot]).await;
+    assert!(o.status.success() && stdout(&o).is_empty(), "nothing open is left: {}", stdout(&o));
+    assert!(stderr(&o).contains("no dead letters"), "{}", stderr(&o));
+    let states: Vec<String> = rows(&cli.ok(&["dlq", "list", "--chatbot", &bot, "--state", "all"]).await)
+        .iter()
+        .map(|r| r[3].clone())
+        .collect();
+    assert_eq!(states.iter().filter(|s| *s == "replayed").count(), 2, "{states:?}");
+    assert_eq!(states.iter().filter(|s| *s == "discarded").count(), 2, "{states:?}");
+    assert_eq!(cli.json_lines(&["dlq", "list", "--state", "replayed"]).await.len(), 2);
+    let open: i64 = db
+        .query_one("SELECT count(*) FROM dead_letters WHERE replayed_at IS NULL AND discarded_at IS NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(open, 0);
+
+    // Bad input.
+    let err = cli.fails(&["dlq", "replay", &uuid::Uuid::new_v4().to_string()]).await;
+    assert!(err.contains("404") && err.contains("not found"), "{err}");
+    let err = cli.fails(&["dlq", "list", "--chatbot", &uuid::Uuid::new_v4().to_string()]).await;
+    assert!(err.contains("not found"), "{err}");
+    let err = cli.fails(&["dlq", "list", "--state", "lost"]).await;
+    assert!(err.contains("400") && err.contains("lost"), "{err}");
+    let err = cli.fails(&["dlq", "discard", "--chatbot", &bot, "--matching", "--max", "0"]).await;
+    assert!(err.contains("max must be"), "{err}");
+    let err = cli.fails(&["dlq", "list", "--all"]).await;
+    assert!(err.contains("--state all"), "{err}");
+    let err = cli.fails(&["dlq", "replay", "--matching"]).await;
+    assert!(err.contains("--chatbot"), "{err}");
+    // An admin key sees its own account's letters, not every account's.
+    let admin = botflow::store::accounts::create_key(&d.store, t.account, botflow::store::accounts::Role::Admin).await.unwrap();
+    let admin_cli = ApiCli::new(&d, &admin);
+    assert_eq!(admin_cli.json_lines(&["dlq", "list", "--chatbot", &bot, "--state", "all"]).await.len(), 4);
+    let err = admin_cli.fails(&["dlq", "list"]).await;
+    assert!(err.contains("403") && err.contains("operator"), "{err}");
 }

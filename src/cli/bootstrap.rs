@@ -1,14 +1,15 @@
 //! Bootstrap commands against the database, without a running daemon: accounts, keys,
-//! chatbots and `workflows apply`. A running daemon hears about workflow changes
-//! through PostgreSQL NOTIFY within a second.
+//! chatbots, and the database side of `workflows apply` (the command itself lives in
+//! `workflows`). A running daemon hears about workflow changes through PostgreSQL
+//! NOTIFY within a second.
 
 use super::database::Database;
-use super::{AccountsCmd, ChatbotsCmd, DlqCmd, KeysCmd, WorkflowsCmd};
+use super::{AccountsCmd, ChatbotsCmd, KeysCmd};
 use crate::config::Config;
-use crate::store::{accounts, dead_letters, workflows, StoreError};
-use crate::workflow::parse_workflows;
-use anyhow::{bail, Context};
-use std::io::Read;
+use crate::store::{accounts, workflows, StoreError};
+use crate::workflow::WorkflowSpec;
+use anyhow::bail;
+use uuid::Uuid;
 
 fn run<T>(config: &Config, f: impl AsyncFnOnce(&crate::store::Store) -> anyhow::Result<T>) -> anyhow::Result<T> {
     let db = Database::open_shared(config)?;
@@ -58,81 +59,11 @@ pub fn chatbots(config: Config, cmd: ChatbotsCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn workflows(config: Config, cmd: WorkflowsCmd) -> anyhow::Result<()> {
-    match cmd {
-        WorkflowsCmd::Apply { chatbot, file } => {
-            let bytes = if file.as_os_str() == "-" {
-                let mut b = Vec::new();
-                std::io::stdin().read_to_end(&mut b).context("cannot read stdin")?;
-                b
-            } else {
-                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?
-            };
-            let specs = parse_workflows(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-            let applied = run(&config, async |s| match workflows::apply(s, chatbot, &specs).await {
-                Err(StoreError::NotFound { what, id }) => bail!("{what} {id} does not exist"),
-                other => Ok(other?),
-            })?;
-            for (spec, a) in specs.iter().zip(&applied) {
-                match a {
-                    workflows::Applied::Created { .. } => eprintln!("created workflow {:?}", spec.name),
-                    workflows::Applied::Updated { version, .. } => {
-                        eprintln!("updated workflow {:?} to version {version}", spec.name)
-                    }
-                    workflows::Applied::Unchanged { version, .. } => {
-                        eprintln!("workflow {:?} unchanged (version {version})", spec.name)
-                    }
-                }
-                println!("{}", a.id());
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Who is acting, for the records of replays and discards.
-fn actor(by: Option<String>) -> String {
-    by.or_else(|| std::env::var("USER").ok()).filter(|s| !s.trim().is_empty()).unwrap_or_else(|| "unknown".into())
-}
-
-pub fn dlq(config: Config, cmd: DlqCmd) -> anyhow::Result<()> {
-    match cmd {
-        DlqCmd::List { chatbot, all, limit, json } => {
-            let letters = run(&config, async |s| Ok(dead_letters::list(s, &dead_letters::Filter { chatbot_id: chatbot, state: if all { dead_letters::State::All } else { dead_letters::State::Open }, ..Default::default() }, None, limit).await?))?;
-            if json {
-                for dl in &letters {
-                    println!("{}", serde_json::to_string(dl)?);
-                }
-            } else {
-                if letters.is_empty() {
-                    eprintln!("no dead letters");
-                }
-                for dl in &letters {
-                    println!(
-                        "{}  {}  chatbot {}  workflow {} v{}  {} attempts  {}  {}",
-                        dl.id,
-                        dl.created_at.format("%Y-%m-%d %H:%M:%S"),
-                        dl.chatbot_id,
-                        dl.workflow_id,
-                        dl.workflow_version,
-                        dl.attempts,
-                        dl.state(),
-                        dl.last_error.as_deref().unwrap_or("")
-                    );
-                }
-            }
-        }
-        DlqCmd::Replay { id, by } => {
-            let by = actor(by);
-            let dl = run(&config, async |s| Ok(dead_letters::replay(s, id, &by).await?))?;
-            eprintln!("execution {} runs again (attempt {}), replayed by {by}", dl.execution_id, dl.attempts + 1);
-            println!("{}", dl.execution_id);
-        }
-        DlqCmd::Discard { id, by } => {
-            let by = actor(by);
-            let dl = run(&config, async |s| Ok(dead_letters::discard(s, id, &by).await?))?;
-            eprintln!("dead letter {} discarded by {by}", dl.id);
-        }
-    }
-    Ok(())
+/// `workflows apply` without a daemon: creates or replaces the workflows by name in one
+/// transaction on the configured database (the admin API's apply runs the same).
+pub fn apply_workflows(config: &Config, chatbot: Uuid, specs: &[WorkflowSpec]) -> anyhow::Result<Vec<workflows::Applied>> {
+    run(config, async |s| match workflows::apply(s, chatbot, specs).await {
+        Err(StoreError::NotFound { what, id }) => bail!("{what} {id} does not exist"),
+        other => Ok(other?),
+    })
 }

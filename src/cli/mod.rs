@@ -1,15 +1,21 @@
 //! The `botflow` command line: the daemon (`serve`), database and configuration
-//! chores, the bootstrap commands that work without a running daemon, `send`, and
-//! `bench`. Commands that create something print only the new id or key on stdout;
-//! everything for people goes to stderr.
+//! chores, the bootstrap commands that work without a running daemon, the commands
+//! over the admin API of a running daemon (workflows, executions, analytics, dead
+//! letters, limits; `api` is their client), `send`, and `bench`. Commands that create
+//! something print only the new id or key on stdout; everything for people goes to
+//! stderr.
 
+pub mod analytics;
 pub mod api;
 pub mod bench;
 pub mod bootstrap;
 pub mod database;
+pub mod dlq;
+pub mod executions;
 pub mod limits;
 pub mod send;
 pub mod serve;
+pub mod workflows;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -41,12 +47,17 @@ pub enum Command {
     /// Chatbots
     #[command(subcommand)]
     Chatbots(ChatbotsCmd),
-    /// Workflows
+    /// Workflows (`apply` also works without a daemon)
     #[command(subcommand)]
-    Workflows(WorkflowsCmd),
+    Workflows(workflows::WorkflowsCmd),
+    /// Execution history (over the admin API of a running daemon)
+    #[command(subcommand)]
+    Executions(executions::ExecutionsCmd),
+    /// Per-workflow figures of a chatbot over a time window
+    Analytics(analytics::AnalyticsArgs),
     /// Dead letters: executions that used up their attempts
     #[command(subcommand)]
-    Dlq(DlqCmd),
+    Dlq(dlq::DlqCmd),
     /// Per-chatbot rate limits (over the admin API of a running daemon)
     #[command(subcommand)]
     Limits(limits::LimitsCmd),
@@ -86,46 +97,4 @@ pub enum ChatbotsCmd {
     },
     /// Print the secret that signs the chatbot's webhook requests
     Secret { chatbot: uuid::Uuid },
-}
-
-#[derive(Subcommand, Debug)]
-pub enum DlqCmd {
-    /// List dead letters, newest first (open ones unless --all)
-    List {
-        #[arg(long)]
-        chatbot: Option<uuid::Uuid>,
-        /// Include replayed and discarded ones
-        #[arg(long)]
-        all: bool,
-        #[arg(long, default_value_t = 100)]
-        limit: i64,
-        /// One JSON object per line, with the event and the attempt history
-        #[arg(long)]
-        json: bool,
-    },
-    /// Run the dead execution once more, from the step that failed
-    Replay {
-        id: uuid::Uuid,
-        /// Who replays it [default: $USER]
-        #[arg(long)]
-        by: Option<String>,
-    },
-    /// Give up on a dead execution, recording who did
-    Discard {
-        id: uuid::Uuid,
-        /// Who discards it [default: $USER]
-        #[arg(long)]
-        by: Option<String>,
-    },
-}
-
-#[derive(Subcommand, Debug)]
-pub enum WorkflowsCmd {
-    /// Create or replace workflows by name from a JSON or YAML file (one or a list); prints their ids
-    Apply {
-        #[arg(long)]
-        chatbot: uuid::Uuid,
-        /// The file, or - for stdin
-        file: PathBuf,
-    },
 }

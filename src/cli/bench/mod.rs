@@ -112,7 +112,7 @@ fn scale(args: &BenchArgs) -> anyhow::Result<()> {
     for chatbots in [1, args.scale_chatbots] {
         // Alternating runs with and without, the median of each: this machine is noisy.
         let mut runs: Vec<(bool, f64, f64)> = Vec::new();
-        for bare in std::iter::repeat([true, false]).take(args.scale_repeats.max(1)).flatten() {
+        for bare in std::iter::repeat_n([true, false], args.scale_repeats.max(1)).flatten() {
             let mut c = std::process::Command::new(&exe);
             c.args(["bench", "--scenario", "scale-run", "--json"])
                 .args(["--connections", &args.connections.to_string()])
