@@ -149,7 +149,8 @@ fn the_dashboard_uses_a_data_source_variable_and_a_stable_uid() {
         assert_eq!(p["datasource"]["uid"], "${datasource}", "panel {}", p["title"]);
         for t in p["targets"].as_array().unwrap() {
             assert_eq!(t["datasource"]["uid"], "${datasource}");
-            for name in ["botflow_"] {
+            {
+                let name = "botflow_";
                 assert!(t["expr"].as_str().unwrap().contains(name));
             }
         }
