@@ -227,7 +227,7 @@ pub(crate) fn find_binaries(
             let Some(found) = in_dir(&entry.path().join("bin")) else {
                 continue;
             };
-            if best.as_ref().map_or(true, |(v, _)| version > *v) {
+            if best.as_ref().is_none_or(|(v, _)| version > *v) {
                 best = Some((version, found));
             }
         }
@@ -1025,6 +1025,28 @@ impl Supervised {
     }
 }
 
+impl EmbeddedPostgres {
+    /// The connection settings of an embedded server already running under `data_dir`
+    /// (a daemon's), or `None` when no live postmaster serves that directory. One-shot
+    /// commands use it instead of starting a second server on the same data.
+    pub fn running(data_dir: &Path) -> Option<tokio_postgres::Config> {
+        let data_dir = data_dir.canonicalize().ok()?;
+        let root = data_dir.join("postgres");
+        let pgdata = root.join("data");
+        let pid = read_postmaster_pid(&pgdata.join("postmaster.pid"))?;
+        if postmaster_state(pid, &pgdata) != PidState::Ours {
+            return None;
+        }
+        let socket_dir = root.join("run");
+        if !socket_dir.join(format!(".s.PGSQL.{PORT}")).exists() {
+            return None;
+        }
+        let mut config = tokio_postgres::Config::new();
+        config.host_path(&socket_dir).port(PORT).user(USER).dbname(crate::cli::database::EMBEDDED_DB);
+        Some(config)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1336,27 +1358,5 @@ mod tests {
             "{err}"
         );
         assert!(started.elapsed() < Duration::from_secs(10));
-    }
-}
-
-impl EmbeddedPostgres {
-    /// The connection settings of an embedded server already running under `data_dir`
-    /// (a daemon's), or `None` when no live postmaster serves that directory. One-shot
-    /// commands use it instead of starting a second server on the same data.
-    pub fn running(data_dir: &Path) -> Option<tokio_postgres::Config> {
-        let data_dir = data_dir.canonicalize().ok()?;
-        let root = data_dir.join("postgres");
-        let pgdata = root.join("data");
-        let pid = read_postmaster_pid(&pgdata.join("postmaster.pid"))?;
-        if postmaster_state(pid, &pgdata) != PidState::Ours {
-            return None;
-        }
-        let socket_dir = root.join("run");
-        if !socket_dir.join(format!(".s.PGSQL.{PORT}")).exists() {
-            return None;
-        }
-        let mut config = tokio_postgres::Config::new();
-        config.host_path(&socket_dir).port(PORT).user(USER).dbname(crate::cli::database::EMBEDDED_DB);
-        Some(config)
     }
 }
