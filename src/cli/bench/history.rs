@@ -45,6 +45,8 @@ pub async fn bench(app: &RunningApp, executions: i64, requests: usize) -> anyhow
 
     eprintln!("history: writing {executions} executions of one chatbot over 24 hours ...");
     let started = Instant::now();
+    // Every execution is created in [end − 24 h, end): the analytics window.
+    let end = chrono::Utc::now();
     let client = store.pool().get().await?;
     let mut done = 0i64;
     while done < executions {
@@ -64,10 +66,10 @@ pub async fn bench(app: &RunningApp, executions: i64, requests: usize) -> anyhow
                         t
                  FROM (SELECT i,
                               CASE WHEN i % 100 < 92 THEN 'succeeded' WHEN i % 100 < 97 THEN 'failed' ELSE 'dead' END AS s,
-                              now() - random() * interval '24 hours' AS t,
+                              $7::timestamptz - interval '24 hours' + random() * interval '24 hours' AS t,
                               exp(random() * ln(3000.0)) AS d
                        FROM generate_series($5::int8, $6::int8) AS i) g",
-                &[&bot, &wfs, &(WORKFLOWS as i64), &conversations, &done, &(done + n - 1)],
+                &[&bot, &wfs, &(WORKFLOWS as i64), &conversations, &done, &(done + n - 1), &end],
             )
             .await?;
         done += n;
@@ -158,7 +160,15 @@ pub async fn bench(app: &RunningApp, executions: i64, requests: usize) -> anyhow
     report_line(&mut report, "page through cursors", &h);
     report_line(&mut report, "every filtered page", &all);
 
-    let analytics = format!("/v1/chatbots/{bot}/analytics");
+    // The 24 hours that hold every execution (not "the last 24 hours", which slide
+    // past the oldest ones while the bench runs).
+    let since = end - chrono::TimeDelta::hours(24);
+    let window = format!(
+        "since={}&until={}",
+        since.to_rfc3339_opts(chrono::SecondsFormat::Micros, true).replace('+', "%2B"),
+        end.to_rfc3339_opts(chrono::SecondsFormat::Micros, true).replace('+', "%2B")
+    );
+    let analytics = format!("/v1/chatbots/{bot}/analytics?{window}");
     let mut h = Histogram::<u64>::new(3)?;
     let (_, body) = get(analytics.clone()).await?;
     let total: i64 = body["workflows"].as_array().map(|w| w.iter().filter_map(|x| x["count"].as_i64()).sum()).unwrap_or(0);
@@ -170,7 +180,7 @@ pub async fn bench(app: &RunningApp, executions: i64, requests: usize) -> anyhow
     report_line(&mut report, "analytics, 24 hours (rollups)", &h);
     let mut h = Histogram::<u64>::new(3)?;
     for _ in 0..3 {
-        let (took, _) = get(format!("{analytics}?method=exact")).await?;
+        let (took, _) = get(format!("{analytics}&method=exact")).await?;
         h.record(took.as_micros() as u64)?;
     }
     report_line(&mut report, "analytics, 24 hours (exact scan)", &h);
