@@ -309,16 +309,32 @@ async fn events_queued_behind_a_blocked_write_are_nacked_on_time_and_the_blocked
     // Warm the supervisor so the next events go straight to the journal.
     c.send(&event("warm", bot, "x.a", json!({}))).await;
     assert_eq!(c.recv().await["op"], "ack");
+    // And let its execution finish, so that the write the lock blocks is the next event's.
+    let db = daemon.db().await;
+    eventually("the warm-up execution finishes", || async {
+        let n: i64 = db
+            .query_one("SELECT count(*) FROM executions WHERE event_id = 'warm' AND status = 'succeeded'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        n == 1
+    })
+    .await;
 
     let (mut locker, conn) = daemon.pg.connect(tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
     let tx = locker.transaction().await.unwrap();
     tx.batch_execute("LOCK TABLE executions IN ACCESS EXCLUSIVE MODE").await.unwrap();
     c.send(&event("blocked", bot, "x.a", json!({}))).await;
-    let db = daemon.db().await;
+    // The journal's write, not any other query on executions (lease sweeps and the
+    // scheduler wait on the lock too).
     eventually("the journal's write waits on the lock", || async {
         let n: i64 = db
-            .query_one("SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'executions'::regclass", &[])
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO executions%'",
+                &[],
+            )
             .await
             .unwrap()
             .get(0);
