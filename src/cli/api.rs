@@ -92,6 +92,16 @@ impl Api {
         Ok(Page { items, next_cursor: v["next_cursor"].as_str().map(str::to_string) })
     }
 
+    /// A list command's items: one page from `cursor`, or with `all` every page (and
+    /// then no next cursor).
+    pub async fn list(&self, path: &str, params: &[(&str, Option<String>)], cursor: Option<&str>, all: bool) -> anyhow::Result<Page> {
+        if all {
+            Ok(Page { items: self.get_all_pages(path, params).await?, next_cursor: None })
+        } else {
+            self.get_page(path, params, cursor).await
+        }
+    }
+
     /// Every item of a list, following `next_cursor` from the first page to the last.
     pub async fn get_all_pages(&self, path: &str, params: &[(&str, Option<String>)]) -> anyhow::Result<Vec<Value>> {
         let mut all = Vec::new();
@@ -114,6 +124,15 @@ impl Api {
 pub struct Page {
     pub items: Vec<Value>,
     pub next_cursor: Option<String>,
+}
+
+impl Page {
+    /// Tells a person on stderr how to ask for the next page, if there is one.
+    pub fn print_more(&self) {
+        if let Some(c) = &self.next_cursor {
+            eprintln!("more: --cursor {c}");
+        }
+    }
 }
 
 /// `path` with a query string of the parameters that are set, percent-encoded.

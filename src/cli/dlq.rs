@@ -131,17 +131,13 @@ fn list(config: &Config, a: ListArgs) -> anyhow::Result<()> {
         ("q", a.q),
         ("limit", a.limit.map(|l| l.to_string())),
     ];
-    let (items, next) = if a.all_pages {
-        (block_on(client.get_all_pages(&path, &params))?, None)
-    } else {
-        let page = block_on(client.get_page(&path, &params, a.cursor.as_deref()))?;
-        (page.items, page.next_cursor)
-    };
+    let page = block_on(client.list(&path, &params, a.cursor.as_deref(), a.all_pages))?;
+    let items = &page.items;
     if a.api.json {
-        print_json_lines(&items);
+        print_json_lines(items);
     } else {
         let mut t = Table::new(&["ID", "DIED", "STATE", "CHATBOT", "WORKFLOW", "ATTEMPTS", "LAST ERROR"]).right(&[5]);
-        for dl in &items {
+        for dl in items {
             t.row(vec![
                 cell(&dl["id"]),
                 time_cell(&dl["created_at"]),
@@ -154,9 +150,7 @@ fn list(config: &Config, a: ListArgs) -> anyhow::Result<()> {
         }
         t.print_or("no dead letters");
     }
-    if let Some(c) = next {
-        eprintln!("more: --cursor {c}");
-    }
+    page.print_more();
     Ok(())
 }
 

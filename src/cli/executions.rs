@@ -90,18 +90,14 @@ fn list(config: &Config, a: ListArgs) -> anyhow::Result<()> {
         ("q", a.q),
         ("limit", a.limit.map(|l| l.to_string())),
     ];
-    let (items, next) = if a.all {
-        (block_on(client.get_all_pages(&path, &params))?, None)
-    } else {
-        let page = block_on(client.get_page(&path, &params, a.cursor.as_deref()))?;
-        (page.items, page.next_cursor)
-    };
+    let page = block_on(client.list(&path, &params, a.cursor.as_deref(), a.all))?;
+    let items = &page.items;
     if a.api.json {
-        print_json_lines(&items);
+        print_json_lines(items);
     } else {
         let mut t = Table::new(&["ID", "CREATED", "STATUS", "ATTEMPT", "DURATION", "WORKFLOW", "EVENT", "CONVERSATION", "ERROR"])
             .right(&[3, 4]);
-        for e in &items {
+        for e in items {
             t.row(vec![
                 cell(&e["id"]),
                 time_cell(&e["created_at"]),
@@ -116,9 +112,7 @@ fn list(config: &Config, a: ListArgs) -> anyhow::Result<()> {
         }
         t.print_or("no executions");
     }
-    if let Some(c) = next {
-        eprintln!("more: --cursor {c}");
-    }
+    page.print_more();
     Ok(())
 }
 

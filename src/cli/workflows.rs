@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::store::workflows as store;
 use crate::workflow::parse_workflows;
 use anyhow::{anyhow, bail, Context};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -41,23 +41,9 @@ pub enum WorkflowsCmd {
         api: ApiArgs,
     },
     /// Print a workflow's definition as JSON, ready for `apply` (--json: the whole record)
-    Get {
-        #[arg(long)]
-        chatbot: Uuid,
-        #[arg(value_name = "WID")]
-        workflow: Uuid,
-        #[command(flatten)]
-        api: ApiArgs,
-    },
+    Get(WorkflowRef),
     /// Every saved version of a workflow, newest first
-    Versions {
-        #[arg(long)]
-        chatbot: Uuid,
-        #[arg(value_name = "WID")]
-        workflow: Uuid,
-        #[command(flatten)]
-        api: ApiArgs,
-    },
+    Versions(WorkflowRef),
     /// Copy a workflow to another chatbot; prints the copy's id
     Copy {
         #[arg(long)]
@@ -74,32 +60,11 @@ pub enum WorkflowsCmd {
         api: ApiArgs,
     },
     /// Enable a workflow: new events may start it again
-    Enable {
-        #[arg(long)]
-        chatbot: Uuid,
-        #[arg(value_name = "WID")]
-        workflow: Uuid,
-        #[command(flatten)]
-        api: ApiArgs,
-    },
+    Enable(WorkflowRef),
     /// Disable a workflow: new events no longer start it; running executions finish
-    Disable {
-        #[arg(long)]
-        chatbot: Uuid,
-        #[arg(value_name = "WID")]
-        workflow: Uuid,
-        #[command(flatten)]
-        api: ApiArgs,
-    },
+    Disable(WorkflowRef),
     /// Delete a workflow; executions already started finish on their version
-    Delete {
-        #[arg(long)]
-        chatbot: Uuid,
-        #[arg(value_name = "WID")]
-        workflow: Uuid,
-        #[command(flatten)]
-        api: ApiArgs,
-    },
+    Delete(WorkflowRef),
     /// Would a workflow match an event? Prints "match", or "no match: " and the first
     /// check that failed; exits 0 either way
     DryRun {
@@ -117,6 +82,17 @@ pub enum WorkflowsCmd {
         #[command(flatten)]
         api: ApiArgs,
     },
+}
+
+/// One workflow of a chatbot, on the admin API.
+#[derive(Args, Debug)]
+pub struct WorkflowRef {
+    #[arg(long)]
+    chatbot: Uuid,
+    #[arg(value_name = "WID")]
+    workflow: Uuid,
+    #[command(flatten)]
+    api: ApiArgs,
 }
 
 /// What `apply` did to one workflow: the admin API's answer, and what the database
@@ -172,7 +148,7 @@ pub fn run(config: Config, cmd: WorkflowsCmd) -> anyhow::Result<()> {
             }
             t.print_or(&format!("chatbot {chatbot} has no workflows"));
         }
-        WorkflowsCmd::Get { chatbot, workflow, api } => {
+        WorkflowsCmd::Get(WorkflowRef { chatbot, workflow, api }) => {
             let client = Api::new(&config, &api)?;
             let w = block_on(client.call(Method::GET, &format!("/v1/chatbots/{chatbot}/workflows/{workflow}"), None))?;
             if api.json {
@@ -188,7 +164,7 @@ pub fn run(config: Config, cmd: WorkflowsCmd) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&w["definition"])?);
             }
         }
-        WorkflowsCmd::Versions { chatbot, workflow, api } => {
+        WorkflowsCmd::Versions(WorkflowRef { chatbot, workflow, api }) => {
             let client = Api::new(&config, &api)?;
             let path = format!("/v1/chatbots/{chatbot}/workflows/{workflow}/versions");
             let items = block_on(client.get_all_pages(&path, &[("limit", Some(MAX_LIMIT.to_string()))]))?;
@@ -219,9 +195,9 @@ pub fn run(config: Config, cmd: WorkflowsCmd) -> anyhow::Result<()> {
                 println!("{}", cell(&w["id"]));
             }
         }
-        WorkflowsCmd::Enable { chatbot, workflow, api } => set_enabled(&config, chatbot, workflow, &api, true)?,
-        WorkflowsCmd::Disable { chatbot, workflow, api } => set_enabled(&config, chatbot, workflow, &api, false)?,
-        WorkflowsCmd::Delete { chatbot, workflow, api } => {
+        WorkflowsCmd::Enable(WorkflowRef { chatbot, workflow, api }) => set_enabled(&config, chatbot, workflow, &api, true)?,
+        WorkflowsCmd::Disable(WorkflowRef { chatbot, workflow, api }) => set_enabled(&config, chatbot, workflow, &api, false)?,
+        WorkflowsCmd::Delete(WorkflowRef { chatbot, workflow, api }) => {
             let client = Api::new(&config, &api)?;
             block_on(client.call(Method::DELETE, &format!("/v1/chatbots/{chatbot}/workflows/{workflow}"), None))?;
             eprintln!("deleted workflow {workflow}");
