@@ -23,21 +23,15 @@ struct FilterQuery {
 
 impl FilterQuery {
     fn filter(&self, chatbot_id: Option<Uuid>) -> Result<Filter, ApiError> {
-        if self.q.as_ref().is_some_and(|t| t.chars().count() > 200 || t.contains('\0')) {
-            return Err(ApiError::bad_request("q must be at most 200 characters, without NUL").field("q"));
-        }
-        if let (Some(s), Some(u)) = (self.since, self.until) {
-            if s >= u {
-                return Err(ApiError::bad_request("since must be before until").field("since"));
-            }
-        }
+        let q = page::search_text(&self.q)?;
+        page::check_window(self.since, self.until)?;
         Ok(Filter {
             chatbot_id,
             workflow_id: self.workflow_id,
             state: self.state.unwrap_or_default(),
             since: self.since,
             until: self.until,
-            q: self.q.clone().filter(|t| !t.is_empty()),
+            q,
         })
     }
 }

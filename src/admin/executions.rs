@@ -42,24 +42,18 @@ fn filter(q: &ListQuery) -> Result<Filter, ApiError> {
             .field("status"));
         }
     }
-    if q.q.as_ref().is_some_and(|t| t.chars().count() > 200 || t.contains('\0')) {
-        return Err(ApiError::bad_request("q must be at most 200 characters, without NUL").field("q"));
-    }
+    let text = page::search_text(&q.q)?;
     if q.conversation_id.as_ref().is_some_and(|c| c.len() > 256 || c.contains('\0')) {
         return Err(ApiError::bad_request("conversation_id must be at most 256 bytes, without NUL").field("conversation_id"));
     }
-    if let (Some(s), Some(u)) = (q.since, q.until) {
-        if s >= u {
-            return Err(ApiError::bad_request("since must be before until").field("since"));
-        }
-    }
+    page::check_window(q.since, q.until)?;
     Ok(Filter {
         workflow_id: q.workflow_id,
         status: q.status.clone(),
         conversation_id: q.conversation_id.clone(),
         since: q.since,
         until: q.until,
-        q: q.q.clone().filter(|t| !t.is_empty()),
+        q: text,
     })
 }
 
@@ -132,9 +126,7 @@ pub async fn analytics(
     let bot = caller.chatbot(&state, path.into_inner()).await?;
     let until = q.until.unwrap_or_else(Utc::now);
     let since = q.since.unwrap_or(until - TimeDelta::hours(24));
-    if since >= until {
-        return Err(ApiError::bad_request("since must be before until").field("since"));
-    }
+    page::check_window(Some(since), Some(until))?;
     if until - since > TimeDelta::days(MAX_WINDOW_DAYS) {
         return Err(ApiError::bad_request(format!("the window is longer than {MAX_WINDOW_DAYS} days")).field("since"));
     }

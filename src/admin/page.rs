@@ -1,4 +1,5 @@
-//! Pagination: `limit` and an opaque `cursor`, the same for every list.
+//! Pagination: `limit` and an opaque `cursor`, the same for every list; and the checks
+//! of the filters lists share (a time window, text to search for).
 //!
 //! A cursor is the position of the last row of a page (a sort key and an id) plus a
 //! digest of the query it belongs to, base64url-encoded with a checksum. Lists are
@@ -11,12 +12,30 @@
 use super::error::ApiError;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 pub const DEFAULT_LIMIT: i64 = 50;
 pub const MAX_LIMIT: i64 = 500;
+
+/// `since` must come before `until` when both are given.
+pub fn check_window(since: Option<DateTime<Utc>>, until: Option<DateTime<Utc>>) -> Result<(), ApiError> {
+    match (since, until) {
+        (Some(s), Some(u)) if s >= u => Err(ApiError::bad_request("since must be before until").field("since")),
+        _ => Ok(()),
+    }
+}
+
+/// Text to search for (`q`): at most 200 characters, no NUL (PostgreSQL cannot hold it).
+/// Empty text searches for nothing: `None`.
+pub fn search_text(q: &Option<String>) -> Result<Option<String>, ApiError> {
+    if q.as_ref().is_some_and(|t| t.chars().count() > 200 || t.contains('\0')) {
+        return Err(ApiError::bad_request("q must be at most 200 characters, without NUL").field("q"));
+    }
+    Ok(q.clone().filter(|t| !t.is_empty()))
+}
 
 /// One page of a list.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
