@@ -191,6 +191,45 @@ async fn two_instances_migrating_at_once_apply_each_migration_once() {
 }
 
 #[actix_rt::test]
+async fn upgrading_to_v6_counts_executions_created_before_the_rollups_existed() {
+    let pg = fresh_database().await;
+    let store = botflow::store::Store::new(pg.clone(), 2, Duration::from_secs(5)).unwrap();
+    botflow::store::migrate::migrate_to(&store, Some(5)).await.unwrap();
+    let t = tenant(&store, "acme", 1).await;
+    let bot = t.chatbots[0];
+    let wid = apply(&store, bot, json!({"name": "w", "trigger": {"event": "x.a"}, "steps": [{"id": "d", "action": "delay", "duration": "0s"}]}))
+        .await[0];
+    // Rows an older daemon wrote: executions, no rollups.
+    let (db, conn) = pg.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    db.batch_execute(&format!(
+        "INSERT INTO executions (id, chatbot_id, workflow_id, workflow_version, event_id, event_type, conversation_id,
+                                 event, status, created_at, finished_at, duration_ms)
+         SELECT gen_random_uuid(), '{bot}', '{wid}', 1, 'e' || i, 'x.a', 'c', '{{}}',
+                CASE WHEN i <= 6 THEN 'succeeded' WHEN i <= 8 THEN 'dead' ELSE 'queued' END,
+                now() - interval '2 hours', CASE WHEN i <= 8 THEN now() END, CASE WHEN i <= 8 THEN 10.0 * i END
+         FROM generate_series(1, 10) AS i"
+    ))
+    .await
+    .unwrap();
+    let rolled = |sql: &'static str| {
+        let db = &db;
+        async move { db.query_one(sql, &[]).await.unwrap().get::<_, Option<i64>>(0).unwrap_or(0) }
+    };
+    assert_eq!(rolled("SELECT sum(created)::int8 FROM execution_stats").await, 0);
+
+    botflow::store::migrate::migrate(&store).await.unwrap();
+    let counts = db
+        .query_one("SELECT coalesce(sum(created), 0)::int8, coalesce(sum(succeeded), 0)::int8, coalesce(sum(failed), 0)::int8,
+                    coalesce(sum(dead), 0)::int8 FROM execution_stats", &[])
+        .await
+        .unwrap();
+    let counts: Vec<i64> = (0..4).map(|i| counts.get(i)).collect();
+    assert_eq!(counts, vec![10, 6, 0, 2]);
+    assert_eq!(rolled("SELECT sum(count)::int8 FROM execution_durations").await, 8, "one duration per ended execution");
+}
+
+#[actix_rt::test]
 async fn the_first_start_writes_an_operator_key_once() {
     let pg = fresh_database().await;
     let mut d1 = TestDaemon::start_with(DaemonOptions { pg: Some(pg.clone()), ..Default::default() }).await;

@@ -22,11 +22,21 @@ pub fn latest_version() -> i32 {
 }
 
 pub async fn migrate(store: &Store) -> StoreResult<MigrationReport> {
+    migrate_to(store, None).await
+}
+
+/// Migrates up to `version` (all the way with `None`). Upgrade tests stop part-way to
+/// put rows in an older schema.
+pub async fn migrate_to(store: &Store, version: Option<i32>) -> StoreResult<MigrationReport> {
     let mut client = store.dedicated().await?;
     // A session lock on this connection; it is released when the connection closes
     // even if this process dies half-way.
     client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY]).await?;
-    let result = migrations::runner()
+    let mut runner = migrations::runner();
+    if let Some(v) = version {
+        runner = runner.set_target(refinery::Target::Version(v as u32));
+    }
+    let result = runner
         .set_migration_table_name("botflow_schema_history")
         .run_async(&mut client)
         .await;
