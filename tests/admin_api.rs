@@ -1480,6 +1480,17 @@ async fn dead_letters_are_listed_replayed_discarded_one_by_one_and_in_bulk() {
     wait_count(&db, status, &[&execution], 1).await;
     let again = api.get(&admin, &format!("/v1/executions/{execution}")).await.ok(200).clone();
     assert_eq!((again["status"].clone(), again["attempt"].clone()), (json!("succeeded"), json!(2)));
+    // The replayed run is timed from its own start: the time the letter waited is not
+    // part of its duration (nor of the analytics percentiles).
+    let replayed_at = scalar(
+        &db,
+        "SELECT count(*) FROM executions e JOIN dead_letters d ON d.execution_id = e.id
+         WHERE d.id = $1 AND e.started_at >= d.replayed_at
+           AND e.duration_ms <= extract(epoch FROM e.finished_at - d.replayed_at) * 1000",
+        &[&id],
+    )
+    .await;
+    assert_eq!(replayed_at, 1, "the replayed execution starts after the replay: {again}");
     api.call("POST", &format!("/v1/dead-letters/{id}/replay"), Auth::Key(&admin), None).await.err(409, "conflict", None);
     api.call("DELETE", &format!("/v1/dead-letters/{id}"), Auth::Key(&admin), None).await.err(409, "conflict", None);
     assert!(!api.get(&admin, &format!("/v1/dead-letters/{id}")).await.ok(200)["replayed_at"].is_null());
@@ -1720,6 +1731,11 @@ async fn bad_input_gets_the_right_4xx_naming_the_problem_and_never_a_500() {
         (admin, "GET", format!("/v1/chatbots/{bot}/executions?q=%00"), "", vec![], 400, "bad_request", Some("q")),
         (admin, "GET", format!("/v1/chatbots/{bot}/executions?conversation_id=a%00b"), "", vec![], 400, "bad_request", Some("conversation_id")),
         (admin, "GET", format!("/v1/chatbots/{bot}/dead-letters?state=lost"), "", vec![], 400, "bad_request", None),
+        // Times chrono can hold but no arithmetic near them should be tried.
+        (admin, "GET", format!("/v1/chatbots/{bot}/analytics?until=-262143-01-01T00:00:00Z"), "", vec![], 400, "bad_request", Some("until")),
+        (admin, "GET", format!("/v1/chatbots/{bot}/analytics?since=%2B262142-12-31T00:00:00Z"), "", vec![], 400, "bad_request", Some("since")),
+        (admin, "GET", format!("/v1/chatbots/{bot}/analytics?until=0001-01-01T00:00:00Z"), "", vec![], 400, "bad_request", Some("since")),
+        (admin, "GET", format!("/v1/chatbots/{bot}/executions?since=-0001-01-01T00:00:00Z"), "", vec![], 400, "bad_request", Some("since")),
         (admin, "GET", "/v1/chatbots/12345/workflows".into(), "", vec![], 400, "bad_request", None),
         (admin, "GET", format!("/v1/chatbots/{bot}/workflows/zzz"), "", vec![], 400, "bad_request", None),
         (admin, "GET", "/v1/dead-letters/%27%20OR%201=1%20--".into(), "", vec![], 400, "bad_request", None),

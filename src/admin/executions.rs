@@ -124,6 +124,8 @@ pub async fn analytics(
     q: web::Query<AnalyticsQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let bot = caller.chatbot(&state, path.into_inner()).await?;
+    // The bounds given are checked before any arithmetic on them.
+    page::check_window(q.since, q.until)?;
     let until = q.until.unwrap_or_else(Utc::now);
     let since = q.since.unwrap_or(until - TimeDelta::hours(24));
     page::check_window(Some(since), Some(until))?;

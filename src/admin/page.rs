@@ -12,7 +12,7 @@
 use super::error::ApiError;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -20,8 +20,15 @@ use uuid::Uuid;
 pub const DEFAULT_LIMIT: i64 = 50;
 pub const MAX_LIMIT: i64 = 500;
 
-/// `since` must come before `until` when both are given.
+/// `since` must come before `until` when both are given, and both must lie in years 1
+/// to 9999 (PostgreSQL's range is wider, but no history is older, and time arithmetic
+/// near chrono's limits would overflow).
 pub fn check_window(since: Option<DateTime<Utc>>, until: Option<DateTime<Utc>>) -> Result<(), ApiError> {
+    for (name, t) in [("since", since), ("until", until)] {
+        if t.is_some_and(|t| !(1..=9999).contains(&t.year())) {
+            return Err(ApiError::bad_request(format!("{name} must be a time in the years 1 to 9999")).field(name));
+        }
+    }
     match (since, until) {
         (Some(s), Some(u)) if s >= u => Err(ApiError::bad_request("since must be before until").field("since")),
         _ => Ok(()),

@@ -152,6 +152,8 @@ pub async fn get(store: &Store, id: Uuid) -> StoreResult<DeadLetter> {
 /// Replays the open letters among `ids`: one more attempt of each dead execution, from
 /// the step that failed. The rollups forget the death (the execution counts again when
 /// it ends). Running daemons hear of it through NOTIFY and pick the work up at once.
+/// The replayed run's duration counts from its own start, not from the first attempt's
+/// (the time the letter waited is no one's run time).
 /// Returns the letters replayed.
 const REPLAY_SQL: &str = "
 WITH dl AS (
@@ -161,7 +163,7 @@ WITH dl AS (
 ), ex AS (
     UPDATE executions e
     SET status = 'queued', attempt = e.attempt + 1, run_after = now(), lease_owner = NULL,
-        error = NULL, finished_at = NULL, duration_ms = NULL
+        error = NULL, started_at = NULL, finished_at = NULL, duration_ms = NULL
     FROM dl, executions prev
     WHERE e.id = dl.execution_id AND e.status = 'dead' AND prev.id = e.id
     RETURNING e.id, e.chatbot_id, e.workflow_id, e.created_at, prev.duration_ms
