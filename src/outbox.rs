@@ -1,12 +1,14 @@
 //! The Outbox actor: commands for chat services (reply, tag, handoff), the connections
 //! subscribed to each chatbot, and the steps waiting for a client's ack.
 //!
-//! A command is in the `outbox` table (kept there by the journal) before it gets here.
-//! It is written to every connection subscribed to its chatbot and stays `pending`
-//! until a client acks it (`{"op":"ack","command_id":…}`): then the step waiting for it
-//! goes on and the row is marked `acked`. A connection that subscribes gets every
-//! command still pending for its chatbots, so nothing is lost to a disconnect or a
-//! restart; a client may see a command twice and drops it by its id.
+//! A command's row in the `outbox` table is written by the journal lane in its next
+//! batch; the command is written to every connection subscribed to its chatbot without
+//! waiting for that commit, and stays `pending` until a client acks it
+//! (`{"op":"ack","command_id":…}`): then the step waiting for it goes on and the row is
+//! marked `acked`. A connection that subscribes gets every command still pending for
+//! its chatbots, those in the table and those waiting here whose row may not be
+//! committed yet, so nothing is lost to a disconnect or a restart; a client may see a
+//! command twice and drops it by its id.
 
 use crate::ingest::protocol::Command;
 use crate::router::Scope;
@@ -72,7 +74,7 @@ pub struct ClientAck {
 }
 
 struct Waiting {
-    chatbot_id: Uuid,
+    command: Arc<Command>,
     account_id: Uuid,
     acked: Vec<oneshot::Sender<()>>,
 }
@@ -107,17 +109,25 @@ impl Handler<Subscribe> for Outbox {
                 list.push((msg.connection_id, msg.recipient.clone()));
             }
         }
-        // What is still pending for these chatbots goes to the new subscriber.
+        // What is still pending for these chatbots goes to the new subscriber: the rows
+        // in the table, then the commands waited for here that the query did not
+        // return (their rows may not be committed yet).
         let store = self.store.clone();
         let recipient = msg.recipient;
         let chatbots = msg.chatbots;
+        let in_memory: Vec<Arc<Command>> =
+            self.waiting.values().filter(|w| chatbots.contains(&w.command.chatbot_id)).map(|w| w.command.clone()).collect();
         ctx.spawn(
             async move {
                 match pending_commands(&store, &chatbots).await {
                     Ok(commands) => {
-                        let n = commands.len();
-                        for c in commands {
-                            recipient.do_send(DeliverCommand(Arc::new(c)));
+                        let from_table: std::collections::HashSet<String> =
+                            commands.iter().map(|c| c.command_id.clone()).collect();
+                        let uncommitted: Vec<Arc<Command>> =
+                            in_memory.into_iter().filter(|c| !from_table.contains(&c.command_id)).collect();
+                        let n = commands.len() + uncommitted.len();
+                        for c in commands.into_iter().map(Arc::new).chain(uncommitted) {
+                            recipient.do_send(DeliverCommand(c));
                         }
                         if n > 0 {
                             tracing::info!(commands = n, "redelivered pending commands to a new subscriber");
@@ -177,7 +187,7 @@ impl Handler<Deliver> for Outbox {
         let Deliver { command, account_id, acked } = msg;
         self.waiting
             .entry(command.command_id.clone())
-            .or_insert_with(|| Waiting { chatbot_id: command.chatbot_id, account_id, acked: Vec::new() })
+            .or_insert_with(|| Waiting { command: command.clone(), account_id, acked: Vec::new() })
             .acked
             .push(acked);
         let targets: Vec<Recipient<DeliverCommand>> = self
@@ -241,7 +251,7 @@ impl Handler<ClientAck> for Outbox {
             for tx in w.acked {
                 let _ = tx.send(());
             }
-            self.journal.lane_for(w.chatbot_id).do_send(RecordProgress {
+            self.journal.lane_for(w.command.chatbot_id).do_send(RecordProgress {
                 acked_commands: vec![msg.command_id],
                 ..Default::default()
             });

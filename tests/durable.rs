@@ -196,13 +196,14 @@ async fn a_reply_is_redelivered_after_a_reconnect_until_it_is_acked() {
     let (cmd, _) = c.recv_until(|v| v["op"] == "command").await;
     assert_eq!(cmd["payload"]["text"], "hi e1");
     drop(c); // gone before acking
-    // The command stays pending, and the step waits for an ack.
-    let pending: String = db
-        .query_one("SELECT status FROM outbox WHERE command_id = $1", &[&cmd["command_id"].as_str().unwrap()])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(pending, "pending");
+    // The command stays pending, and the step waits for an ack. It is written to the
+    // connections before its row commits (the journal writes it in the next batch).
+    let id = cmd["command_id"].as_str().unwrap().to_string();
+    let outbox_status = || async {
+        db.query_opt("SELECT status FROM outbox WHERE command_id = $1", &[&id]).await.unwrap().map(|r| r.get::<_, String>(0))
+    };
+    eventually("the command's outbox row commits", || async { outbox_status().await.is_some() }).await;
+    assert_eq!(outbox_status().await.as_deref(), Some("pending"));
     let (_, status, _, _) = execution(&db, "e1").await;
     assert!(matches!(status.as_str(), "queued" | "running"), "{status}");
 
@@ -211,15 +212,45 @@ async fn a_reply_is_redelivered_after_a_reconnect_until_it_is_acked() {
     assert_eq!(again["command_id"], cmd["command_id"], "the same command, redelivered");
     c2.send(&json!({"op": "ack", "command_id": again["command_id"]})).await;
     wait_status(&db, "e1", &["succeeded"]).await;
-    let row: String = db
-        .query_one("SELECT status FROM outbox WHERE command_id = $1", &[&cmd["command_id"].as_str().unwrap()])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(row, "acked");
+    assert_eq!(outbox_status().await.as_deref(), Some("acked"));
     drop(c2);
     let mut c3 = Client::tcp(d.tcp()).await.hello(&t.key, &[bot]).await;
     assert!(c3.try_recv(Duration::from_millis(500)).await.is_none(), "an acked command never comes back");
+}
+
+#[actix_rt::test]
+async fn a_client_subscribing_before_the_commands_row_commits_still_gets_it() {
+    let (d, t, mut c, db) = setup(
+        |_| {},
+        json!({"name": "r", "trigger": {"event": "x.go"}, "steps": [{"id": "say", "action": "reply", "text": "hi {{event.id}}"}]}),
+    )
+    .await;
+    let bot = t.chatbots[0];
+    // Hold the journal's write of the command's row (and only that): an insert into the
+    // outbox waits for an advisory lock the test holds.
+    db.batch_execute(
+        "CREATE FUNCTION hold_outbox() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN PERFORM pg_advisory_xact_lock_shared(4242); RETURN NEW; END $$;
+         CREATE TRIGGER hold_outbox BEFORE INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION hold_outbox();
+         SELECT pg_advisory_lock(4242);",
+    )
+    .await
+    .unwrap();
+    send(&mut c, "e1", bot).await;
+    let (cmd, _) = c.recv_until(|v| v["op"] == "command").await;
+    drop(c);
+    let id = cmd["command_id"].as_str().unwrap().to_string();
+    let rows: i64 = db.query_one("SELECT count(*) FROM outbox WHERE command_id = $1", &[&id]).await.unwrap().get(0);
+    assert_eq!(rows, 0, "the row is not committed yet");
+
+    let mut c2 = Client::unix(&d.unix()).await.hello(&t.key, &[bot]).await;
+    let (again, _) = c2.recv_until(|v| v["op"] == "command").await;
+    assert_eq!(again["command_id"], cmd["command_id"], "redelivered from memory");
+    c2.send(&json!({"op": "ack", "command_id": again["command_id"]})).await;
+    db.batch_execute("SELECT pg_advisory_unlock(4242)").await.unwrap();
+    wait_status(&db, "e1", &["succeeded"]).await;
+    let status: String = db.query_one("SELECT status FROM outbox WHERE command_id = $1", &[&id]).await.unwrap().get(0);
+    assert_eq!(status, "acked");
 }
 
 #[actix_rt::test]
