@@ -248,13 +248,15 @@ impl Handler<ClientAck> for Outbox {
             }
         }
         if let Some(w) = self.waiting.remove(&msg.command_id) {
-            for tx in w.acked {
-                let _ = tx.send(());
-            }
+            // The ack is queued on the lane before the step goes on, so the step's own
+            // later writes (which expire commands left pending) come after it.
             self.journal.lane_for(w.command.chatbot_id).do_send(RecordProgress {
                 acked_commands: vec![msg.command_id],
                 ..Default::default()
             });
+            for tx in w.acked {
+                let _ = tx.send(());
+            }
         }
     }
 }

@@ -605,7 +605,7 @@ async fn a_client_closing_mid_line_gets_incomplete_frame_and_the_half_line_is_dr
 
 /// The hanging receiver's step timeout: long enough that another chatbot's workflow
 /// demonstrably completes while the hang is still pending.
-const HANG_MS: u64 = 1500;
+const HANG_MS: u64 = 3000;
 
 async fn execution_of(db: &tokio_postgres::Client, bot: Uuid, event_id: &str) -> (Uuid, String, Option<String>) {
     let r = db
@@ -679,6 +679,16 @@ async fn hanging_and_failing_webhooks_fail_their_execution_without_holding_up_an
     let (hang_exec, status, _) = execution_of(&db, hang_bot, "hang-1").await;
     assert!(matches!(status.as_str(), "queued" | "running"), "at ack time the steps have not finished: {status}");
     let hang_hit = receiver.wait_for("/hang", 1).await[0].at;
+    // Its `running` status is written once it has run for a moment (RUNNING_MARK_DELAY).
+    let mut status = String::new();
+    while hang_hit.elapsed() < Duration::from_millis(HANG_MS - 200) {
+        status = execution_of(&db, hang_bot, "hang-1").await.1;
+        if status == "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, "running", "the hanging execution shows as running while it hangs");
 
     // Meanwhile: the same chatbot keeps acking, the failing receiver's event is acked,
     // and another chatbot's webhook and reply complete.
@@ -704,16 +714,6 @@ async fn hanging_and_failing_webhooks_fail_their_execution_without_holding_up_an
         "the other chatbot's workflow should finish while the webhook still hangs (took {:?})",
         t0.elapsed()
     );
-    // Its `running` status is written once it has run for a moment (RUNNING_MARK_DELAY).
-    let mut status = String::new();
-    while hang_hit.elapsed() < Duration::from_millis(HANG_MS - 200) {
-        status = execution_of(&db, hang_bot, "hang-1").await.1;
-        if status == "running" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(status, "running", "the hanging execution shows as running while it hangs");
 
     // The 500 with its only attempt used: dead, the step records the status and the body.
     let (fail_exec, status, error) = wait_finished(&db, fail_bot, "fail-1").await;

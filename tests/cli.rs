@@ -192,7 +192,7 @@ async fn the_quickstart_and_worked_example_work_with_the_real_binary() {
         child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
         child.wait_with_output().unwrap()
     };
-    let o = send(&conversation, "3000");
+    let o = send(&conversation, "5000");
     assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
     let lines: Vec<Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).expect("NDJSON")).collect();
     let ops = |op: &str| lines.iter().filter(|l| l["op"] == op).count();

@@ -88,7 +88,7 @@ async fn changes_through_one_daemon_reach_another_within_a_second_without_losing
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (v3_asked, v3_done, v3) = change("gamma").await;
     assert_eq!(v3, 3);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     stop_tx.send(()).unwrap();
     let sent = sender.await.unwrap();
     let acks = receiver.await.unwrap();

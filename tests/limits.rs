@@ -200,7 +200,10 @@ async fn the_limits_api_checks_roles_ownership_and_values() {
     let (s, _) = api.call(reqwest::Method::GET, &op, &format!("/v1/chatbots/{}/limits", Uuid::new_v4()), None).await;
     assert_eq!(s, 404);
 
-    // With a running supervisor, usage is reported.
+    // With a running supervisor, usage is reported. One token a second comes back, so
+    // the figure read after the ack is still the one the event left.
+    let (s, v) = api.call(reqwest::Method::PUT, &op, &path, Some(json!({"events_per_second": 1, "burst": 400}))).await;
+    assert_eq!(s, 200, "{v}");
     let mut c = Client::tcp(d.tcp()).await.hello(&a.key, &[]).await;
     c.send(&event("e1", bot, "x.a", json!({}))).await;
     assert_eq!(c.recv().await["op"], "ack");
