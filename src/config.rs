@@ -472,7 +472,8 @@ impl Config {
             bad("retry.max_backoff_ms", "must not be below retry.initial_backoff_ms".into());
         }
         if !self.notify.webhook_url.is_empty()
-            && !(self.notify.webhook_url.starts_with("http://") || self.notify.webhook_url.starts_with("https://"))
+            && !self.notify.webhook_url.starts_with("http://")
+            && !self.notify.webhook_url.starts_with("https://")
         {
             bad("notify.webhook_url", "must be an http:// or https:// URL".into());
         }

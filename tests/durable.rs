@@ -22,12 +22,10 @@ async fn execution(db: &tokio_postgres::Client, event_id: &str) -> (Uuid, String
 async fn wait_status(db: &tokio_postgres::Client, event_id: &str, statuses: &[&str]) -> (Uuid, String, i32, Option<String>) {
     let start = Instant::now();
     loop {
-        if let Ok(r) = db.query_opt("SELECT id, status, attempt, error FROM executions WHERE event_id = $1", &[&event_id]).await {
-            if let Some(r) = r {
-                let status: String = r.get(1);
-                if statuses.contains(&status.as_str()) {
-                    return (r.get(0), status, r.get(2), r.get(3));
-                }
+        if let Ok(Some(r)) = db.query_opt("SELECT id, status, attempt, error FROM executions WHERE event_id = $1", &[&event_id]).await {
+            let status: String = r.get(1);
+            if statuses.contains(&status.as_str()) {
+                return (r.get(0), status, r.get(2), r.get(3));
             }
         }
         assert!(start.elapsed() < DEADLINE, "{event_id} did not reach {statuses:?}: {:?}", execution(db, event_id).await);

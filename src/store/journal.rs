@@ -665,7 +665,8 @@ impl JournalLane {
     /// Acks the committed events, tells supervisors which executions may run and which
     /// leases are gone, and wakes whoever waited for the commit.
     fn answer(&mut self, batch: Batch, written: Written) {
-        let mut outcomes: HashMap<Recipient<EventOutcomes>, Vec<(Box<str>, Outcome, Instant)>> = HashMap::new();
+        type Answers = Vec<(Box<str>, Outcome, Instant)>;
+        let mut outcomes: HashMap<Recipient<EventOutcomes>, Answers> = HashMap::new();
         let mut created = 0u64;
         for w in batch.events {
             let mut report = ExecutionsCommitted::default();

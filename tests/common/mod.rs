@@ -125,8 +125,7 @@ impl TestDaemon {
             None => fresh_database().await,
         };
         let dir = TempDir::new("daemon");
-        let mut config = Config::default();
-        config.data_dir = dir.path().to_path_buf();
+        let mut config = Config { data_dir: dir.path().to_path_buf(), ..Config::default() };
         config.ingest.tcp = "127.0.0.1:0".into();
         config.ingest.unix_socket = dir.path().join("botflow.sock").to_string_lossy().into_owned();
         config.metrics.listen = "127.0.0.1:0".into();

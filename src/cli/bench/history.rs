@@ -118,7 +118,8 @@ pub async fn bench(app: &RunningApp, executions: i64, requests: usize) -> anyhow
         let since = until - chrono::TimeDelta::hours(1);
         format!("since={}&until={}", since.format("%Y-%m-%dT%H:%M:%SZ"), until.format("%Y-%m-%dT%H:%M:%SZ"))
     };
-    let filters: Vec<(&str, Box<dyn Fn(usize) -> String>)> = vec![
+    type Query<'a> = Box<dyn Fn(usize) -> String + 'a>;
+    let filters: Vec<(&str, Query)> = vec![
         ("none", Box::new(|_| String::new())),
         ("workflow", Box::new(|i| format!("workflow_id={}", wfs[i % wfs.len()]))),
         ("status", Box::new(|i| format!("status={}", ["failed", "dead", "succeeded"][i % 3]))),
