@@ -11,7 +11,7 @@ use crate::chatbot::supervisor::SupervisorDeps;
 use crate::config::Config;
 use crate::ingest::connection::IngestDeps;
 use crate::ingest::listener::{self, Workers};
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, RemoteAck, RemoteCommand};
 use crate::notify::Notifier;
 use crate::router::{BusySupervisors, Router, Wake, WorkflowsChanged};
 use crate::scheduler::Scheduler;
@@ -117,7 +117,7 @@ impl App {
             config.journal.max_batch,
             Duration::from_millis(config.database.unavailable_after_ms),
         );
-        let outbox = Outbox::new(store.clone(), journal.clone()).start();
+        let outbox = Outbox::new(store.clone(), journal.clone(), node).start();
         let http = reqwest::Client::builder()
             .user_agent(concat!("botflow/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(10))
@@ -173,11 +173,13 @@ impl App {
         // Workflow changes and dead-letter replays from any process on this database.
         let (change_tx, mut change_rx) = tokio::sync::mpsc::unbounded_channel();
         actix_rt::spawn(listen::run(store.clone(), change_tx, shutdown.clone()));
-        let r = router.clone();
+        let (r, o) = (router.clone(), outbox.clone());
         actix_rt::spawn(async move {
             while let Some(change) = change_rx.recv().await {
                 match change {
                     Change::Wake(chatbot_id) => r.do_send(Wake { chatbot_id, due_at: chrono::Utc::now() }),
+                    Change::Command { node, chatbot_id, command_id } => o.do_send(RemoteCommand { node, chatbot_id, command_id }),
+                    Change::CommandAcked(command_id) => o.do_send(RemoteAck { command_id }),
                     other => r.do_send(WorkflowsChanged(other)),
                 }
             }

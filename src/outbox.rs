@@ -9,10 +9,16 @@
 //! its chatbots, those in the table and those waiting here whose row may not be
 //! committed yet, so nothing is lost to a disconnect or a restart; a client may see a
 //! command twice and drops it by its id.
+//!
+//! Several daemons on one database: the journal announces each pending command at its
+//! commit (`listen::COMMANDS_CHANNEL`), and the other nodes write it to their own
+//! subscribers; an ack a node was not waiting for is recorded in the table and
+//! announced, so the node whose step waits for it goes on at once.
 
 use crate::ingest::protocol::Command;
 use crate::router::Scope;
 use crate::store::journal::{Journal, RecordProgress};
+use crate::store::listen::COMMANDS_CHANNEL;
 use crate::store::Store;
 use crate::telemetry::metrics as m;
 use actix::prelude::*;
@@ -65,6 +71,23 @@ pub struct Forget {
     pub command_id: String,
 }
 
+/// From the change listener: another node committed a pending command.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RemoteCommand {
+    pub node: Uuid,
+    pub chatbot_id: Uuid,
+    pub command_id: String,
+}
+
+/// From the change listener: a client acked this command through some node, which
+/// recorded it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RemoteAck {
+    pub command_id: String,
+}
+
 /// Sent by a connection: its client acked a command.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -82,13 +105,19 @@ struct Waiting {
 pub struct Outbox {
     store: Store,
     journal: Journal,
+    /// This daemon's node id: its own commands need no announcement.
+    node: Uuid,
     subscribers: HashMap<Uuid, Vec<(u64, Recipient<DeliverCommand>)>>,
     waiting: HashMap<String, Waiting>,
 }
 
 impl Outbox {
-    pub fn new(store: Store, journal: Journal) -> Outbox {
-        Outbox { store, journal, subscribers: HashMap::new(), waiting: HashMap::new() }
+    pub fn new(store: Store, journal: Journal, node: Uuid) -> Outbox {
+        Outbox { store, journal, node, subscribers: HashMap::new(), waiting: HashMap::new() }
+    }
+
+    fn subscribers_of(&self, chatbot_id: &Uuid) -> Vec<Recipient<DeliverCommand>> {
+        self.subscribers.get(chatbot_id).map(|l| l.iter().map(|(_, r)| r.clone()).collect()).unwrap_or_default()
     }
 }
 
@@ -141,26 +170,31 @@ impl Handler<Subscribe> for Outbox {
     }
 }
 
+const COMMAND_COLUMNS: &str = "command_id, chatbot_id, conversation_id, kind, payload, execution_id";
+
+fn command_of(r: &tokio_postgres::Row) -> Command {
+    Command {
+        command_id: r.get(0),
+        chatbot_id: r.get(1),
+        conversation_id: r.get(2),
+        kind: command_kind(&r.get::<_, String>(3)),
+        payload: r.get(4),
+        execution_id: r.get(5),
+    }
+}
+
 async fn pending_commands(store: &Store, chatbots: &[Uuid]) -> Result<Vec<Command>, crate::store::StoreError> {
     let client = store.pool().get().await?;
-    let rows = client
-        .query(
-            "SELECT command_id, chatbot_id, conversation_id, kind, payload, execution_id FROM outbox
-             WHERE chatbot_id = ANY($1) AND status = 'pending' ORDER BY created_at LIMIT $2",
-            &[&chatbots, &REDELIVER_LIMIT],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|r| Command {
-            command_id: r.get(0),
-            chatbot_id: r.get(1),
-            conversation_id: r.get(2),
-            kind: command_kind(&r.get::<_, String>(3)),
-            payload: r.get(4),
-            execution_id: r.get(5),
-        })
-        .collect())
+    let sql = format!(
+        "SELECT {COMMAND_COLUMNS} FROM outbox WHERE chatbot_id = ANY($1) AND status = 'pending' ORDER BY created_at LIMIT $2"
+    );
+    Ok(client.query(&sql, &[&chatbots, &REDELIVER_LIMIT]).await?.iter().map(command_of).collect())
+}
+
+async fn pending_command(store: &Store, command_id: &str) -> Result<Option<Command>, crate::store::StoreError> {
+    let client = store.pool().get().await?;
+    let sql = format!("SELECT {COMMAND_COLUMNS} FROM outbox WHERE command_id = $1 AND status = 'pending'");
+    Ok(client.query_opt(&sql, &[&command_id]).await?.as_ref().map(command_of))
 }
 
 fn command_kind(kind: &str) -> &'static str {
@@ -190,24 +224,60 @@ impl Handler<Deliver> for Outbox {
             .or_insert_with(|| Waiting { command: command.clone(), account_id, acked: Vec::new() })
             .acked
             .push(acked);
-        let targets: Vec<Recipient<DeliverCommand>> = self
-            .subscribers
-            .get(&command.chatbot_id)
-            .map(|l| l.iter().map(|(_, r)| r.clone()).collect())
-            .unwrap_or_default();
-        Box::pin(async move {
-            let kind = command.kind;
-            let mut delivered = 0;
-            for t in targets {
-                // A connection refuses (false) when its output is over its limit; the
-                // command stays pending and comes back when it subscribes again.
-                if let Ok(true) = t.send(DeliverCommand(command.clone())).await {
-                    delivered += 1;
+        let targets = self.subscribers_of(&command.chatbot_id);
+        Box::pin(write_to(targets, command))
+    }
+}
+
+/// Writes a command to these connections; answers to how many it was written.
+async fn write_to(targets: Vec<Recipient<DeliverCommand>>, command: Arc<Command>) -> usize {
+    let mut delivered = 0;
+    for t in targets {
+        // A connection refuses (false) when its output is over its limit; the
+        // command stays pending and comes back when it subscribes again.
+        if let Ok(true) = t.send(DeliverCommand(command.clone())).await {
+            delivered += 1;
+        }
+    }
+    metrics::counter!(m::COMMANDS_SENT, "kind" => command.kind).increment(delivered as u64);
+    delivered
+}
+
+impl Handler<RemoteCommand> for Outbox {
+    type Result = ();
+    fn handle(&mut self, msg: RemoteCommand, ctx: &mut Context<Self>) {
+        // Ours were written to our subscribers already; nobody here wants the others.
+        let targets = self.subscribers_of(&msg.chatbot_id);
+        if msg.node == self.node || targets.is_empty() || self.waiting.contains_key(&msg.command_id) {
+            return;
+        }
+        let store = self.store.clone();
+        ctx.spawn(
+            async move {
+                match pending_command(&store, &msg.command_id).await {
+                    Ok(Some(command)) => {
+                        write_to(targets, Arc::new(command)).await;
+                    }
+                    Ok(None) => {} // acked or expired meanwhile
+                    Err(error) => {
+                        tracing::warn!(%error, command_id = %msg.command_id, "cannot read a command another node wrote")
+                    }
                 }
             }
-            metrics::counter!(m::COMMANDS_SENT, "kind" => kind).increment(delivered as u64);
-            delivered
-        })
+            .into_actor(self),
+        );
+    }
+}
+
+impl Handler<RemoteAck> for Outbox {
+    type Result = ();
+    fn handle(&mut self, msg: RemoteAck, _ctx: &mut Context<Self>) {
+        // The node that heard the ack checked the client's account and recorded it.
+        if let Some(w) = self.waiting.remove(&msg.command_id) {
+            for tx in w.acked {
+                let _ = tx.send(());
+            }
+        }
     }
 }
 
@@ -261,25 +331,27 @@ impl Handler<ClientAck> for Outbox {
     }
 }
 
+/// Records the ack of a command this node was not waiting for (it went out before a
+/// restart, or another node runs its step) and announces it to the other nodes.
 async fn ack_unwaited(store: &Store, command_id: &str, scope: Scope) -> Result<(), crate::store::StoreError> {
     let client = store.pool().get().await?;
+    // The announcement is sent at commit, and only for a row this ack changed.
+    let announce = format!("SELECT pg_notify('{COMMANDS_CHANNEL}', 'ack ' || command_id) FROM acked");
     match scope {
         Scope::All => {
-            client
-                .execute(
-                    "UPDATE outbox SET status = 'acked', acked_at = now() WHERE command_id = $1 AND status = 'pending'",
-                    &[&command_id],
-                )
-                .await?
+            let sql = format!(
+                "WITH acked AS (UPDATE outbox SET status = 'acked', acked_at = now()
+                                WHERE command_id = $1 AND status = 'pending' RETURNING command_id) {announce}"
+            );
+            client.execute(&sql, &[&command_id]).await?
         }
         Scope::Account(account) => {
-            client
-                .execute(
-                    "UPDATE outbox o SET status = 'acked', acked_at = now() FROM chatbots c
-                     WHERE o.command_id = $1 AND o.status = 'pending' AND c.id = o.chatbot_id AND c.account_id = $2",
-                    &[&command_id, &account],
-                )
-                .await?
+            let sql = format!(
+                "WITH acked AS (UPDATE outbox o SET status = 'acked', acked_at = now() FROM chatbots c
+                                WHERE o.command_id = $1 AND o.status = 'pending' AND c.id = o.chatbot_id
+                                  AND c.account_id = $2 RETURNING o.command_id) {announce}"
+            );
+            client.execute(&sql, &[&command_id, &account]).await?
         }
     };
     Ok(())

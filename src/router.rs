@@ -404,8 +404,8 @@ impl Handler<WorkflowsChanged> for Router {
                 // A chatbot without a supervisor reads its workflows when one starts.
             }
             Change::Resync => self.slots.values_mut().for_each(reload),
-            // Delivered as a `Wake` by the daemon; nothing to reload.
-            Change::Wake(_) => {}
+            // Delivered as a `Wake`, or to the outbox, by the daemon; nothing to reload.
+            Change::Wake(_) | Change::Command { .. } | Change::CommandAcked(_) => {}
             // A supervisor that is not running reads its limits when it starts.
             Change::Limits(id) => {
                 if let Some(Slot::Ready { addr, .. }) = self.slots.get(&id) {

@@ -252,6 +252,36 @@ async fn a_client_subscribing_before_the_commands_row_commits_still_gets_it() {
 }
 
 #[actix_rt::test]
+async fn a_command_reaches_a_client_of_another_daemon_and_its_ack_comes_back() {
+    // The ack timeout is longer than any wait below: success means the ack got back.
+    let slow_timeout = |c: &mut botflow::config::Config| c.outbox.ack_timeout_ms = 120_000;
+    let (a, t, mut sender, db) = setup(
+        slow_timeout,
+        json!({"name": "r", "trigger": {"event": "x.go"}, "steps": [{"id": "say", "action": "reply", "text": "hi {{event.id}}"}]}),
+    )
+    .await;
+    let b = TestDaemon::start_with(DaemonOptions { pg: Some(a.pg.clone()), tweak: Box::new(slow_timeout) }).await;
+    let bot = t.chatbots[0];
+    // The chat service's connection is to daemon B; the event goes in through A.
+    let mut chat = Client::unix(&b.unix()).await.hello(&t.key, &[bot]).await;
+    send(&mut sender, "e1", bot).await;
+    let (cmd, _) = chat.recv_until(|v| v["op"] == "command").await;
+    assert_eq!(cmd["payload"]["text"], "hi e1");
+    let owner: Uuid = db.query_one("SELECT lease_owner FROM executions WHERE event_id = 'e1'", &[]).await.unwrap().get(0);
+    let b_node: Uuid = std::fs::read_to_string(b.config.data_dir.join("node.id")).unwrap().trim().parse().unwrap();
+    assert_ne!(owner, b_node, "A runs the step");
+    chat.send(&json!({"op": "ack", "command_id": cmd["command_id"]})).await;
+    wait_status(&db, "e1", &["succeeded"]).await;
+    let status: String =
+        db.query_one("SELECT status FROM outbox WHERE command_id = $1", &[&cmd["command_id"].as_str().unwrap()]).await.unwrap().get(0);
+    assert_eq!(status, "acked");
+    // A's own subscriber got it too, and B's client does not get it again.
+    let (own, _) = sender.recv_until(|v| v["op"] == "command").await;
+    assert_eq!(own["command_id"], cmd["command_id"]);
+    assert!(chat.try_recv(Duration::from_millis(500)).await.is_none(), "delivered once to B's client");
+}
+
+#[actix_rt::test]
 async fn a_chat_service_that_never_acks_fails_the_step_after_the_ack_timeout() {
     let (_d, t, mut c, db) = setup(
         |c| c.outbox.ack_timeout_ms = 300,

@@ -801,7 +801,7 @@ struct Written {
 /// nothing. Each event's text is sent once (`$7`) and its executions point at it by
 /// position. Updates, step rows and commands are written only where the lease (`$10`,
 /// this node, and the epoch the update carries) still holds.
-const WRITE_SQL: &str = "
+pub(crate) const WRITE_SQL: &str = "
 WITH ins AS (
     INSERT INTO executions
         (id, chatbot_id, workflow_id, workflow_version, event_id, event_type, conversation_id, event, status,
@@ -888,7 +888,7 @@ WITH ins AS (
         SET status = EXCLUDED.status, payload = EXCLUDED.payload, acked_at = EXCLUDED.acked_at
         -- A retried step sends its command again; an ack already received stands.
         WHERE outbox.status <> 'acked'
-    RETURNING command_id
+    RETURNING command_id, chatbot_id, status
 ), acks AS (
     -- Rows `cmds` wrote already carry their ack: one statement may not change a row
     -- twice (ON CONFLICT DO UPDATE refuses a row another CTE changed).
@@ -906,7 +906,12 @@ WITH ins AS (
 )
 SELECT true, id FROM ins
 UNION ALL
-SELECT false, id FROM upd";
+SELECT false, id FROM upd
+UNION ALL
+-- Other nodes hear of the pending commands written, at commit, and deliver them to
+-- their own subscribers (`outbox::COMMANDS_CHANNEL`). One row each, without a flag.
+SELECT NULL, NULL FROM cmds, pg_notify('botflow_commands', 'cmd ' || $10::text || ' ' || cmds.chatbot_id::text || ' ' || cmds.command_id)
+WHERE cmds.status = 'pending'";
 
 const EXISTING_SQL: &str = "
 SELECT e.id, u.planned, e.lease_owner IS NOT DISTINCT FROM $4 AND e.lease_epoch = 1
@@ -1101,7 +1106,7 @@ async fn write(conn: &LaneConn, node: Uuid, batch: &Batch) -> Result<Written, St
         };
         let dead_written: Vec<Uuid> = rows
             .iter()
-            .filter(|r| !r.get::<_, bool>(0))
+            .filter(|r| r.get::<_, Option<bool>>(0) == Some(false))
             .map(|r| r.get::<_, Uuid>(1))
             .filter(|id| dead.contains(id))
             .collect();
@@ -1114,12 +1119,11 @@ async fn write(conn: &LaneConn, node: Uuid, batch: &Batch) -> Result<Written, St
     };
     let mut written = Written::default();
     for r in &rows {
-        let id: Uuid = r.get(1);
-        if r.get::<_, bool>(0) {
-            written.inserted.insert(id);
-        } else {
-            written.updated.insert(id);
-        }
+        match r.get::<_, Option<bool>>(0) {
+            Some(true) => written.inserted.insert(r.get(1)),
+            Some(false) => written.updated.insert(r.get(1)),
+            None => false, // a command's notification
+        };
     }
     if written.inserted.len() < ids.len() {
         // Some (workflow, event id) pairs were taken: find by whom.

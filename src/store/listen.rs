@@ -1,7 +1,8 @@
 //! LISTEN for changes made by any process on the database (the CLI, the admin API,
-//! another daemon): workflow changes and dead-letter replays, by chatbot id. Reconnects by itself; after a
+//! another daemon): workflow changes, limit changes and dead-letter replays by chatbot
+//! id, and the commands other nodes wrote or had acked. Reconnects by itself; after a
 //! (re)connect it reports `Resync`, because notifications sent while it was not
-//! listening are lost.
+//! listening are lost (commands are then delivered on a reconnect or a retry).
 
 use super::Store;
 use futures::StreamExt;
@@ -18,8 +19,36 @@ pub enum Change {
     Wake(Uuid),
     /// The rate limits of this chatbot changed.
     Limits(Uuid),
+    /// Another node (`node`) committed a pending command for `chatbot_id`.
+    Command { node: Uuid, chatbot_id: Uuid, command_id: String },
+    /// A client acked this command through some node.
+    CommandAcked(String),
     /// The listener was disconnected: anything may have changed.
     Resync,
+}
+
+/// The channel commands are announced on: `cmd <node> <chatbot id> <command id>` by
+/// the journal when it commits a pending command, `ack <command id>` by the node that
+/// recorded a client's ack for a command it was not waiting for.
+pub const COMMANDS_CHANNEL: &str = "botflow_commands";
+
+/// Reads a notification of `COMMANDS_CHANNEL`.
+fn command_change(payload: &str) -> Option<Change> {
+    let mut parts = payload.splitn(4, ' ');
+    match parts.next()? {
+        "cmd" => {
+            let node = parts.next()?.parse().ok()?;
+            let chatbot_id = parts.next()?.parse().ok()?;
+            let command_id = parts.next().filter(|c| !c.is_empty())?.to_string();
+            Some(Change::Command { node, chatbot_id, command_id })
+        }
+        "ack" => {
+            let rest: Vec<&str> = parts.collect();
+            let command_id = rest.join(" ");
+            (!command_id.is_empty()).then_some(Change::CommandAcked(command_id))
+        }
+        _ => None,
+    }
 }
 
 /// Runs until `cancel`; sends changes on `tx`.
@@ -54,7 +83,7 @@ pub async fn run(store: Store, tx: mpsc::UnboundedSender<Change>, cancel: Cancel
                     }
                 });
                 let listen = format!(
-                    "LISTEN {}; LISTEN {WAKE_CHANNEL}; LISTEN {}",
+                    "LISTEN {}; LISTEN {WAKE_CHANNEL}; LISTEN {COMMANDS_CHANNEL}; LISTEN {}",
                     super::workflows::WORKFLOWS_CHANNEL,
                     super::limits::LIMITS_CHANNEL
                 );
@@ -69,6 +98,10 @@ pub async fn run(store: Store, tx: mpsc::UnboundedSender<Change>, cancel: Cancel
                         tokio::select! {
                             _ = cancel.cancelled() => { driver.abort(); return; }
                             payload = nrx.recv() => match payload {
+                                Some((channel, p)) if channel == COMMANDS_CHANNEL => match command_change(&p) {
+                                    Some(change) => { let _ = tx.send(change); }
+                                    None => tracing::warn!(payload = %p, "ignoring a malformed command notification"),
+                                },
                                 Some((channel, p)) => match p.parse::<Uuid>() {
                                     Ok(id) => {
                                         let change = match channel.as_str() {
@@ -92,5 +125,28 @@ pub async fn run(store: Store, tx: mpsc::UnboundedSender<Change>, cancel: Cancel
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_notifications_are_read_whole_and_bad_ones_refused() {
+        let (node, bot) = (Uuid::new_v4(), Uuid::new_v4());
+        assert_eq!(
+            command_change(&format!("cmd {node} {bot} 3f2a:say hi")),
+            Some(Change::Command { node, chatbot_id: bot, command_id: "3f2a:say hi".into() })
+        );
+        assert_eq!(command_change("ack 3f2a:say hi"), Some(Change::CommandAcked("3f2a:say hi".into())));
+        for bad in ["", "cmd", "ack", "ack ", "cmd x y z", &format!("cmd {node} {bot}"), &format!("cmd {node} {bot} "), "nope 1"] {
+            assert_eq!(command_change(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_journal_announces_commands_on_the_channel_listened_to() {
+        assert!(crate::store::journal::WRITE_SQL.contains(&format!("pg_notify('{COMMANDS_CHANNEL}'")));
     }
 }
