@@ -81,7 +81,15 @@ impl App {
         }
 
         // Bind before starting anything that runs, so a taken port fails the start cleanly.
-        let tcp = if config.ingest.tcp.is_empty() { None } else { Some(listener::bind_tcp(&config.ingest.tcp)?) };
+        let tcp = if config.ingest.tcp.is_empty() {
+            None
+        } else {
+            let tls = match config.ingest_tls_files() {
+                Some((cert, key)) => Some(crate::ingest::tls::acceptor(&cert, &key)?),
+                None => None,
+            };
+            Some((listener::bind_tcp(&config.ingest.tcp)?, tls))
+        };
         let unix = match config.unix_socket_path() {
             Some(p) => Some((listener::bind_unix(&p)?, p)),
             None => None,
@@ -218,9 +226,9 @@ impl App {
             handshake_timeout: Duration::from_millis(config.ingest.handshake_timeout_ms),
             connections: connections.clone(),
         });
-        let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
+        let tcp_addr = tcp.as_ref().and_then(|(l, _)| l.local_addr().ok());
         let unix_path = unix.as_ref().map(|(_, p)| p.clone());
-        let listeners = tcp.map(listener::Listener::Tcp).into_iter().chain(unix.map(|(l, p)| listener::Listener::Unix(l, p)));
+        let listeners = tcp.map(|(l, tls)| listener::Listener::Tcp(l, tls)).into_iter().chain(unix.map(|(l, p)| listener::Listener::Unix(l, p)));
         for l in listeners {
             actix_rt::spawn(listener::serve(l, workers.clone(), ingest.clone(), shutdown.clone()));
         }

@@ -67,6 +67,10 @@ pub struct IngestConfig {
     pub handshake_timeout_ms: u64,
     /// Threads that run connections and chatbot supervisors; 0: one per CPU core.
     pub workers: usize,
+    /// PEM certificate chain for TLS on the TCP listener; empty: plain TCP.
+    pub tls_cert_file: String,
+    /// PEM private key of that certificate (set both or neither).
+    pub tls_key_file: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -216,6 +220,8 @@ impl Default for IngestConfig {
             max_in_flight: 1024,
             handshake_timeout_ms: 10_000,
             workers: 0,
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
         }
     }
 }
@@ -441,6 +447,22 @@ impl Config {
         if self.ingest.workers > 256 {
             bad("ingest.workers", "must be at most 256 (0 means one per core)".into());
         }
+        match (self.ingest.tls_cert_file.is_empty(), self.ingest.tls_key_file.is_empty()) {
+            (true, true) => {}
+            (false, true) => bad("ingest.tls_key_file", "must be set with ingest.tls_cert_file".into()),
+            (true, false) => bad("ingest.tls_cert_file", "must be set with ingest.tls_key_file".into()),
+            (false, false) if self.ingest.tcp.is_empty() => {
+                bad("ingest.tls_cert_file", "TLS is for the TCP listener, and ingest.tcp is empty".into())
+            }
+            (false, false) => {
+                let (cert, key) = (Path::new(&self.ingest.tls_cert_file), Path::new(&self.ingest.tls_key_file));
+                match crate::ingest::tls::acceptor(cert, key) {
+                    Ok(_) => {}
+                    Err(e @ crate::ingest::tls::TlsError::Key { .. }) => bad("ingest.tls_key_file", e.to_string()),
+                    Err(e) => bad("ingest.tls_cert_file", e.to_string()),
+                }
+            }
+        }
         if self.limits.events_per_second == 0 {
             bad("limits.events_per_second", "must be positive".into());
         }
@@ -508,6 +530,12 @@ impl Config {
         } else {
             Err(p)
         }
+    }
+
+    /// The certificate and key files of the TCP listener, when TLS is on.
+    pub fn ingest_tls_files(&self) -> Option<(PathBuf, PathBuf)> {
+        (!self.ingest.tls_cert_file.is_empty())
+            .then(|| (PathBuf::from(&self.ingest.tls_cert_file), PathBuf::from(&self.ingest.tls_key_file)))
     }
 
     /// A path in the configuration, relative to the working directory as given.
@@ -722,6 +750,22 @@ mod tests {
         let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(keys, vec!["database.pool_size", "ingest.max_frame_bytes", "log.format"], "{err}");
         assert!(err.to_string().contains("3 problems"));
+    }
+
+    #[test]
+    fn tls_files_are_checked_in_pairs_and_read() {
+        let problems = |toml: &str| -> Vec<String> {
+            match load(toml, &[]) {
+                Ok(_) => Vec::new(),
+                Err(e) => e.problems.iter().map(|p| format!("{}: {}", p.key, p.message)).collect(),
+            }
+        };
+        let p = problems("[ingest]\ntls_cert_file = \"cert.pem\"\n");
+        assert_eq!(p, vec!["ingest.tls_key_file: must be set with ingest.tls_cert_file"]);
+        let p = problems("[ingest]\ntcp = \"\"\ntls_cert_file = \"c.pem\"\ntls_key_file = \"k.pem\"\n");
+        assert!(p.len() == 1 && p[0].starts_with("ingest.tls_cert_file: TLS is for the TCP listener"), "{p:?}");
+        let p = problems("[ingest]\ntls_cert_file = \"/nonexistent/c.pem\"\ntls_key_file = \"/nonexistent/k.pem\"\n");
+        assert!(p.len() == 1 && p[0].starts_with("ingest.tls_cert_file:") && p[0].contains("/nonexistent/c.pem"), "{p:?}");
     }
 
     #[test]

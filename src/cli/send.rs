@@ -20,6 +20,13 @@ pub struct SendArgs {
     /// The daemon's TCP address
     #[arg(long, value_name = "HOST:PORT")]
     pub tcp: Option<String>,
+    /// Speak TLS over --tcp (the listener has ingest.tls_cert_file set); the
+    /// certificate is checked against the host of --tcp
+    #[arg(long, requires = "tcp")]
+    pub tls: bool,
+    /// PEM certificates to trust for --tls [default: the public web roots]
+    #[arg(long, value_name = "PATH", requires = "tls")]
+    pub ca_file: Option<PathBuf>,
     /// An ingest (or operator) key
     #[arg(long, env = "BOTFLOW_TOKEN", hide_env_values = true)]
     pub token: String,
@@ -52,6 +59,13 @@ pub fn run(config: crate::config::Config, args: SendArgs) -> anyhow::Result<bool
         if let Some(addr) = &args.tcp {
             let s = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("cannot connect to {addr}"))?;
             s.set_nodelay(true)?;
+            if args.tls {
+                let connector = crate::ingest::tls::connector(args.ca_file.as_deref())?;
+                let name = crate::ingest::tls::server_name(addr).map_err(anyhow::Error::msg)?;
+                let s = connector.connect(name, s).await.with_context(|| format!("TLS handshake with {addr} failed"))?;
+                let (r, w) = tokio::io::split(s);
+                return session(r, w, input, &args).await;
+            }
             let (r, w) = s.into_split();
             session(r, w, input, &args).await
         } else {

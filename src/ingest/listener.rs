@@ -68,14 +68,15 @@ pub fn bind_unix(path: &Path) -> Result<std::os::unix::net::UnixListener, Listen
 
 /// A bound listener, either kind.
 pub enum Listener {
-    Tcp(std::net::TcpListener),
+    /// With TLS when an acceptor is given.
+    Tcp(std::net::TcpListener, Option<tokio_rustls::TlsAcceptor>),
     /// With its path, removed when the listener stops.
     Unix(std::os::unix::net::UnixListener, PathBuf),
 }
 
 /// An accepted socket on its way to a worker arbiter.
 enum Accepted {
-    Tcp(std::net::TcpStream),
+    Tcp(std::net::TcpStream, Option<tokio_rustls::TlsAcceptor>),
     Unix(std::os::unix::net::UnixStream),
 }
 
@@ -83,9 +84,19 @@ impl Accepted {
     /// Registers the socket with the current arbiter and starts its Connection actor.
     fn start(self, peer: String, deps: Arc<IngestDeps>, shutdown: &CancellationToken) {
         let started = match self {
-            Accepted::Tcp(s) => tokio::net::TcpStream::from_std(s).map(|s| {
+            Accepted::Tcp(s, None) => tokio::net::TcpStream::from_std(s).map(|s| {
                 let (r, w) = s.into_split();
                 Connection::start(r, w, peer, deps, shutdown);
+            }),
+            // The handshake runs on the worker, not in the accept loop.
+            Accepted::Tcp(s, Some(acceptor)) => tokio::net::TcpStream::from_std(s).map(|s| {
+                let shutdown = shutdown.clone();
+                actix_rt::spawn(async move {
+                    if let Some(tls) = super::tls::accept(&acceptor, s, &peer, deps.handshake_timeout).await {
+                        let (r, w) = tokio::io::split(tls);
+                        Connection::start(r, w, peer, deps, &shutdown);
+                    }
+                });
             }),
             Accepted::Unix(s) => tokio::net::UnixStream::from_std(s).map(|s| {
                 let (r, w) = s.into_split();
@@ -102,11 +113,11 @@ impl Accepted {
 /// worker arbiter; a Unix socket's file is removed at the end.
 pub async fn serve(listener: Listener, workers: Workers, deps: Arc<IngestDeps>, shutdown: CancellationToken) {
     enum Bound {
-        Tcp(tokio::net::TcpListener),
+        Tcp(tokio::net::TcpListener, Option<tokio_rustls::TlsAcceptor>),
         Unix(tokio::net::UnixListener, PathBuf),
     }
     let registered = match listener {
-        Listener::Tcp(l) => tokio::net::TcpListener::from_std(l).map(Bound::Tcp),
+        Listener::Tcp(l, tls) => tokio::net::TcpListener::from_std(l).map(|l| Bound::Tcp(l, tls)),
         Listener::Unix(l, path) => tokio::net::UnixListener::from_std(l).map(|l| Bound::Unix(l, path)),
     };
     let bound = match registered {
@@ -121,9 +132,9 @@ pub async fn serve(listener: Listener, workers: Workers, deps: Arc<IngestDeps>, 
             _ = shutdown.cancelled() => break,
             a = async {
                 match &bound {
-                    Bound::Tcp(l) => l.accept().await.and_then(|(s, peer)| {
+                    Bound::Tcp(l, tls) => l.accept().await.and_then(|(s, peer)| {
                         let _ = s.set_nodelay(true);
-                        Ok((Accepted::Tcp(s.into_std()?), peer.to_string()))
+                        Ok((Accepted::Tcp(s.into_std()?, tls.clone()), peer.to_string()))
                     }),
                     Bound::Unix(l, path) => l
                         .accept()

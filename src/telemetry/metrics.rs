@@ -16,6 +16,7 @@ pub const EVENTS_RECEIVED: &str = "botflow_events_received_total";
 pub const EVENTS_REJECTED: &str = "botflow_events_rejected_total";
 pub const EVENTS_ACKED: &str = "botflow_events_acked_total";
 pub const FRAMES_REJECTED: &str = "botflow_frames_rejected_total";
+pub const TLS_HANDSHAKE_FAILURES: &str = "botflow_tls_handshake_failures_total";
 pub const TRIGGER_MATCHES: &str = "botflow_trigger_matches_total";
 pub const EXECUTIONS: &str = "botflow_executions_total";
 pub const EXECUTION_DURATION: &str = "botflow_execution_duration_seconds";
@@ -83,6 +84,11 @@ fn describe() {
     describe_counter!(EVENTS_REJECTED, Unit::Count, "Events answered with a nack, by reason.");
     describe_counter!(EVENTS_ACKED, Unit::Count, "Events acknowledged (after their executions were committed).");
     describe_counter!(FRAMES_REJECTED, Unit::Count, "Client frames answered with an error line, by reason.");
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        Unit::Count,
+        "Connections to the TLS listener closed before the protocol began, by reason (plaintext, handshake, timeout)."
+    );
     describe_counter!(TRIGGER_MATCHES, Unit::Count, "Workflow triggers that matched an event.");
     describe_counter!(EXECUTIONS, Unit::Count, "Executions by status: created when committed, then their final status.");
     describe_histogram!(EXECUTION_DURATION, Unit::Seconds, "Time from an execution's start to its final status.");
@@ -215,6 +221,9 @@ fn register_all() {
     }
     for code in crate::ingest::protocol::ErrorCode::ALL {
         metrics::counter!(FRAMES_REJECTED, "reason" => code.as_str()).absolute(0);
+    }
+    for reason in ["plaintext", "handshake", "timeout"] {
+        metrics::counter!(TLS_HANDSHAKE_FAILURES, "reason" => reason).absolute(0);
     }
     for name in [RETRIES, CLAIMS, WORKFLOW_RELOADS, LIMIT_CHANGES] {
         metrics::counter!(name).absolute(0);

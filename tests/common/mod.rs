@@ -234,6 +234,19 @@ impl Client {
         Client { reader: BufReader::new(Box::new(r)), writer: Box::new(w), stash: Default::default() }
     }
 
+    /// Over TLS, trusting the certificates of `ca_file`; panics if the handshake fails.
+    pub async fn tls(addr: std::net::SocketAddr, ca_file: &std::path::Path) -> Client {
+        Self::try_tls(addr, ca_file).await.unwrap_or_else(|e| panic!("TLS handshake: {e}"))
+    }
+
+    pub async fn try_tls(addr: std::net::SocketAddr, ca_file: &std::path::Path) -> std::io::Result<Client> {
+        let connector = botflow::ingest::tls::connector(Some(ca_file)).unwrap();
+        let s = tokio::net::TcpStream::connect(addr).await?;
+        let name = botflow::ingest::tls::server_name(&addr.to_string()).unwrap();
+        let (r, w) = tokio::io::split(connector.connect(name, s).await?);
+        Ok(Client { reader: BufReader::new(Box::new(r)), writer: Box::new(w), stash: Default::default() })
+    }
+
     pub async fn unix(path: &std::path::Path) -> Client {
         let s = tokio::net::UnixStream::connect(path).await.unwrap();
         let (r, w) = s.into_split();

@@ -1,0 +1,162 @@
+//! TLS on the ingest TCP listener: the protocol over TLS, clients that do not speak
+//! TLS or do not trust the certificate, silent clients, and `botflow send --tls`.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+
+/// A CA and a certificate it signed for 127.0.0.1, as PEM files in `dir`.
+struct Certs {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn ca(name: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.distinguished_name.push(rcgen::DnType::CommonName, name);
+    (params.self_signed(&key).unwrap(), key)
+}
+
+fn certs(dir: &Path) -> Certs {
+    let (ca_cert, ca_key) = ca("botflow test CA");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca_cert, &ca_key)
+        .unwrap();
+    let c = Certs { ca: dir.join("ca.pem"), cert: dir.join("cert.pem"), key: dir.join("key.pem") };
+    std::fs::write(&c.ca, ca_cert.pem()).unwrap();
+    std::fs::write(&c.cert, leaf.pem()).unwrap();
+    std::fs::write(&c.key, key.serialize_pem()).unwrap();
+    c
+}
+
+/// Certificates, a daemon with TLS on its TCP listener, and a chatbot with a workflow.
+async fn setup(tag: &str) -> (TempDir, Certs, TestDaemon, Tenant, uuid::Uuid) {
+    let dir = TempDir::new(tag);
+    let c = certs(dir.path());
+    let d = start(&c).await;
+    let t = tenant(&d.store, "acme", 1).await;
+    let bot = t.chatbots[0];
+    apply(&d.store, bot, workflow()).await;
+    (dir, c, d, t, bot)
+}
+
+async fn start(c: &Certs) -> TestDaemon {
+    let (cert, key) = (c.cert.display().to_string(), c.key.display().to_string());
+    TestDaemon::start_with(DaemonOptions {
+        tweak: Box::new(move |cfg| {
+            cfg.ingest.tls_cert_file = cert;
+            cfg.ingest.tls_key_file = key;
+            cfg.ingest.handshake_timeout_ms = 500;
+        }),
+        ..Default::default()
+    })
+    .await
+}
+
+fn workflow() -> serde_json::Value {
+    json!({"name": "w", "trigger": {"event": "x.go"}, "steps": [{"id": "d", "action": "delay", "duration": "0s"}]})
+}
+
+async fn acked(c: &mut Client, id: &str, bot: uuid::Uuid) {
+    c.send(&event(id, bot, "x.go", json!({}))).await;
+    let (a, _) = c.recv_until(|v| v["id"] == id).await;
+    assert_eq!(a["op"], "ack", "{a}");
+    assert_eq!(a["executions"].as_array().map(Vec::len), Some(1), "{a}");
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).map(|v| v.trim().parse::<f64>().unwrap()))
+        .unwrap_or_else(|| panic!("no {series} in /metrics"))
+}
+
+#[actix_rt::test]
+async fn the_tls_listener_serves_the_protocol_and_refuses_plain_untrusting_and_silent_clients() {
+    let (_dir, c, d, t, bot) = setup("tls").await;
+
+    let mut good = Client::tls(d.tcp(), &c.ca).await.hello(&t.key, &[]).await;
+    acked(&mut good, "e1", bot).await;
+
+    // A client speaking plain lines is told, in a line it can read, and closed.
+    let mut plain = Client::tcp(d.tcp()).await;
+    plain.send(&json!({"op": "hello", "version": 1, "token": t.key, "client": "plain"})).await;
+    let refused = plain.recv().await;
+    assert_eq!(refused["error"]["code"], "tls_required", "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains("TLS"), "{refused}");
+    let mut rest = String::new();
+    assert_eq!(plain.reader.read_line(&mut rest).await.unwrap(), 0, "closed after the error: {rest:?}");
+
+    // A client trusting another CA fails its handshake (and learns nothing more).
+    let other = TempDir::new("tls-other");
+    let (other_ca, _) = ca("someone else");
+    std::fs::write(other.path().join("ca.pem"), other_ca.pem()).unwrap();
+    let e = Client::try_tls(d.tcp(), &other.path().join("ca.pem")).await.err().expect("an untrusted certificate");
+    assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
+
+    // A client that connects and says nothing is closed after the handshake timeout.
+    let mut silent = tokio::net::TcpStream::connect(d.tcp()).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(DEADLINE, silent.read(&mut buf)).await.expect("closed before the deadline").unwrap_or(0);
+    assert_eq!(n, 0);
+
+    // None of it disturbed the TLS client, and each is counted.
+    acked(&mut good, "e2", bot).await;
+    let db = d.db().await;
+    let n: i64 = db.query_one("SELECT count(*) FROM executions WHERE chatbot_id = $1", &[&bot]).await.unwrap().get(0);
+    assert_eq!(n, 2);
+    eventually("each refusal counted", || async {
+        let m = d.metrics().await;
+        ["plaintext", "handshake", "timeout"]
+            .iter()
+            .all(|r| metric(&m, &format!("botflow_tls_handshake_failures_total{{reason=\"{r}\"}}")) >= 1.0)
+    })
+    .await;
+}
+
+#[actix_rt::test]
+async fn botflow_send_speaks_tls_and_explains_a_missing_tls_flag() {
+    let (_dir, c, d, t, bot) = setup("tls-send").await;
+    let input = format!("{}\n", event("s1", bot, "x.go", json!({})));
+    // The daemon runs in this process: the client waits off its threads.
+    let send = |extra: &[&str]| {
+        let mut cmd = botflow_cmd();
+        cmd.args(["send", "--token", &t.key, "--tcp", &d.tcp().to_string()]).args(extra).arg("-");
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let input = input.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let mut child = cmd.spawn().unwrap();
+                use std::io::Write;
+                child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+                child.wait_with_output().unwrap()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let ca = c.ca.display().to_string();
+    let o = send(&["--tls", "--ca-file", &ca]).await;
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.lines().any(|l| l.contains("\"op\":\"ack\"") && l.contains("\"s1\"")), "{out}");
+
+    let o = send(&[]).await;
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("--tls"), "the refusal says what to do: {err}");
+
+    // The public roots do not vouch for a test CA.
+    let o = send(&["--tls"]).await;
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("TLS handshake") && err.to_lowercase().contains("certificate"), "{err}");
+}
