@@ -62,7 +62,16 @@ pub fn run(config: crate::config::Config, args: SendArgs) -> anyhow::Result<bool
             if args.tls {
                 let connector = crate::ingest::tls::connector(args.ca_file.as_deref())?;
                 let name = crate::ingest::tls::server_name(addr).map_err(anyhow::Error::msg)?;
-                let s = connector.connect(name, s).await.with_context(|| format!("TLS handshake with {addr} failed"))?;
+                let s = connector.connect(name, s).await.map_err(|e| {
+                    // openssl's `req -x509` marks a self-signed certificate as a CA,
+                    // which TLS libraries refuse as a server's own certificate.
+                    let hint = if e.to_string().contains("CaUsedAsEndEntity") {
+                        " (the server's certificate is marked as a CA; a self-signed one needs basicConstraints=critical,CA:FALSE)"
+                    } else {
+                        ""
+                    };
+                    anyhow::anyhow!("TLS handshake with {addr} failed: {e}{hint}")
+                })?;
                 let (r, w) = tokio::io::split(s);
                 return session(r, w, input, &args).await;
             }
