@@ -191,10 +191,10 @@ async fn pending_commands(store: &Store, chatbots: &[Uuid]) -> Result<Vec<Comman
     Ok(client.query(&sql, &[&chatbots, &REDELIVER_LIMIT]).await?.iter().map(command_of).collect())
 }
 
-async fn pending_command(store: &Store, command_id: &str) -> Result<Option<Command>, crate::store::StoreError> {
+async fn pending_command(store: &Store, command_id: &str, chatbot_id: Uuid) -> Result<Option<Command>, crate::store::StoreError> {
     let client = store.pool().get().await?;
-    let sql = format!("SELECT {COMMAND_COLUMNS} FROM outbox WHERE command_id = $1 AND status = 'pending'");
-    Ok(client.query_opt(&sql, &[&command_id]).await?.as_ref().map(command_of))
+    let sql = format!("SELECT {COMMAND_COLUMNS} FROM outbox WHERE command_id = $1 AND chatbot_id = $2 AND status = 'pending'");
+    Ok(client.query_opt(&sql, &[&command_id, &chatbot_id]).await?.as_ref().map(command_of))
 }
 
 fn command_kind(kind: &str) -> &'static str {
@@ -254,7 +254,8 @@ impl Handler<RemoteCommand> for Outbox {
         let store = self.store.clone();
         ctx.spawn(
             async move {
-                match pending_command(&store, &msg.command_id).await {
+                // The announced chatbot is the one whose subscribers were picked.
+                match pending_command(&store, &msg.command_id, msg.chatbot_id).await {
                     Ok(Some(command)) => {
                         write_to(targets, Arc::new(command)).await;
                     }

@@ -10,7 +10,7 @@ use crate::telemetry::metrics as m;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::rustls::{self, pki_types, pki_types::pem::PemObject};
 
 #[derive(Debug, thiserror::Error)]
@@ -89,8 +89,10 @@ pub async fn accept(
         metrics::counter!(m::TLS_HANDSHAKE_FAILURES, "reason" => reason).increment(1);
         tracing::info!(%peer, reason, detail, "TLS handshake failed");
     };
+    // One deadline for the first byte and the handshake together.
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut first = [0u8; 1];
-    match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
+    match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
         Err(_) => {
             fail("timeout", format!("no handshake within {} ms", timeout.as_millis()));
             return None;
@@ -99,14 +101,25 @@ pub async fn accept(
         Ok(Ok(_)) if first[0] != TLS_HANDSHAKE_RECORD => {
             let line = serde_json::json!({"op": "error", "error": {"code": "tls_required",
                 "message": "this listener speaks TLS: connect with TLS (botflow send --tls)"}});
-            let _ = tokio::time::timeout(timeout, stream.write_all(format!("{line}\n").as_bytes())).await;
+            let _ = tokio::time::timeout_at(deadline, stream.write_all(format!("{line}\n").as_bytes())).await;
             let _ = stream.shutdown().await;
+            // Closing with the client's lines unread would reset the connection, and
+            // the reset can discard the line above before the client reads it: take
+            // what it sends until it closes (bounded in time and size).
+            let mut sink = [0u8; 16 * 1024];
+            let mut taken = 0usize;
+            while taken < 1 << 20 {
+                match tokio::time::timeout_at(deadline, stream.read(&mut sink)).await {
+                    Ok(Ok(n)) if n > 0 => taken += n,
+                    _ => break,
+                }
+            }
             fail("plaintext", "the client sent protocol lines without TLS".into());
             return None;
         }
         Ok(Ok(_)) => {}
     }
-    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => Some(tls),
         Ok(Err(e)) => {
             fail("handshake", e.to_string());
