@@ -275,6 +275,25 @@ pub fn seconds_between(start: &Value, end: &Value) -> Option<f64> {
     Some((t(end)? - t(start)?).num_microseconds()? as f64 / 1e6)
 }
 
+/// One request, printed as the API's JSON with `--json`, else by `human`.
+pub fn call_and_print(
+    config: &Config,
+    args: &ApiArgs,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<&Value>,
+    human: impl FnOnce(&Value) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let client = Api::new(config, args)?;
+    let v = block_on(client.call(method, path, body))?;
+    if args.json {
+        println!("{v}");
+        Ok(())
+    } else {
+        human(&v)
+    }
+}
+
 /// Runs an async CLI body on a small runtime.
 pub fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
     tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(f)

@@ -3,7 +3,7 @@
 //! replay or discard one, or every open letter of a chatbot that a filter matches. The
 //! API records which key replayed or discarded a letter.
 
-use super::api::{block_on, cell, print_fields, print_json_lines, rfc3339, time_cell, Api, ApiArgs, Table};
+use super::api::{block_on, call_and_print, cell, print_fields, print_json_lines, rfc3339, time_cell, Api, ApiArgs, Table};
 use super::executions::attempts_table;
 use crate::config::Config;
 use anyhow::bail;
@@ -99,16 +99,10 @@ pub struct ActArgs {
 pub fn run(config: Config, cmd: DlqCmd) -> anyhow::Result<()> {
     match cmd {
         DlqCmd::List(a) => list(&config, a),
-        DlqCmd::Show { id, api } => {
-            let client = Api::new(&config, &api)?;
-            let dl = block_on(client.call(Method::GET, &format!("/v1/dead-letters/{id}"), None))?;
-            if api.json {
-                println!("{dl}");
-            } else {
-                show(&dl);
-            }
+        DlqCmd::Show { id, api } => call_and_print(&config, &api, Method::GET, &format!("/v1/dead-letters/{id}"), None, |dl| {
+            show(dl);
             Ok(())
-        }
+        }),
         DlqCmd::Replay(a) => act(&config, a, true),
         DlqCmd::Discard(a) => act(&config, a, false),
     }

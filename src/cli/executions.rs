@@ -4,7 +4,7 @@
 //! attempts is shared with `dlq show`, whose history has the same shape.
 
 use super::api::{
-    block_on, cell, duration_cell, print_fields, print_json_lines, rfc3339, seconds_between, time_cell, Api, ApiArgs, Table,
+    block_on, call_and_print, cell, duration_cell, print_fields, print_json_lines, rfc3339, seconds_between, time_cell, Api, ApiArgs, Table,
 };
 use crate::config::Config;
 use chrono::{DateTime, Utc};
@@ -66,14 +66,10 @@ pub fn run(config: Config, cmd: ExecutionsCmd) -> anyhow::Result<()> {
     match cmd {
         ExecutionsCmd::List(a) => list(&config, a),
         ExecutionsCmd::Show { execution, api } => {
-            let client = Api::new(&config, &api)?;
-            let e = block_on(client.call(Method::GET, &format!("/v1/executions/{execution}"), None))?;
-            if api.json {
-                println!("{e}");
-            } else {
-                show(&e);
-            }
-            Ok(())
+            call_and_print(&config, &api, Method::GET, &format!("/v1/executions/{execution}"), None, |e| {
+                show(e);
+                Ok(())
+            })
         }
     }
 }

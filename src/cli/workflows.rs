@@ -5,7 +5,7 @@
 //! subcommands (list, get, versions, copy, enable, disable, delete, dry-run) are over
 //! the admin API of a running daemon.
 
-use super::api::{block_on, cell, print_json_lines, time_cell, Api, ApiArgs, Table};
+use super::api::{block_on, call_and_print, cell, print_json_lines, time_cell, Api, ApiArgs, Table};
 use super::bootstrap;
 use crate::admin::page::MAX_LIMIT;
 use crate::config::Config;
@@ -149,11 +149,8 @@ pub fn run(config: Config, cmd: WorkflowsCmd) -> anyhow::Result<()> {
             t.print_or(&format!("chatbot {chatbot} has no workflows"));
         }
         WorkflowsCmd::Get(WorkflowRef { chatbot, workflow, api }) => {
-            let client = Api::new(&config, &api)?;
-            let w = block_on(client.call(Method::GET, &format!("/v1/chatbots/{chatbot}/workflows/{workflow}"), None))?;
-            if api.json {
-                println!("{w}");
-            } else {
+            let path = format!("/v1/chatbots/{chatbot}/workflows/{workflow}");
+            call_and_print(&config, &api, Method::GET, &path, None, |w| {
                 eprintln!(
                     "workflow {:?}, version {}, {}, updated {}",
                     w["name"].as_str().unwrap_or(""),
@@ -162,7 +159,8 @@ pub fn run(config: Config, cmd: WorkflowsCmd) -> anyhow::Result<()> {
                     time_cell(&w["updated_at"])
                 );
                 println!("{}", serde_json::to_string_pretty(&w["definition"])?);
-            }
+                Ok(())
+            })?;
         }
         WorkflowsCmd::Versions(WorkflowRef { chatbot, workflow, api }) => {
             let client = Api::new(&config, &api)?;
@@ -212,15 +210,15 @@ pub fn run(config: Config, cmd: WorkflowsCmd) -> anyhow::Result<()> {
                 (None, Some(wid)) => body["workflow_id"] = json!(wid),
                 (None, None) => bail!("give --file or --workflow-id"),
             }
-            let client = Api::new(&config, &api)?;
-            let v = block_on(client.call(Method::POST, &format!("/v1/chatbots/{chatbot}/workflows/dry-run"), Some(&body)))?;
-            if api.json {
-                println!("{v}");
-            } else if v["matches"] == true {
-                println!("match");
-            } else {
-                println!("no match: {}", v["reason"].as_str().unwrap_or("(no reason given)"));
-            }
+            let path = format!("/v1/chatbots/{chatbot}/workflows/dry-run");
+            call_and_print(&config, &api, Method::POST, &path, Some(&body), |v| {
+                if v["matches"] == true {
+                    println!("match");
+                } else {
+                    println!("no match: {}", v["reason"].as_str().unwrap_or("(no reason given)"));
+                }
+                Ok(())
+            })?;
         }
     }
     Ok(())
