@@ -54,28 +54,66 @@ impl Drop for TempDir {
 }
 
 enum Server {
-    Embedded { pg: EmbeddedPostgres, _dir: TempDir },
+    /// The server sits behind a lock so the exit hook can take it out and stop it.
+    Embedded { pg: Mutex<Option<EmbeddedPostgres>>, admin: tokio_postgres::Config, dir: PathBuf },
     External(tokio_postgres::Config),
 }
 
-// Never dropped: the server stops when the test process exits (its parent-death signal).
+// Statics are never dropped, so the server is stopped and its directory removed by an
+// exit hook: without it every test process left a cluster of some 200 MB under /tmp.
 static SERVER: OnceLock<Server> = OnceLock::new();
+
+const SERVER_DIR_PREFIX: &str = "botflow-testpg-";
 
 fn server() -> &'static Server {
     SERVER.get_or_init(|| match std::env::var("BOTFLOW_TEST_DATABASE_URL") {
         Ok(url) if !url.is_empty() => Server::External(url.parse().expect("BOTFLOW_TEST_DATABASE_URL is a PostgreSQL URL")),
         _ => {
-            let dir = TempDir::new("testpg");
-            let pg = EmbeddedPostgres::start(dir.path(), &EmbeddedOptions { fast_unsafe: true })
+            remove_abandoned_server_dirs();
+            // The pid in the name tells a later run whether the owner is still alive.
+            let dir = std::env::temp_dir().join(format!(
+                "{SERVER_DIR_PREFIX}{}-{}",
+                std::process::id(),
+                Uuid::new_v4().simple()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let pg = EmbeddedPostgres::start(&dir, &EmbeddedOptions { fast_unsafe: true })
                 .expect("start the embedded PostgreSQL for tests");
-            Server::Embedded { pg, _dir: dir }
+            let admin = pg.config("postgres");
+            // SAFETY: registers a plain `extern "C"` function; it runs once, at exit.
+            unsafe { libc::atexit(stop_server_at_exit) };
+            Server::Embedded { pg: Mutex::new(Some(pg)), admin, dir }
         }
     })
 }
 
+extern "C" fn stop_server_at_exit() {
+    if let Some(Server::Embedded { pg, dir, .. }) = SERVER.get() {
+        let pg = pg.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(pg); // fast shutdown, then the directory can go
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// Removes the directories of test servers whose process is gone: one killed by a
+/// signal or a timeout never ran its exit hook.
+fn remove_abandoned_server_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(SERVER_DIR_PREFIX)) else { continue };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<libc::pid_t>().ok()) else { continue };
+        // SAFETY: signal 0 only asks whether the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 fn admin_config() -> tokio_postgres::Config {
     match server() {
-        Server::Embedded { pg, .. } => pg.config("postgres"),
+        Server::Embedded { admin, .. } => admin.clone(),
         Server::External(c) => c.clone(),
     }
 }
