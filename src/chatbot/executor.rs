@@ -172,7 +172,7 @@ pub async fn run(mut job: Job, env: Arc<ExecEnv>) -> (Job, RunEnd) {
                 Ok(StepOutcome::Delay(due))
             }
             _ => {
-                let work = AssertUnwindSafe(run_step(&job, &env, step, &outputs)).catch_unwind();
+                let work = panic_as_error(run_step(&job, &env, step, &outputs));
                 let bounded = tokio::time::timeout_at(deadline, tokio::time::timeout(env.step_timeout, work));
                 // A step in flight stops when the lease becomes doubtful: another node
                 // may start the same step any moment.
@@ -192,12 +192,7 @@ pub async fn run(mut job: Job, env: Arc<ExecEnv>) -> (Job, RunEnd) {
                     Err(_) => Err(StepError::retryable(format!("the execution timed out after {} ms", timeout.as_millis()))),
                     Ok(Err(_)) => Err(StepError::retryable(format!("the step timed out after {} ms", env.step_timeout.as_millis()))),
                     Ok(Ok(Ok(r))) => r.map(StepOutcome::Output),
-                    Ok(Ok(Err(panic))) => {
-                        let what = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_else(|| "unknown panic".into());
+                    Ok(Ok(Err(what))) => {
                         tracing::error!(execution_id = %job.execution_id, step = %step.id, panic = %what, "step panicked");
                         Err(StepError::new(format!("step panicked: {what}")))
                     }
@@ -319,4 +314,38 @@ async fn run_step(job: &Job, env: &ExecEnv, step: &CompiledStep, outputs: &Map<S
 fn send_command<'a>(env: &'a ExecEnv, job: &Job, command: Command) -> impl std::future::Future<Output = Result<Value, StepError>> + 'a {
     let (epoch, attempt) = (job.epoch, job.attempt);
     actions::command::send(&env.lane, &env.outbox, &env.store, env.ack_timeout, Arc::new(command), env.chatbot.account_id, epoch, attempt)
+}
+
+/// Runs a step's future and turns a panic inside it into its message: a panic that
+/// reached the actor's future would stop the arbiter and every chatbot on it.
+async fn panic_as_error<T>(work: impl std::future::Future<Output = T>) -> Result<T, String> {
+    AssertUnwindSafe(work).catch_unwind().await.map_err(|panic| {
+        panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::panic_as_error;
+
+    #[actix_rt::test]
+    async fn a_panicking_step_becomes_its_message_and_the_arbiter_goes_on() {
+        let field = "customer";
+        let r = panic_as_error(async move {
+            tokio::task::yield_now().await;
+            panic!("no field {field}");
+        })
+        .await;
+        assert_eq!(r, Err::<(), _>("no field customer".to_string()));
+        let r = panic_as_error(async { std::panic::panic_any(7_u8) }).await;
+        assert_eq!(r, Err::<(), _>("unknown panic".to_string()));
+        assert_eq!(panic_as_error(async { 5 }).await, Ok(5));
+        // The arbiter that ran the panicking futures still runs actors.
+        let ran = actix::spawn(async { 1 + 1 }).await.unwrap();
+        assert_eq!(ran, 2);
+    }
 }
