@@ -313,7 +313,8 @@ async fn run_step(job: &Job, env: &ExecEnv, step: &CompiledStep, outputs: &Map<S
 
 fn send_command<'a>(env: &'a ExecEnv, job: &Job, command: Command) -> impl std::future::Future<Output = Result<Value, StepError>> + 'a {
     let (epoch, attempt) = (job.epoch, job.attempt);
-    actions::command::send(&env.lane, &env.outbox, &env.store, env.ack_timeout, Arc::new(command), env.chatbot.account_id, epoch, attempt)
+    let route = actions::command::Route { lane: &env.lane, outbox: &env.outbox, store: &env.store, ack_timeout: env.ack_timeout };
+    actions::command::send(route, Arc::new(command), env.chatbot.account_id, epoch, attempt)
 }
 
 /// Runs a step's future and turns a panic inside it into its message: a panic that

@@ -16,12 +16,17 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Where a command goes: the journal keeps it, the outbox delivers it and hears the ack.
+pub struct Route<'a> {
+    pub lane: &'a Addr<JournalLane>,
+    pub outbox: &'a Addr<Outbox>,
+    pub store: &'a Store,
+    pub ack_timeout: Duration,
+}
+
 /// The output is `{"command_id": …, "delivered": <connections written to>, "acked": true}`.
 pub async fn send(
-    lane: &Addr<JournalLane>,
-    outbox: &Addr<Outbox>,
-    store: &Store,
-    ack_timeout: Duration,
+    Route { lane, outbox, store, ack_timeout }: Route<'_>,
     command: Arc<Command>,
     account_id: uuid::Uuid,
     epoch: i64,
