@@ -13,7 +13,7 @@ use crate::ingest::connection::IngestDeps;
 use crate::ingest::listener::{self, Workers};
 use crate::outbox::{Outbox, RemoteAck, RemoteCommand};
 use crate::notify::Notifier;
-use crate::router::{BusySupervisors, Router, Wake, WorkflowsChanged};
+use crate::router::{BusySupervisors, Router, Scope, Wake, WorkflowsChanged};
 use crate::scheduler::Scheduler;
 use crate::store::journal::Journal;
 use crate::store::leases::{self, LeaseHealth};
@@ -187,7 +187,10 @@ impl App {
                 match change {
                     Change::Wake(chatbot_id) => r.do_send(Wake { chatbot_id, due_at: chrono::Utc::now() }),
                     Change::Command { node, chatbot_id, command_id } => o.do_send(RemoteCommand { node, chatbot_id, command_id }),
-                    Change::CommandAcked(command_id) => o.do_send(RemoteAck { command_id }),
+                    Change::CommandAcked { command_id, account } => {
+                        let scope = account.map_or(Scope::All, Scope::Account);
+                        o.do_send(RemoteAck { command_id, scope })
+                    }
                     other => r.do_send(WorkflowsChanged(other)),
                 }
             }

@@ -80,12 +80,13 @@ pub struct RemoteCommand {
     pub command_id: String,
 }
 
-/// From the change listener: a client acked this command through some node, which
-/// recorded it.
+/// From the change listener: a client with a key of `scope` acked this command
+/// through another node.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct RemoteAck {
     pub command_id: String,
+    pub scope: Scope,
 }
 
 /// Sent by a connection: its client acked a command.
@@ -273,11 +274,9 @@ impl Handler<RemoteCommand> for Outbox {
 impl Handler<RemoteAck> for Outbox {
     type Result = ();
     fn handle(&mut self, msg: RemoteAck, _ctx: &mut Context<Self>) {
-        // The node that heard the ack checked the client's account and recorded it.
-        if let Some(w) = self.waiting.remove(&msg.command_id) {
-            for tx in w.acked {
-                let _ = tx.send(());
-            }
+        // The other node could not check the account if our row was not committed yet.
+        if self.waiting.get(&msg.command_id).is_some_and(|w| msg.scope.allows(w.account_id)) {
+            self.accept_ack(msg.command_id);
         }
     }
 }
@@ -318,11 +317,19 @@ impl Handler<ClientAck> for Outbox {
                 return;
             }
         }
-        if let Some(w) = self.waiting.remove(&msg.command_id) {
-            // The ack is queued on the lane before the step goes on, so the step's own
-            // later writes (which expire commands left pending) come after it.
+        self.accept_ack(msg.command_id);
+    }
+}
+
+impl Outbox {
+    /// Records the ack of a command this node waits for and wakes its step.
+    fn accept_ack(&mut self, command_id: String) {
+        if let Some(w) = self.waiting.remove(&command_id) {
+            // The ack is queued on the lane (after the command's own row) before the
+            // step goes on, so the step's later writes (which expire commands left
+            // pending) come after it.
             self.journal.lane_for(w.command.chatbot_id).do_send(RecordProgress {
-                acked_commands: vec![msg.command_id],
+                acked_commands: vec![command_id],
                 ..Default::default()
             });
             for tx in w.acked {
@@ -333,27 +340,51 @@ impl Handler<ClientAck> for Outbox {
 }
 
 /// Records the ack of a command this node was not waiting for (it went out before a
-/// restart, or another node runs its step) and announces it to the other nodes.
+/// restart, or another node runs its step) and announces it to the other nodes. The
+/// announcement goes out at commit even when no row changed: the node that runs the
+/// step may not have committed the command's row yet, and checks the account itself.
 async fn ack_unwaited(store: &Store, command_id: &str, scope: Scope) -> Result<(), crate::store::StoreError> {
+    if !looks_like_command_id(command_id) {
+        return Ok(()); // nothing this daemon ever sent
+    }
     let client = store.pool().get().await?;
-    // The announcement is sent at commit, and only for a row this ack changed.
-    let announce = format!("SELECT pg_notify('{COMMANDS_CHANNEL}', 'ack ' || command_id) FROM acked");
+    let announce = format!("SELECT pg_notify('{COMMANDS_CHANNEL}', $2)");
     match scope {
         Scope::All => {
             let sql = format!(
                 "WITH acked AS (UPDATE outbox SET status = 'acked', acked_at = now()
-                                WHERE command_id = $1 AND status = 'pending' RETURNING command_id) {announce}"
+                                WHERE command_id = $1 AND status = 'pending') {announce}"
             );
-            client.execute(&sql, &[&command_id]).await?
+            client.execute(&sql, &[&command_id, &format!("ack * {command_id}")]).await?
         }
         Scope::Account(account) => {
             let sql = format!(
                 "WITH acked AS (UPDATE outbox o SET status = 'acked', acked_at = now() FROM chatbots c
                                 WHERE o.command_id = $1 AND o.status = 'pending' AND c.id = o.chatbot_id
-                                  AND c.account_id = $2 RETURNING o.command_id) {announce}"
+                                  AND c.account_id = $3) {announce}"
             );
-            client.execute(&sql, &[&command_id, &account]).await?
+            client.execute(&sql, &[&command_id, &format!("ack {account} {command_id}"), &account]).await?
         }
     };
     Ok(())
+}
+
+/// Command ids are `<execution id>:<step id>`, and step ids are short: anything else
+/// is not worth a query or an announcement (whose payload PostgreSQL caps at 8000 bytes).
+fn looks_like_command_id(id: &str) -> bool {
+    id.len() <= 1000 && id.split_once(':').is_some_and(|(execution, step)| Uuid::parse_str(execution).is_ok() && !step.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::looks_like_command_id;
+
+    #[test]
+    fn only_ids_of_the_command_shape_are_looked_up() {
+        assert!(looks_like_command_id("0195f0c4-8a1e-7cc2-9a4b-1f2e3d4c5b6a:say hi"));
+        for bad in ["", "x:say", "0195f0c4-8a1e-7cc2-9a4b-1f2e3d4c5b6a", "0195f0c4-8a1e-7cc2-9a4b-1f2e3d4c5b6a:"] {
+            assert!(!looks_like_command_id(bad), "{bad:?}");
+        }
+        assert!(!looks_like_command_id(&format!("0195f0c4-8a1e-7cc2-9a4b-1f2e3d4c5b6a:{}", "s".repeat(2000))));
+    }
 }

@@ -282,6 +282,65 @@ async fn a_command_reaches_a_client_of_another_daemon_and_its_ack_comes_back() {
 }
 
 #[actix_rt::test]
+async fn an_ack_through_another_daemon_before_the_commands_row_commits_reaches_the_step_for_its_account_only() {
+    // The ack timeout is longer than any wait below: success means the ack got through.
+    let slow_timeout = |c: &mut botflow::config::Config| c.outbox.ack_timeout_ms = 120_000;
+    let workflow = json!({"name": "r", "trigger": {"event": "x.go"}, "steps": [{"id": "say", "action": "reply", "text": "hi"}]});
+    let (a, t, mut chat_a, db) = setup(slow_timeout, workflow).await;
+    let b = TestDaemon::start_with(DaemonOptions { pg: Some(a.pg.clone()), tweak: Box::new(slow_timeout) }).await;
+    let other = tenant(&a.store, "other", 1).await;
+    let bot = t.chatbots[0];
+    let mut chat_b = Client::tcp(b.tcp()).await.hello(&t.key, &[]).await;
+    let mut stranger_b = Client::tcp(b.tcp()).await.hello(&other.key, &[]).await;
+
+    // The command's row is held uncommitted on A (see the test above).
+    db.batch_execute(
+        "CREATE FUNCTION hold_outbox() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN PERFORM pg_advisory_xact_lock_shared(4242); RETURN NEW; END $$;
+         CREATE TRIGGER hold_outbox BEFORE INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION hold_outbox();
+         SELECT pg_advisory_lock(4242);",
+    )
+    .await
+    .unwrap();
+    send(&mut chat_a, "e1", bot).await;
+    let (cmd, _) = chat_a.recv_until(|v| v["op"] == "command").await;
+    let id = cmd["command_id"].as_str().unwrap().to_string();
+    // Another account's client acks it through B: A must not take that.
+    stranger_b.send(&json!({"op": "ack", "command_id": id})).await;
+    let rows: i64 = db.query_one("SELECT count(*) FROM outbox WHERE command_id = $1", &[&id]).await.unwrap().get(0);
+    assert_eq!(rows, 0, "the row is not committed yet");
+    db.batch_execute("SELECT pg_advisory_unlock(4242)").await.unwrap();
+    let outbox_status = || async {
+        db.query_opt("SELECT status FROM outbox WHERE command_id = $1", &[&id]).await.unwrap().map(|r| r.get::<_, String>(0))
+    };
+    eventually("the command's row commits", || async { outbox_status().await.is_some() }).await;
+    // The stranger's ack was announced before the commit; give A time to (wrongly) use it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(outbox_status().await.as_deref(), Some("pending"), "another account's ack was taken");
+    let (_, status, _, _) = execution(&db, "e1").await;
+    assert_eq!(status, "running");
+
+    // Now the owner's ack through B, again before the row of a second command commits.
+    db.batch_execute("SELECT pg_advisory_lock(4242)").await.unwrap();
+    send(&mut chat_a, "e2", bot).await;
+    let (cmd2, _) = chat_a.recv_until(|v| v["op"] == "command" && v["command_id"] != cmd["command_id"]).await;
+    let id2 = cmd2["command_id"].as_str().unwrap().to_string();
+    chat_b.send(&json!({"op": "ack", "command_id": id2})).await;
+    chat_b.send(&json!({"op": "ack", "command_id": id})).await;
+    // B's announcement of the ack is out before A's row exists.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rows: i64 = db.query_one("SELECT count(*) FROM outbox WHERE command_id = $1", &[&id2]).await.unwrap().get(0);
+    assert_eq!(rows, 0, "the second row is not committed yet");
+    db.batch_execute("SELECT pg_advisory_unlock(4242)").await.unwrap();
+    wait_status(&db, "e2", &["succeeded"]).await;
+    wait_status(&db, "e1", &["succeeded"]).await;
+    for c in [&id, &id2] {
+        let status: String = db.query_one("SELECT status FROM outbox WHERE command_id = $1", &[c]).await.unwrap().get(0);
+        assert_eq!(status, "acked", "{c}");
+    }
+}
+
+#[actix_rt::test]
 async fn a_chat_service_that_never_acks_fails_the_step_after_the_ack_timeout() {
     let (_d, t, mut c, db) = setup(
         |c| c.outbox.ack_timeout_ms = 300,

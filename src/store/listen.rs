@@ -21,15 +21,17 @@ pub enum Change {
     Limits(Uuid),
     /// Another node (`node`) committed a pending command for `chatbot_id`.
     Command { node: Uuid, chatbot_id: Uuid, command_id: String },
-    /// A client acked this command through some node.
-    CommandAcked(String),
+    /// A client acked this command through some node, with a key of this account
+    /// (`None`: an operator key). The node waiting for the ack checks the account.
+    CommandAcked { command_id: String, account: Option<Uuid> },
     /// The listener was disconnected: anything may have changed.
     Resync,
 }
 
 /// The channel commands are announced on: `cmd <node> <chatbot id> <command id>` by
-/// the journal when it commits a pending command, `ack <command id>` by the node that
-/// recorded a client's ack for a command it was not waiting for.
+/// the journal when it commits a pending command, `ack <account id or *> <command id>`
+/// by a node that heard a client ack a command it was not waiting for (the node that
+/// waits may not have committed the command's row yet, so the ack travels either way).
 pub const COMMANDS_CHANNEL: &str = "botflow_commands";
 
 /// Reads a notification of `COMMANDS_CHANNEL`.
@@ -43,9 +45,13 @@ fn command_change(payload: &str) -> Option<Change> {
             Some(Change::Command { node, chatbot_id, command_id })
         }
         "ack" => {
+            let account = match parts.next()? {
+                "*" => None,
+                id => Some(id.parse().ok()?),
+            };
             let rest: Vec<&str> = parts.collect();
             let command_id = rest.join(" ");
-            (!command_id.is_empty()).then_some(Change::CommandAcked(command_id))
+            (!command_id.is_empty()).then_some(Change::CommandAcked { command_id, account })
         }
         _ => None,
     }
@@ -139,8 +145,15 @@ mod tests {
             command_change(&format!("cmd {node} {bot} 3f2a:say hi")),
             Some(Change::Command { node, chatbot_id: bot, command_id: "3f2a:say hi".into() })
         );
-        assert_eq!(command_change("ack 3f2a:say hi"), Some(Change::CommandAcked("3f2a:say hi".into())));
-        for bad in ["", "cmd", "ack", "ack ", "cmd x y z", &format!("cmd {node} {bot}"), &format!("cmd {node} {bot} "), "nope 1"] {
+        assert_eq!(
+            command_change("ack * 3f2a:say hi"),
+            Some(Change::CommandAcked { command_id: "3f2a:say hi".into(), account: None })
+        );
+        assert_eq!(
+            command_change(&format!("ack {bot} 3f2a:x")),
+            Some(Change::CommandAcked { command_id: "3f2a:x".into(), account: Some(bot) })
+        );
+        for bad in ["", "cmd", "ack", "ack ", "ack * ", "ack 3f2a:x", "ack nope 3f2a:x", "cmd x y z", &format!("cmd {node} {bot}"), &format!("cmd {node} {bot} "), "nope 1"] {
             assert_eq!(command_change(bad), None, "{bad:?}");
         }
     }
