@@ -601,6 +601,65 @@ async fn a_client_closing_mid_line_gets_incomplete_frame_and_the_half_line_is_dr
 }
 
 // ---------------------------------------------------------------------------
+// 9b. A row the database refuses
+
+#[actix_rt::test]
+async fn a_row_the_database_refuses_costs_only_its_own_event() {
+    let mut w = world(options(|_| {}), 1).await;
+    let bot = w.t.chatbots[0];
+    // The database refuses the execution row of the event "poison" (a permanent error,
+    // as a violated constraint would be), and holds the row of "blocker" until the test
+    // lets go, so the events sent meanwhile queue up for the chatbot's next write.
+    w.db.batch_execute(
+        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+           IF NEW.event_id = 'blocker' THEN PERFORM pg_advisory_xact_lock_shared(4243); END IF;
+           IF NEW.event_id = 'poison' THEN RAISE EXCEPTION 'this row is refused'; END IF;
+           RETURN NEW; END $$;
+         CREATE TRIGGER refuse_poison BEFORE INSERT ON executions FOR EACH ROW EXECUTE FUNCTION refuse_poison();
+         SELECT pg_advisory_lock(4243);",
+    )
+    .await
+    .unwrap();
+    let mut c = Client::tcp(w.daemon.tcp()).await.hello(&w.t.key, &[]).await;
+    c.send(&ping("blocker", bot)).await;
+    eventually("the blocker's write waits for the lock", || async {
+        let waiting: i64 = w
+            .db
+            .query_one("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4243 AND NOT granted", &[])
+            .await
+            .unwrap()
+            .get(0);
+        waiting == 1
+    })
+    .await;
+    let ids = ["good-1", "poison", "good-2", "good-3"];
+    for id in ids {
+        c.send(&ping(id, bot)).await;
+    }
+    // Let them reach the journal before its write in flight ends (no line answers that).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    w.db.batch_execute("SELECT pg_advisory_unlock(4243)").await.unwrap();
+
+    let mut answers = std::collections::HashMap::new();
+    while answers.len() < ids.len() + 1 {
+        let v = c.recv().await;
+        answers.insert(v["id"].as_str().unwrap_or_else(|| panic!("{v}")).to_string(), v);
+    }
+    assert_nack(&answers["poison"], Some("poison"), "internal", None);
+    assert!(answers["poison"]["error"]["message"].as_str().unwrap().contains("refused"), "{}", answers["poison"]);
+    for id in ["blocker", "good-1", "good-2", "good-3"] {
+        assert_eq!(answers[id]["op"], "ack", "{id}: {}", answers[id]);
+        assert_eq!(rows(&w.db, bot, id).await, 1, "{id} acked but not recorded");
+    }
+    assert_eq!(rows(&w.db, bot, "poison").await, 0);
+    let metrics = w.daemon.metrics().await;
+    assert!(metrics.contains(r#"botflow_db_errors_total{kind="permanent"}"#), "the refusal is counted");
+    // The chatbot goes on: a later event is acked and recorded as usual.
+    w.db.batch_execute("DROP TRIGGER refuse_poison ON executions").await.unwrap();
+    served(&mut w.other, &w.db, bot, "after").await;
+}
+
+// ---------------------------------------------------------------------------
 // 10. Webhook receivers that hang or fail
 
 /// The hanging receiver's step timeout: long enough that another chatbot's workflow

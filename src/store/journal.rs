@@ -591,16 +591,24 @@ impl JournalLane {
             let mut done = Vec::new();
             let mut failed = Vec::new();
             let Progress { updates, commands, acked_commands, committed, .. } = batch.progress;
-            let singles = updates
-                .into_values()
-                .map(|p| {
+            // A command goes with its ack, if that came in the same batch (else it would
+            // be written, and announced, as pending), and before the updates, so an
+            // execution that ended in the batch expires it as the whole batch would.
+            let (mut with_row, acked_rest): (Vec<String>, Vec<String>) =
+                acked_commands.into_iter().partition(|id| commands.iter().any(|c| c.command.command_id == *id));
+            let singles = commands
+                .into_iter()
+                .map(|c| {
+                    let acked = with_row.iter().position(|id| *id == c.command.command_id).map(|i| with_row.swap_remove(i));
+                    Progress { commands: vec![c], acked_commands: acked.into_iter().collect(), ..Default::default() }
+                })
+                .chain(updates.into_values().map(|p| {
                     let mut one = Progress::default();
                     one.order.push_back(p.update.id);
                     one.updates.insert(p.update.id, p);
                     one
-                })
-                .chain(commands.into_iter().map(|c| Progress { commands: vec![c], ..Default::default() }))
-                .chain(std::iter::once(Progress { acked_commands, committed, ..Default::default() }));
+                }))
+                .chain(std::iter::once(Progress { acked_commands: acked_rest, committed, ..Default::default() }));
             for progress in singles {
                 let single = Batch { events: Vec::new(), progress };
                 match write(&conn, node, &single).await {
@@ -631,7 +639,17 @@ impl JournalLane {
                         Ok(written) => done.push((single, written)),
                         Err(error) => {
                             tracing::error!(%error, "an event's executions cannot be recorded");
-                            failed.extend(single.events);
+                            let nack = match crate::store::error::rejected_value(&error) {
+                                Some(reason) => Nack::new(
+                                    NackCode::InvalidEvent,
+                                    format!("the database refused a value of the event: {reason}"),
+                                ),
+                                None => Nack::new(
+                                    NackCode::Internal,
+                                    "the database refused the event's executions; the daemon's log says why",
+                                ),
+                            };
+                            failed.extend(single.events.into_iter().map(|w| (w, nack.clone())));
                         }
                     }
                 }
@@ -655,8 +673,8 @@ impl JournalLane {
             for (batch, written) in done {
                 act.answer(batch, written);
             }
-            for w in failed {
-                reject(w, Nack::new(NackCode::Internal, "the event's executions could not be recorded"));
+            for (w, nack) in failed {
+                reject(w, nack);
             }
             act.kick(ctx);
         }));
