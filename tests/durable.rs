@@ -216,6 +216,20 @@ async fn a_reply_is_redelivered_after_a_reconnect_until_it_is_acked() {
     assert!(c3.try_recv(Duration::from_millis(500)).await.is_none(), "an acked command never comes back");
 }
 
+/// Holds the journal's writes of commands' rows (and only those) uncommitted: an insert
+/// into the outbox waits for an advisory lock this session takes, until
+/// `SELECT pg_advisory_unlock(4242)`.
+async fn hold_outbox_rows(db: &tokio_postgres::Client) {
+    db.batch_execute(
+        "CREATE OR REPLACE FUNCTION hold_outbox() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN PERFORM pg_advisory_xact_lock_shared(4242); RETURN NEW; END $$;
+         CREATE OR REPLACE TRIGGER hold_outbox BEFORE INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION hold_outbox();
+         SELECT pg_advisory_lock(4242);",
+    )
+    .await
+    .unwrap();
+}
+
 #[actix_rt::test]
 async fn a_client_subscribing_before_the_commands_row_commits_still_gets_it() {
     let (d, t, mut c, db) = setup(
@@ -224,16 +238,7 @@ async fn a_client_subscribing_before_the_commands_row_commits_still_gets_it() {
     )
     .await;
     let bot = t.chatbots[0];
-    // Hold the journal's write of the command's row (and only that): an insert into the
-    // outbox waits for an advisory lock the test holds.
-    db.batch_execute(
-        "CREATE FUNCTION hold_outbox() RETURNS trigger LANGUAGE plpgsql AS
-           $$ BEGIN PERFORM pg_advisory_xact_lock_shared(4242); RETURN NEW; END $$;
-         CREATE TRIGGER hold_outbox BEFORE INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION hold_outbox();
-         SELECT pg_advisory_lock(4242);",
-    )
-    .await
-    .unwrap();
+    hold_outbox_rows(&db).await;
     send(&mut c, "e1", bot).await;
     let (cmd, _) = c.recv_until(|v| v["op"] == "command").await;
     drop(c);
@@ -293,15 +298,8 @@ async fn an_ack_through_another_daemon_before_the_commands_row_commits_reaches_t
     let mut chat_b = Client::tcp(b.tcp()).await.hello(&t.key, &[]).await;
     let mut stranger_b = Client::tcp(b.tcp()).await.hello(&other.key, &[]).await;
 
-    // The command's row is held uncommitted on A (see the test above).
-    db.batch_execute(
-        "CREATE FUNCTION hold_outbox() RETURNS trigger LANGUAGE plpgsql AS
-           $$ BEGIN PERFORM pg_advisory_xact_lock_shared(4242); RETURN NEW; END $$;
-         CREATE TRIGGER hold_outbox BEFORE INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION hold_outbox();
-         SELECT pg_advisory_lock(4242);",
-    )
-    .await
-    .unwrap();
+    // The command's row is held uncommitted on A.
+    hold_outbox_rows(&db).await;
     send(&mut chat_a, "e1", bot).await;
     let (cmd, _) = chat_a.recv_until(|v| v["op"] == "command").await;
     let id = cmd["command_id"].as_str().unwrap().to_string();
