@@ -110,11 +110,23 @@ pub struct Outbox {
     node: Uuid,
     subscribers: HashMap<Uuid, Vec<(u64, Recipient<DeliverCommand>)>>,
     waiting: HashMap<String, Waiting>,
+    /// Commands other nodes announced, (command id, chatbot id), to be read in one
+    /// query once the read in flight (if any) ends.
+    announced: Vec<(String, Uuid)>,
+    reading_announced: bool,
 }
 
 impl Outbox {
     pub fn new(store: Store, journal: Journal, node: Uuid) -> Outbox {
-        Outbox { store, journal, node, subscribers: HashMap::new(), waiting: HashMap::new() }
+        Outbox {
+            store,
+            journal,
+            node,
+            subscribers: HashMap::new(),
+            waiting: HashMap::new(),
+            announced: Vec::new(),
+            reading_announced: false,
+        }
     }
 
     fn subscribers_of(&self, chatbot_id: &Uuid) -> Vec<Recipient<DeliverCommand>> {
@@ -192,10 +204,17 @@ async fn pending_commands(store: &Store, chatbots: &[Uuid]) -> Result<Vec<Comman
     Ok(client.query(&sql, &[&chatbots, &REDELIVER_LIMIT]).await?.iter().map(command_of).collect())
 }
 
-async fn pending_command(store: &Store, command_id: &str, chatbot_id: Uuid) -> Result<Option<Command>, crate::store::StoreError> {
+/// The announced commands still pending, in the order announced. Each is read for the
+/// announced chatbot: that is the one whose subscribers get it.
+async fn announced_commands(store: &Store, announced: &[(String, Uuid)]) -> Result<Vec<Command>, crate::store::StoreError> {
+    let (ids, chatbots): (Vec<&str>, Vec<Uuid>) = announced.iter().map(|(id, bot)| (id.as_str(), *bot)).unzip();
     let client = store.pool().get().await?;
-    let sql = format!("SELECT {COMMAND_COLUMNS} FROM outbox WHERE command_id = $1 AND chatbot_id = $2 AND status = 'pending'");
-    Ok(client.query_opt(&sql, &[&command_id, &chatbot_id]).await?.as_ref().map(command_of))
+    let sql = format!(
+        "SELECT {COMMAND_COLUMNS} FROM outbox
+         JOIN unnest($1::text[], $2::uuid[]) WITH ORDINALITY AS a(command_id, chatbot_id, n) USING (command_id, chatbot_id)
+         WHERE status = 'pending' ORDER BY a.n"
+    );
+    Ok(client.query(&sql, &[&ids, &chatbots]).await?.iter().map(command_of).collect())
 }
 
 fn command_kind(kind: &str) -> &'static str {
@@ -248,26 +267,50 @@ impl Handler<RemoteCommand> for Outbox {
     type Result = ();
     fn handle(&mut self, msg: RemoteCommand, ctx: &mut Context<Self>) {
         // Ours were written to our subscribers already; nobody here wants the others.
-        let targets = self.subscribers_of(&msg.chatbot_id);
-        if msg.node == self.node || targets.is_empty() || self.waiting.contains_key(&msg.command_id) {
+        if msg.node == self.node || !self.subscribers.contains_key(&msg.chatbot_id) || self.waiting.contains_key(&msg.command_id) {
             return;
         }
+        self.announced.push((msg.command_id, msg.chatbot_id));
+        self.read_announced(ctx);
+    }
+}
+
+impl Outbox {
+    /// Reads the announced commands in one query and writes them to the subscribers of
+    /// their chatbots; announcements that come meanwhile wait for the next read, which
+    /// starts once these are written (so they reach a client in the order announced).
+    /// A burst of commands from another node costs a few queries, not one each.
+    fn read_announced(&mut self, ctx: &mut Context<Self>) {
+        if self.reading_announced || self.announced.is_empty() {
+            return;
+        }
+        self.reading_announced = true;
+        let announced = std::mem::take(&mut self.announced);
         let store = self.store.clone();
-        ctx.spawn(
+        ctx.spawn(async move { announced_commands(&store, &announced).await }.into_actor(self).then(|read, act, _ctx| {
+            let writes: Vec<_> = match read {
+                Ok(commands) => commands
+                    .into_iter()
+                    .filter(|c| !act.waiting.contains_key(&c.command_id))
+                    .map(|c| (act.subscribers_of(&c.chatbot_id), Arc::new(c)))
+                    .collect(),
+                Err(error) => {
+                    // They come again when their clients subscribe again or the steps retry.
+                    tracing::warn!(%error, "cannot read the commands another node announced");
+                    Vec::new()
+                }
+            };
             async move {
-                // The announced chatbot is the one whose subscribers were picked.
-                match pending_command(&store, &msg.command_id, msg.chatbot_id).await {
-                    Ok(Some(command)) => {
-                        write_to(targets, Arc::new(command)).await;
-                    }
-                    Ok(None) => {} // acked or expired meanwhile
-                    Err(error) => {
-                        tracing::warn!(%error, command_id = %msg.command_id, "cannot read a command another node wrote")
-                    }
+                for (targets, command) in writes {
+                    write_to(targets, command).await;
                 }
             }
-            .into_actor(self),
-        );
+            .into_actor(act)
+            .map(|(), act, ctx| {
+                act.reading_announced = false;
+                act.read_announced(ctx);
+            })
+        }));
     }
 }
 

@@ -287,6 +287,36 @@ async fn a_command_reaches_a_client_of_another_daemon_and_its_ack_comes_back() {
 }
 
 #[actix_rt::test]
+async fn a_burst_of_commands_reaches_a_client_of_another_daemon_whole() {
+    let slow_timeout = |c: &mut botflow::config::Config| c.outbox.ack_timeout_ms = 120_000;
+    let (a, t, mut sender, db) = setup(
+        slow_timeout,
+        json!({"name": "r", "trigger": {"event": "x.go"}, "steps": [{"id": "say", "action": "reply", "text": "hi {{event.id}}"}]}),
+    )
+    .await;
+    let b = TestDaemon::start_with(DaemonOptions { pg: Some(a.pg.clone()), tweak: Box::new(slow_timeout) }).await;
+    let bot = t.chatbots[0];
+    let mut chat = Client::tcp(b.tcp()).await.hello(&t.key, &[bot]).await;
+    const N: usize = 40;
+    for i in 0..N {
+        sender.send(&event(&format!("e{i}"), bot, "x.go", json!({}))).await;
+    }
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < N {
+        let (cmd, _) = chat.recv_until(|v| v["op"] == "command").await;
+        chat.send(&json!({"op": "ack", "command_id": cmd["command_id"]})).await;
+        seen.insert(cmd["payload"]["text"].as_str().unwrap().to_string());
+    }
+    let expected: std::collections::HashSet<String> = (0..N).map(|i| format!("hi e{i}")).collect();
+    assert_eq!(seen, expected);
+    eventually("every execution succeeds on its acks from B", || async {
+        let done: i64 = db.query_one("SELECT count(*) FROM executions WHERE status = 'succeeded'", &[]).await.unwrap().get(0);
+        done == N as i64
+    })
+    .await;
+}
+
+#[actix_rt::test]
 async fn an_ack_through_another_daemon_before_the_commands_row_commits_reaches_the_step_for_its_account_only() {
     // The ack timeout is longer than any wait below: success means the ack got through.
     let slow_timeout = |c: &mut botflow::config::Config| c.outbox.ack_timeout_ms = 120_000;
