@@ -3,7 +3,11 @@
 pub mod metrics;
 
 use crate::config::LogConfig;
-use tracing_subscriber::EnvFilter;
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 /// Installs the global log subscriber. `RUST_LOG` wins over `log.level`. Safe to call
 /// twice (the second call does nothing), which tests rely on.
@@ -11,10 +15,95 @@ pub fn init_logging(cfg: &LogConfig) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cfg.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // At debug level the operator asked for everything, client faults included.
+    let quiet = QuietClientFaults { enabled: filter.max_level_hint().is_none_or(|max| max < Level::DEBUG) };
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = if cfg.format == "json" {
-        builder.json().flatten_event(true).with_current_span(false).try_init()
+        builder.json().flatten_event(true).with_current_span(false).finish().with(quiet).try_init()
     } else {
-        builder.try_init()
+        builder.finish().with(quiet).try_init()
     };
+}
+
+/// actix-http logs a request it cannot parse (a bad header, say) at ERROR, although the
+/// client is at fault and got its 400: logs of a daemon facing the internet would fill
+/// with errors no operator can act on. Below debug level those lines are dropped.
+struct QuietClientFaults {
+    enabled: bool,
+}
+
+impl QuietClientFaults {
+    fn is_client_fault(event: &Event<'_>) -> bool {
+        let meta = event.metadata();
+        if *meta.level() != Level::ERROR || !meta.target().starts_with("actix_http::h1") {
+            return false;
+        }
+        struct Message(bool);
+        impl Visit for Message {
+            fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{value:?}").starts_with("stream error: request parse error");
+                }
+            }
+        }
+        let mut m = Message(false);
+        event.record(&mut m);
+        m.0
+    }
+}
+
+impl<S: Subscriber> Layer<S> for QuietClientFaults {
+    fn event_enabled(&self, event: &Event<'_>, _: Context<'_, S>) -> bool {
+        !(self.enabled && Self::is_client_fault(event))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+    impl Write for Captured {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn logged(level: &str, emit: impl FnOnce()) -> String {
+        let out = Captured::default();
+        let filter = EnvFilter::new(level);
+        let quiet = QuietClientFaults { enabled: filter.max_level_hint().is_none_or(|max| max < Level::DEBUG) };
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish()
+            .with(quiet);
+        tracing::subscriber::with_default(subscriber, emit);
+        let bytes = out.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn a_clients_malformed_request_is_not_an_error_line_but_other_errors_are() {
+        let emit = || {
+            tracing::error!(target: "actix_http::h1::dispatcher", "stream error: {}", "request parse error: invalid Header provided");
+            tracing::error!(target: "actix_http::h1::dispatcher", "Upgrade handler error: boom");
+            tracing::error!(target: "botflow::store", "stream error: request parse error (not actix)");
+        };
+        let info = logged("info", emit);
+        assert!(!info.contains("invalid Header"), "{info}");
+        assert!(info.contains("Upgrade handler error: boom"), "{info}");
+        assert!(info.contains("(not actix)"), "{info}");
+        let debug = logged("debug", emit);
+        assert!(debug.contains("invalid Header"), "at debug level everything is kept: {debug}");
+    }
 }
