@@ -30,6 +30,15 @@ use uuid::Uuid;
 /// Commands redelivered to a new subscriber at most (oldest first).
 const REDELIVER_LIMIT: i64 = 10_000;
 
+/// Announcements of other nodes' commands kept while a read is in flight, at most;
+/// past it they are dropped (their clients get them on the next subscribe, or the steps
+/// send them again).
+const ANNOUNCED_LIMIT: usize = 10_000;
+
+/// How long reading announced commands, and then writing them to the connections, may
+/// take: a hung query must not stop the announcements that follow.
+const ANNOUNCED_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Sent by the outbox to a connection: write this command to the client.
 #[derive(Message, Clone)]
 #[rtype(result = "bool")]
@@ -114,6 +123,8 @@ pub struct Outbox {
     /// query once the read in flight (if any) ends.
     announced: Vec<(String, Uuid)>,
     reading_announced: bool,
+    /// Announcements dropped over `ANNOUNCED_LIMIT` since the last read.
+    announced_dropped: u64,
 }
 
 impl Outbox {
@@ -126,6 +137,7 @@ impl Outbox {
             waiting: HashMap::new(),
             announced: Vec::new(),
             reading_announced: false,
+            announced_dropped: 0,
         }
     }
 
@@ -270,6 +282,10 @@ impl Handler<RemoteCommand> for Outbox {
         if msg.node == self.node || !self.subscribers.contains_key(&msg.chatbot_id) || self.waiting.contains_key(&msg.command_id) {
             return;
         }
+        if self.announced.len() >= ANNOUNCED_LIMIT {
+            self.announced_dropped += 1;
+            return;
+        }
         self.announced.push((msg.command_id, msg.chatbot_id));
         self.read_announced(ctx);
     }
@@ -284,29 +300,42 @@ impl Outbox {
         if self.reading_announced || self.announced.is_empty() {
             return;
         }
+        if self.announced_dropped > 0 {
+            tracing::warn!(
+                dropped = std::mem::take(&mut self.announced_dropped),
+                "too many commands announced by other nodes while a read was slow; their clients get them on the next subscribe or retry"
+            );
+        }
         self.reading_announced = true;
-        let announced = std::mem::take(&mut self.announced);
+        let mut announced = std::mem::take(&mut self.announced);
+        // A step retried on another node announces its command again.
+        let mut seen = std::collections::HashSet::new();
+        announced.retain(|(id, _)| seen.insert(id.clone()));
         let store = self.store.clone();
-        ctx.spawn(async move { announced_commands(&store, &announced).await }.into_actor(self).then(|read, act, _ctx| {
+        let read = async move { tokio::time::timeout(ANNOUNCED_TIMEOUT, announced_commands(&store, &announced)).await };
+        ctx.spawn(read.into_actor(self).then(|read, act, _ctx| {
             let writes: Vec<_> = match read {
-                Ok(commands) => commands
+                Ok(Ok(commands)) => commands
                     .into_iter()
                     .filter(|c| !act.waiting.contains_key(&c.command_id))
                     .map(|c| (act.subscribers_of(&c.chatbot_id), Arc::new(c)))
                     .collect(),
-                Err(error) => {
-                    // They come again when their clients subscribe again or the steps retry.
+                // Their clients get them on the next subscribe, or the steps send them again.
+                Ok(Err(error)) => {
                     tracing::warn!(%error, "cannot read the commands another node announced");
                     Vec::new()
                 }
+                Err(_) => {
+                    tracing::warn!("reading the commands another node announced timed out");
+                    Vec::new()
+                }
             };
-            async move {
+            let write = async move {
                 for (targets, command) in writes {
                     write_to(targets, command).await;
                 }
-            }
-            .into_actor(act)
-            .map(|(), act, ctx| {
+            };
+            async move { tokio::time::timeout(ANNOUNCED_TIMEOUT, write).await }.into_actor(act).map(|_, act, ctx| {
                 act.reading_announced = false;
                 act.read_announced(ctx);
             })
@@ -383,20 +412,25 @@ impl Outbox {
 }
 
 /// Records the ack of a command this node was not waiting for (it went out before a
-/// restart, or another node runs its step) and announces it to the other nodes. The
-/// announcement goes out at commit even when no row changed: the node that runs the
-/// step may not have committed the command's row yet, and checks the account itself.
+/// restart, or another node runs its step) and announces it to the other nodes at
+/// commit: when it acked the row, and when there is no row yet (the node that runs the
+/// step may not have committed it, and checks the account itself). An ack of a row
+/// already acked or of another account's row is not announced.
 async fn ack_unwaited(store: &Store, command_id: &str, scope: Scope) -> Result<(), crate::store::StoreError> {
     if !looks_like_command_id(command_id) {
         return Ok(()); // nothing this daemon ever sent
     }
     let client = store.pool().get().await?;
-    let announce = format!("SELECT pg_notify('{COMMANDS_CHANNEL}', $2)");
+    // The main query sees the table as it was before the UPDATE.
+    let announce = format!(
+        "SELECT pg_notify('{COMMANDS_CHANNEL}', $2)
+         WHERE EXISTS (SELECT FROM acked) OR NOT EXISTS (SELECT FROM outbox WHERE command_id = $1)"
+    );
     match scope {
         Scope::All => {
             let sql = format!(
                 "WITH acked AS (UPDATE outbox SET status = 'acked', acked_at = now()
-                                WHERE command_id = $1 AND status = 'pending') {announce}"
+                                WHERE command_id = $1 AND status = 'pending' RETURNING 1) {announce}"
             );
             client.execute(&sql, &[&command_id, &format!("ack * {command_id}")]).await?
         }
@@ -404,7 +438,7 @@ async fn ack_unwaited(store: &Store, command_id: &str, scope: Scope) -> Result<(
             let sql = format!(
                 "WITH acked AS (UPDATE outbox o SET status = 'acked', acked_at = now() FROM chatbots c
                                 WHERE o.command_id = $1 AND o.status = 'pending' AND c.id = o.chatbot_id
-                                  AND c.account_id = $3) {announce}"
+                                  AND c.account_id = $3 RETURNING 1) {announce}"
             );
             client.execute(&sql, &[&command_id, &format!("ack {account} {command_id}"), &account]).await?
         }
@@ -412,10 +446,15 @@ async fn ack_unwaited(store: &Store, command_id: &str, scope: Scope) -> Result<(
     Ok(())
 }
 
-/// Command ids are `<execution id>:<step id>`, and step ids are short: anything else
-/// is not worth a query or an announcement (whose payload PostgreSQL caps at 8000 bytes).
+/// Command ids are `<execution id>:<step id>`, step ids short and of letters, digits,
+/// '_' and '-': anything else is not worth a query or an announcement.
 fn looks_like_command_id(id: &str) -> bool {
-    id.len() <= 1000 && id.split_once(':').is_some_and(|(execution, step)| Uuid::parse_str(execution).is_ok() && !step.is_empty())
+    id.split_once(':').is_some_and(|(execution, step)| {
+        Uuid::parse_str(execution).is_ok()
+            && !step.is_empty()
+            && step.chars().count() <= crate::workflow::validate::MAX_STEP_ID_CHARS
+            && !step.chars().any(char::is_control)
+    })
 }
 
 #[cfg(test)]
@@ -425,9 +464,9 @@ mod tests {
     #[test]
     fn only_ids_of_the_command_shape_are_looked_up() {
         assert!(looks_like_command_id("0195f0c4-8a1e-7cc2-9a4b-1f2e3d4c5b6a:say hi"));
-        for bad in ["", "x:say", "0195f0c4-8a1e-7cc2-9a4b-1f2e3d4c5b6a", "0195f0c4-8a1e-7cc2-9a4b-1f2e3d4c5b6a:"] {
+        for bad in ["", "x:say", "0195f0c4-8a1e-7cc2-9a4b-1f2e3d4c5b6a", "0195f0c4-8a1e-7cc2-9a4b-1f2e3d4c5b6a:", "0195f0c4-8a1e-7cc2-9a4b-1f2e3d4c5b6a:a\u{0}b"] {
             assert!(!looks_like_command_id(bad), "{bad:?}");
         }
-        assert!(!looks_like_command_id(&format!("0195f0c4-8a1e-7cc2-9a4b-1f2e3d4c5b6a:{}", "s".repeat(2000))));
+        assert!(!looks_like_command_id(&format!("0195f0c4-8a1e-7cc2-9a4b-1f2e3d4c5b6a:{}", "s".repeat(65))));
     }
 }

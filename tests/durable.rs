@@ -216,14 +216,49 @@ async fn a_reply_is_redelivered_after_a_reconnect_until_it_is_acked() {
     assert!(c3.try_recv(Duration::from_millis(500)).await.is_none(), "an acked command never comes back");
 }
 
+/// The announcements on the channel commands and acks go through between daemons.
+struct Announcements {
+    _client: tokio_postgres::Client,
+    rx: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl Announcements {
+    async fn listen(pg: &tokio_postgres::Config) -> Announcements {
+        let (client, mut conn) = pg.connect(tokio_postgres::NoTls).await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(Ok(message)) = futures::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                    let _ = tx.send(n.payload().to_string());
+                }
+            }
+        });
+        client.batch_execute("LISTEN botflow_commands").await.unwrap();
+        Announcements { _client: client, rx }
+    }
+
+    async fn wait_for(&mut self, payload: &str) {
+        let found = tokio::time::timeout(DEADLINE, async {
+            while let Some(p) = self.rx.recv().await {
+                if p == payload {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(found, Ok(true), "no announcement {payload:?}");
+    }
+}
+
 /// Holds the journal's writes of commands' rows (and only those) uncommitted: an insert
 /// into the outbox waits for an advisory lock this session takes, until
 /// `SELECT pg_advisory_unlock(4242)`.
 async fn hold_outbox_rows(db: &tokio_postgres::Client) {
     db.batch_execute(
-        "CREATE OR REPLACE FUNCTION hold_outbox() RETURNS trigger LANGUAGE plpgsql AS
+        "CREATE FUNCTION hold_outbox() RETURNS trigger LANGUAGE plpgsql AS
            $$ BEGIN PERFORM pg_advisory_xact_lock_shared(4242); RETURN NEW; END $$;
-         CREATE OR REPLACE TRIGGER hold_outbox BEFORE INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION hold_outbox();
+         CREATE TRIGGER hold_outbox BEFORE INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION hold_outbox();
          SELECT pg_advisory_lock(4242);",
     )
     .await
@@ -328,6 +363,8 @@ async fn an_ack_through_another_daemon_before_the_commands_row_commits_reaches_t
     let mut chat_b = Client::tcp(b.tcp()).await.hello(&t.key, &[]).await;
     let mut stranger_b = Client::tcp(b.tcp()).await.hello(&other.key, &[]).await;
 
+    let mut announced = Announcements::listen(&a.pg).await;
+
     // The command's row is held uncommitted on A.
     hold_outbox_rows(&db).await;
     send(&mut chat_a, "e1", bot).await;
@@ -335,6 +372,7 @@ async fn an_ack_through_another_daemon_before_the_commands_row_commits_reaches_t
     let id = cmd["command_id"].as_str().unwrap().to_string();
     // Another account's client acks it through B: A must not take that.
     stranger_b.send(&json!({"op": "ack", "command_id": id})).await;
+    announced.wait_for(&format!("ack {} {id}", other.account)).await;
     let rows: i64 = db.query_one("SELECT count(*) FROM outbox WHERE command_id = $1", &[&id]).await.unwrap().get(0);
     assert_eq!(rows, 0, "the row is not committed yet");
     db.batch_execute("SELECT pg_advisory_unlock(4242)").await.unwrap();
@@ -346,7 +384,7 @@ async fn an_ack_through_another_daemon_before_the_commands_row_commits_reaches_t
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(outbox_status().await.as_deref(), Some("pending"), "another account's ack was taken");
     let (_, status, _, _) = execution(&db, "e1").await;
-    assert_eq!(status, "running");
+    assert_ne!(status, "succeeded");
 
     // Now the owner's ack through B, again before the row of a second command commits.
     db.batch_execute("SELECT pg_advisory_lock(4242)").await.unwrap();
@@ -356,7 +394,7 @@ async fn an_ack_through_another_daemon_before_the_commands_row_commits_reaches_t
     chat_b.send(&json!({"op": "ack", "command_id": id2})).await;
     chat_b.send(&json!({"op": "ack", "command_id": id})).await;
     // B's announcement of the ack is out before A's row exists.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    announced.wait_for(&format!("ack {} {id2}", t.account)).await;
     let rows: i64 = db.query_one("SELECT count(*) FROM outbox WHERE command_id = $1", &[&id2]).await.unwrap().get(0);
     assert_eq!(rows, 0, "the second row is not committed yet");
     db.batch_execute("SELECT pg_advisory_unlock(4242)").await.unwrap();

@@ -45,12 +45,16 @@ fn command_change(payload: &str) -> Option<Change> {
             Some(Change::Command { node, chatbot_id, command_id })
         }
         "ack" => {
-            let account = match parts.next()? {
-                "*" => None,
-                id => Some(id.parse().ok()?),
-            };
+            let first = parts.next()?;
             let rest: Vec<&str> = parts.collect();
-            let command_id = rest.join(" ");
+            let (account, command_id) = match first {
+                "*" => (None, rest.join(" ")),
+                // A command id always holds a ':' and an account id never does.
+                id if !id.contains(':') => (Some(id.parse().ok()?), rest.join(" ")),
+                // `ack <command id>`, from a node of an earlier version: it acked the row
+                // after checking the account itself.
+                _ => (None, std::iter::once(first).chain(rest).collect::<Vec<_>>().join(" ")),
+            };
             (!command_id.is_empty()).then_some(Change::CommandAcked { command_id, account })
         }
         _ => None,
@@ -153,7 +157,12 @@ mod tests {
             command_change(&format!("ack {bot} 3f2a:x")),
             Some(Change::CommandAcked { command_id: "3f2a:x".into(), account: Some(bot) })
         );
-        for bad in ["", "cmd", "ack", "ack ", "ack * ", "ack 3f2a:x", "ack nope 3f2a:x", "cmd x y z", &format!("cmd {node} {bot}"), &format!("cmd {node} {bot} "), "nope 1"] {
+        assert_eq!(
+            command_change("ack 3f2a:x"),
+            Some(Change::CommandAcked { command_id: "3f2a:x".into(), account: None }),
+            "the form of earlier versions"
+        );
+        for bad in ["", "cmd", "ack", "ack ", "ack * ", "ack nope 3f2a:x", "cmd x y z", &format!("cmd {node} {bot}"), &format!("cmd {node} {bot} "), "nope 1"] {
             assert_eq!(command_change(bad), None, "{bad:?}");
         }
     }
