@@ -608,12 +608,14 @@ async fn a_row_the_database_refuses_costs_only_its_own_event() {
     let mut w = world(options(|_| {}), 1).await;
     let bot = w.t.chatbots[0];
     // The database refuses the execution row of the event "poison" (a permanent error,
-    // as a violated constraint would be), and holds the row of "blocker" until the test
-    // lets go, so the events sent meanwhile queue up for the chatbot's next write.
+    // as a violated constraint would be) and of "bad-value" (as a value out of range
+    // would be), and holds the row of "blocker" until the test lets go, so the events
+    // sent meanwhile queue up for the chatbot's next write.
     w.db.batch_execute(
         "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
            IF NEW.event_id = 'blocker' THEN PERFORM pg_advisory_xact_lock_shared(4243); END IF;
            IF NEW.event_id = 'poison' THEN RAISE EXCEPTION 'this row is refused'; END IF;
+           IF NEW.event_id = 'bad-value' THEN RAISE EXCEPTION 'a value out of range' USING ERRCODE = '22003'; END IF;
            RETURN NEW; END $$;
          CREATE TRIGGER refuse_poison BEFORE INSERT ON executions FOR EACH ROW EXECUTE FUNCTION refuse_poison();
          SELECT pg_advisory_lock(4243);",
@@ -632,12 +634,10 @@ async fn a_row_the_database_refuses_costs_only_its_own_event() {
         waiting == 1
     })
     .await;
-    let ids = ["good-1", "poison", "good-2", "good-3"];
-    for id in ids {
-        c.send(&ping(id, bot)).await;
-    }
-    // Let them reach the journal before its write in flight ends (no line answers that).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // In one write, so that they are read, matched and written together.
+    let ids = ["good-1", "poison", "good-2", "bad-value", "good-3"];
+    let lines: String = ids.iter().map(|id| format!("{}\n", ping(id, bot))).collect();
+    c.writer.write_all(lines.as_bytes()).await.unwrap();
     w.db.batch_execute("SELECT pg_advisory_unlock(4243)").await.unwrap();
 
     let mut answers = std::collections::HashMap::new();
@@ -647,11 +647,13 @@ async fn a_row_the_database_refuses_costs_only_its_own_event() {
     }
     assert_nack(&answers["poison"], Some("poison"), "internal", None);
     assert!(answers["poison"]["error"]["message"].as_str().unwrap().contains("refused"), "{}", answers["poison"]);
+    assert_nack(&answers["bad-value"], Some("bad-value"), "invalid_event", None);
+    assert!(answers["bad-value"]["error"]["message"].as_str().unwrap().contains("a value out of range"), "{}", answers["bad-value"]);
     for id in ["blocker", "good-1", "good-2", "good-3"] {
         assert_eq!(answers[id]["op"], "ack", "{id}: {}", answers[id]);
         assert_eq!(rows(&w.db, bot, id).await, 1, "{id} acked but not recorded");
     }
-    assert_eq!(rows(&w.db, bot, "poison").await, 0);
+    assert_eq!(rows(&w.db, bot, "poison").await + rows(&w.db, bot, "bad-value").await, 0);
     let metrics = w.daemon.metrics().await;
     assert!(metrics.contains(r#"botflow_db_errors_total{kind="permanent"}"#), "the refusal is counted");
     // The chatbot goes on: a later event is acked and recorded as usual.

@@ -591,24 +591,27 @@ impl JournalLane {
             let mut done = Vec::new();
             let mut failed = Vec::new();
             let Progress { updates, commands, acked_commands, committed, .. } = batch.progress;
-            // A command goes with its ack, if that came in the same batch (else it would
-            // be written, and announced, as pending), and before the updates, so an
-            // execution that ended in the batch expires it as the whole batch would.
-            let (mut with_row, acked_rest): (Vec<String>, Vec<String>) =
-                acked_commands.into_iter().partition(|id| commands.iter().any(|c| c.command.command_id == *id));
-            let singles = commands
-                .into_iter()
-                .map(|c| {
-                    let acked = with_row.iter().position(|id| *id == c.command.command_id).map(|i| with_row.swap_remove(i));
-                    Progress { commands: vec![c], acked_commands: acked.into_iter().collect(), ..Default::default() }
-                })
-                .chain(updates.into_values().map(|p| {
-                    let mut one = Progress::default();
-                    one.order.push_back(p.update.id);
-                    one.updates.insert(p.update.id, p);
-                    one
-                }))
-                .chain(std::iter::once(Progress { acked_commands: acked_rest, committed, ..Default::default() }));
+            // One write per execution, with its update, its commands and their acks, as
+            // the whole batch would have written them (a command of an execution that
+            // ended is stored expired, one acked in the batch acked, and neither is
+            // announced); every ack again at the end, so one whose command's write failed
+            // still reaches a row an earlier attempt left.
+            let mut per_execution: HashMap<Uuid, Progress> = HashMap::new();
+            for p in updates.into_values() {
+                let one = per_execution.entry(p.update.id).or_default();
+                one.order.push_back(p.update.id);
+                one.updates.insert(p.update.id, p);
+            }
+            for c in commands {
+                let one = per_execution.entry(c.command.execution_id).or_default();
+                if acked_commands.contains(&c.command.command_id) {
+                    one.acked_commands.push(c.command.command_id.clone());
+                }
+                one.commands.push(c);
+            }
+            let singles = per_execution
+                .into_values()
+                .chain(std::iter::once(Progress { acked_commands, committed, ..Default::default() }));
             for progress in singles {
                 let single = Batch { events: Vec::new(), progress };
                 match write(&conn, node, &single).await {
