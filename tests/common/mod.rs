@@ -55,7 +55,13 @@ impl Drop for TempDir {
 
 enum Server {
     /// The server sits behind a lock so the exit hook can take it out and stop it.
-    Embedded { pg: Mutex<Option<EmbeddedPostgres>>, admin: tokio_postgres::Config, dir: PathBuf },
+    Embedded {
+        pg: Mutex<Option<EmbeddedPostgres>>,
+        admin: tokio_postgres::Config,
+        dir: PathBuf,
+        /// Locked for the life of this process: tells a later run the directory is in use.
+        _owner: std::fs::File,
+    },
     External(tokio_postgres::Config),
 }
 
@@ -64,48 +70,62 @@ enum Server {
 static SERVER: OnceLock<Server> = OnceLock::new();
 
 const SERVER_DIR_PREFIX: &str = "botflow-testpg-";
+const OWNER_LOCK: &str = "owner.lock";
 
 fn server() -> &'static Server {
     SERVER.get_or_init(|| match std::env::var("BOTFLOW_TEST_DATABASE_URL") {
         Ok(url) if !url.is_empty() => Server::External(url.parse().expect("BOTFLOW_TEST_DATABASE_URL is a PostgreSQL URL")),
         _ => {
             remove_abandoned_server_dirs();
-            // The pid in the name tells a later run whether the owner is still alive.
-            let dir = std::env::temp_dir().join(format!(
-                "{SERVER_DIR_PREFIX}{}-{}",
-                std::process::id(),
-                Uuid::new_v4().simple()
-            ));
+            let dir = std::env::temp_dir().join(format!("{SERVER_DIR_PREFIX}{}", Uuid::new_v4().simple()));
             std::fs::create_dir_all(&dir).unwrap();
+            let owner = std::fs::File::create(dir.join(OWNER_LOCK)).unwrap();
+            assert_eq!(flock(&owner, libc::LOCK_EX), 0, "lock {}", dir.display());
             let pg = EmbeddedPostgres::start(&dir, &EmbeddedOptions { fast_unsafe: true })
                 .expect("start the embedded PostgreSQL for tests");
             let admin = pg.config("postgres");
             // SAFETY: registers a plain `extern "C"` function; it runs once, at exit.
             unsafe { libc::atexit(stop_server_at_exit) };
-            Server::Embedded { pg: Mutex::new(Some(pg)), admin, dir }
+            Server::Embedded { pg: Mutex::new(Some(pg)), admin, dir, _owner: owner }
         }
     })
 }
 
-extern "C" fn stop_server_at_exit() {
-    if let Some(Server::Embedded { pg, dir, .. }) = SERVER.get() {
-        let pg = pg.lock().unwrap_or_else(|e| e.into_inner()).take();
-        drop(pg); // fast shutdown, then the directory can go
-        let _ = std::fs::remove_dir_all(dir);
-    }
+fn flock(file: &std::fs::File, operation: libc::c_int) -> libc::c_int {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain system call on a descriptor this file owns.
+    unsafe { libc::flock(file.as_raw_fd(), operation) }
 }
 
-/// Removes the directories of test servers whose process is gone: one killed by a
-/// signal or a timeout never ran its exit hook.
+extern "C" fn stop_server_at_exit() {
+    // A panic must not cross into C (it would abort a run that passed).
+    let _ = std::panic::catch_unwind(|| {
+        if let Some(Server::Embedded { pg, dir, .. }) = SERVER.get() {
+            if let Some(mut pg) = pg.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                let _ = pg.stop(); // fast shutdown, then the directory can go
+            }
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    });
+}
+
+/// Removes the directories of test servers whose process is gone (killed by a signal or
+/// a timeout, it never ran its exit hook): their owner lock is free.
 fn remove_abandoned_server_dirs() {
     let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
     for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(SERVER_DIR_PREFIX)) else { continue };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<libc::pid_t>().ok()) else { continue };
-        // SAFETY: signal 0 only asks whether the process exists.
-        let gone = unsafe { libc::kill(pid, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-        if gone {
+        if !entry.file_name().to_str().is_some_and(|n| n.starts_with(SERVER_DIR_PREFIX)) {
+            continue;
+        }
+        let abandoned = match std::fs::File::open(entry.path().join(OWNER_LOCK)) {
+            Ok(lock) => flock(&lock, libc::LOCK_EX | libc::LOCK_NB) == 0,
+            // No lock file: being created this moment, or left by an older layout.
+            Err(_) => entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > Duration::from_secs(600))),
+        };
+        if abandoned {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
