@@ -1,5 +1,6 @@
 //! TLS on the ingest TCP listener: the protocol over TLS, clients that do not speak
-//! TLS or do not trust the certificate, silent clients, and `botflow send --tls`.
+//! TLS or do not trust the certificate, silent clients, renewed certificates, and
+//! `botflow send --tls`.
 
 mod common;
 
@@ -159,4 +160,33 @@ async fn botflow_send_speaks_tls_and_explains_a_missing_tls_flag() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(err.contains("TLS handshake") && err.to_lowercase().contains("certificate"), "{err}");
+}
+
+#[actix_rt::test]
+async fn a_renewed_certificate_is_served_without_a_restart_and_a_broken_one_is_not() {
+    let (dir, c, d, t, bot) = setup("tls-renew").await;
+    let mut before = Client::tls(d.tcp(), &c.ca).await.hello(&t.key, &[]).await;
+    acked(&mut before, "e1", bot).await;
+    let renewal_dir = dir.path().join("renewal");
+    std::fs::create_dir_all(&renewal_dir).unwrap();
+    let renewal = certs(&renewal_dir);
+
+    // Half a renewal: the new certificate in place, its key not yet. The listener keeps
+    // serving the old pair (each handshake below may be the one that looks).
+    std::fs::copy(&renewal.cert, &c.cert).unwrap();
+    eventually("the broken pair is seen and refused", || async {
+        Client::tls(d.tcp(), &c.ca).await.hello(&t.key, &[]).await;
+        metric(&d.metrics().await, "botflow_tls_cert_reloads_total{outcome=\"failed\"}") >= 1.0
+    })
+    .await;
+
+    // The key follows: the new certificate is served.
+    std::fs::copy(&renewal.key, &c.key).unwrap();
+    eventually("the renewed certificate is served", || async { Client::try_tls(d.tcp(), &renewal.ca).await.is_ok() }).await;
+    assert!(Client::try_tls(d.tcp(), &c.ca).await.is_err(), "the old certificate is no longer served");
+    assert!(metric(&d.metrics().await, "botflow_tls_cert_reloads_total{outcome=\"loaded\"}") >= 1.0);
+    let mut after = Client::tls(d.tcp(), &renewal.ca).await.hello(&t.key, &[]).await;
+    acked(&mut after, "e2", bot).await;
+    // A connection made before the renewal goes on.
+    acked(&mut before, "e3", bot).await;
 }

@@ -5,13 +5,23 @@
 //! client speaking plain protocol lines gets one plain `error` line saying TLS is
 //! required, instead of a handshake failure it cannot read. Handshakes are bounded by
 //! the handshake timeout, so a silent client holds nothing for long.
+//!
+//! A renewed certificate is picked up without a restart: at most every
+//! `CERT_RECHECK`, a handshake looks at the files' modification times and reloads
+//! them when they changed. A pair that does not load (a renewal half written, a key
+//! that does not match) is logged, and the previous certificate is kept.
 
 use crate::telemetry::metrics as m;
-use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
+use tokio_rustls::rustls::sign::CertifiedKey;
 use tokio_rustls::rustls::{self, pki_types, pki_types::pem::PemObject};
+
+/// How often a handshake may look whether the certificate files changed.
+const CERT_RECHECK: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -40,18 +50,89 @@ pub fn read_certs(path: &Path) -> Result<Vec<pki_types::CertificateDer<'static>>
     Ok(certs)
 }
 
-/// The server side: certificate chain and key from PEM files.
+/// The server side: certificate chain and key from PEM files, reloaded when they change.
 pub fn acceptor(cert_file: &Path, key_file: &Path) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
-    let certs = read_certs(cert_file)?;
-    let key = pki_types::PrivateKeyDer::from_pem_file(key_file)
-        .map_err(|e| TlsError::Key { path: key_file.display().to_string(), reason: e.to_string() })?;
+    let resolver = ReloadingCert::load(cert_file, key_file)?;
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+        .with_cert_resolver(Arc::new(resolver));
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// A certificate chain and its key, checked to belong together.
+fn certified_key(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey, TlsError> {
+    let certs = read_certs(cert_file)?;
+    let key = pki_types::PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|e| TlsError::Key { path: key_file.display().to_string(), reason: e.to_string() })?;
+    CertifiedKey::from_der(certs, key, &provider()).map_err(|e| TlsError::Config(e.to_string()))
+}
+
+/// The modification times of the two files (`None` if either cannot be read).
+fn stamps(cert_file: &Path, key_file: &Path) -> Option<(SystemTime, SystemTime)> {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    Some((modified(cert_file)?, modified(key_file)?))
+}
+
+/// Serves the certificate of the configured files, reloading it when they change.
+#[derive(Debug)]
+struct ReloadingCert {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    state: Mutex<CertState>,
+}
+
+#[derive(Debug)]
+struct CertState {
+    key: Arc<CertifiedKey>,
+    /// The files' modification times when last loaded (or last tried).
+    stamps: Option<(SystemTime, SystemTime)>,
+    checked: Instant,
+}
+
+impl ReloadingCert {
+    fn load(cert_file: &Path, key_file: &Path) -> Result<ReloadingCert, TlsError> {
+        let stamps = stamps(cert_file, key_file);
+        let key = Arc::new(certified_key(cert_file, key_file)?);
+        Ok(ReloadingCert {
+            cert_file: cert_file.to_path_buf(),
+            key_file: key_file.to_path_buf(),
+            state: Mutex::new(CertState { key, stamps, checked: Instant::now() }),
+        })
+    }
+
+    /// The certificate to serve, reloaded first if the files changed since the last
+    /// look (which is at most every `CERT_RECHECK`).
+    fn current(&self) -> Arc<CertifiedKey> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.checked.elapsed() >= CERT_RECHECK {
+            state.checked = Instant::now();
+            let now = stamps(&self.cert_file, &self.key_file);
+            if now.is_some() && now != state.stamps {
+                // Tried once per change: a bad pair is not read again on every handshake.
+                state.stamps = now;
+                match certified_key(&self.cert_file, &self.key_file) {
+                    Ok(key) => {
+                        state.key = Arc::new(key);
+                        metrics::counter!(m::TLS_CERT_RELOADS, "outcome" => "loaded").increment(1);
+                        tracing::info!(cert = %self.cert_file.display(), "loaded the renewed TLS certificate");
+                    }
+                    Err(error) => {
+                        metrics::counter!(m::TLS_CERT_RELOADS, "outcome" => "failed").increment(1);
+                        tracing::error!(%error, "the TLS certificate files changed but do not load; serving the previous certificate");
+                    }
+                }
+            }
+        }
+        state.key.clone()
+    }
+}
+
+impl ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
 }
 
 /// The client side: trusts the certificates of `ca_file`, or the public web roots.

@@ -17,6 +17,7 @@ pub const EVENTS_REJECTED: &str = "botflow_events_rejected_total";
 pub const EVENTS_ACKED: &str = "botflow_events_acked_total";
 pub const FRAMES_REJECTED: &str = "botflow_frames_rejected_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "botflow_tls_handshake_failures_total";
+pub const TLS_CERT_RELOADS: &str = "botflow_tls_cert_reloads_total";
 pub const TRIGGER_MATCHES: &str = "botflow_trigger_matches_total";
 pub const EXECUTIONS: &str = "botflow_executions_total";
 pub const EXECUTION_DURATION: &str = "botflow_execution_duration_seconds";
@@ -88,6 +89,11 @@ fn describe() {
         TLS_HANDSHAKE_FAILURES,
         Unit::Count,
         "Connections to the TLS listener closed before the protocol began, by reason (plaintext, handshake, timeout)."
+    );
+    describe_counter!(
+        TLS_CERT_RELOADS,
+        Unit::Count,
+        "Changes of the TLS certificate files seen by the listener, by outcome (loaded, failed: the previous certificate is kept)."
     );
     describe_counter!(TRIGGER_MATCHES, Unit::Count, "Workflow triggers that matched an event.");
     describe_counter!(EXECUTIONS, Unit::Count, "Executions by status: created when committed, then their final status.");
@@ -224,6 +230,9 @@ fn register_all() {
     }
     for reason in ["plaintext", "handshake", "timeout"] {
         metrics::counter!(TLS_HANDSHAKE_FAILURES, "reason" => reason).absolute(0);
+    }
+    for outcome in ["loaded", "failed"] {
+        metrics::counter!(TLS_CERT_RELOADS, "outcome" => outcome).absolute(0);
     }
     for name in [RETRIES, CLAIMS, WORKFLOW_RELOADS, LIMIT_CHANGES] {
         metrics::counter!(name).absolute(0);
