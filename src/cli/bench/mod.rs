@@ -81,6 +81,15 @@ pub struct BenchArgs {
     /// Use TCP instead of the Unix socket
     #[arg(long)]
     pub tcp: bool,
+    /// TCP with TLS: the listener's certificate chain (PEM; with --tls-key and --tls-ca)
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The listener's private key (PEM)
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// The CA the bench's clients trust (PEM)
+    #[arg(long, requires = "tls_cert")]
+    pub tls_ca: Option<std::path::PathBuf>,
     /// Print the results as one JSON object on stdout
     #[arg(long)]
     pub json: bool,
@@ -161,6 +170,10 @@ fn run_in_process(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         }
         config.ingest.tcp = "127.0.0.1:0".into();
         config.ingest.unix_socket = scratch.join("bench.sock").to_string_lossy().into_owned();
+        if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+            config.ingest.tls_cert_file = cert.to_string_lossy().into_owned();
+            config.ingest.tls_key_file = key.to_string_lossy().into_owned();
+        }
         // Metrics are recorded (as in production) and limits checked on every event,
         // set out of reach: the bench measures the pipeline, not the limiter's refusals.
         // `--bare` turns both off, to measure what they cost.
@@ -236,9 +249,15 @@ async fn bench(app: &crate::app::RunningApp, config: &Config, args: &BenchArgs) 
         workflows::apply(store, bot, &[spec]).await?;
         durable_bots.push(bot);
     }
+    let tls = match &args.tls_ca {
+        Some(ca) => Some(crate::ingest::tls::connector(Some(ca))?),
+        None => None,
+    };
+    let tcp = args.tcp || tls.is_some();
     let target = Target {
-        tcp: if args.tcp { app.tcp_addr } else { None },
-        unix: if args.tcp { None } else { app.unix_path.clone() },
+        tcp: if tcp { app.tcp_addr } else { None },
+        unix: if tcp { None } else { app.unix_path.clone() },
+        tls,
         key,
         window: config.ingest.max_in_flight as u64,
     };
@@ -248,7 +267,13 @@ async fn bench(app: &crate::app::RunningApp, config: &Config, args: &BenchArgs) 
     eprintln!(
         "botflow bench: {} connections over {}, {} chatbots, {} cores",
         args.connections,
-        if args.tcp { "TCP" } else { "the Unix socket" },
+        if target.tls.is_some() {
+            "TCP with TLS"
+        } else if tcp {
+            "TCP"
+        } else {
+            "the Unix socket"
+        },
         args.chatbots,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
@@ -436,6 +461,7 @@ async fn run_on<T: Send + 'static>(
 struct Target {
     tcp: Option<std::net::SocketAddr>,
     unix: Option<std::path::PathBuf>,
+    tls: Option<tokio_rustls::TlsConnector>,
     key: String,
     window: u64,
 }
@@ -448,8 +474,17 @@ impl Target {
         let (r, mut w): (Reader, Writer) = if let Some(addr) = self.tcp {
             let s = tokio::net::TcpStream::connect(addr).await?;
             s.set_nodelay(true)?;
-            let (r, w) = s.into_split();
-            (Box::new(r), Box::new(w))
+            match &self.tls {
+                Some(tls) => {
+                    let name = crate::ingest::tls::server_name(&addr.to_string()).map_err(anyhow::Error::msg)?;
+                    let (r, w) = tokio::io::split(tls.connect(name, s).await?);
+                    (Box::new(r), Box::new(w))
+                }
+                None => {
+                    let (r, w) = s.into_split();
+                    (Box::new(r), Box::new(w))
+                }
+            }
         } else {
             let s = tokio::net::UnixStream::connect(self.unix.as_ref().context("no socket")?).await?;
             let (r, w) = s.into_split();
