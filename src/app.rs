@@ -58,7 +58,7 @@ impl App {
         // Without a metrics endpoint nothing is recorded at all.
         let prometheus = (!config.metrics.listen.is_empty()).then(m::install);
         m::hot();
-        let store = Store::new(pg, config.database.pool_size, Duration::from_millis(config.database.connect_timeout_ms))?;
+        let store = Store::new(pg, config.database.pool_size, Duration::from_millis(config.database.connect_timeout_ms), config.database_ca_file())?;
         store
             .wait_until_reachable(Duration::from_secs(30))
             .await

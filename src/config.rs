@@ -50,6 +50,10 @@ pub struct DatabaseConfig {
     /// While the database is unreachable, an event waits this long for its commit
     /// before it is nacked `unavailable` (the sender retries; nothing is acked meanwhile).
     pub unavailable_after_ms: u64,
+    /// PEM file of the CA(s) the server's certificate is checked against; empty: the
+    /// public web roots. Setting it also turns `sslmode=prefer` (the default) into TLS
+    /// whenever the server offers it.
+    pub tls_ca_file: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -207,7 +211,13 @@ impl Default for Config {
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        DatabaseConfig { url: String::new(), pool_size: 16, connect_timeout_ms: 5_000, unavailable_after_ms: 5_000 }
+        DatabaseConfig {
+            url: String::new(),
+            pool_size: 16,
+            connect_timeout_ms: 5_000,
+            unavailable_after_ms: 5_000,
+            tls_ca_file: String::new(),
+        }
     }
 }
 
@@ -447,6 +457,11 @@ impl Config {
         if self.ingest.workers > 256 {
             bad("ingest.workers", "must be at most 256 (0 means one per core)".into());
         }
+        if !self.database.tls_ca_file.is_empty() {
+            if let Err(e) = crate::ingest::tls::read_certs(Path::new(&self.database.tls_ca_file)) {
+                bad("database.tls_ca_file", e.to_string());
+            }
+        }
         match (self.ingest.tls_cert_file.is_empty(), self.ingest.tls_key_file.is_empty()) {
             (true, true) => {}
             (false, true) => bad("ingest.tls_key_file", "must be set with ingest.tls_cert_file".into()),
@@ -533,6 +548,11 @@ impl Config {
     }
 
     /// The certificate and key files of the TCP listener, when TLS is on.
+    /// The CA file for TLS to a configured PostgreSQL, if set.
+    pub fn database_ca_file(&self) -> Option<&Path> {
+        (!self.database.tls_ca_file.is_empty()).then(|| Path::new(&self.database.tls_ca_file))
+    }
+
     pub fn ingest_tls_files(&self) -> Option<(PathBuf, PathBuf)> {
         (!self.ingest.tls_cert_file.is_empty())
             .then(|| (PathBuf::from(&self.ingest.tls_cert_file), PathBuf::from(&self.ingest.tls_key_file)))
@@ -766,6 +786,8 @@ mod tests {
         assert!(p.len() == 1 && p[0].starts_with("ingest.tls_cert_file: TLS is for the TCP listener"), "{p:?}");
         let p = problems("[ingest]\ntls_cert_file = \"/nonexistent/c.pem\"\ntls_key_file = \"/nonexistent/k.pem\"\n");
         assert!(p.len() == 1 && p[0].starts_with("ingest.tls_cert_file:") && p[0].contains("/nonexistent/c.pem"), "{p:?}");
+        let p = problems("[database]\ntls_ca_file = \"/nonexistent/ca.pem\"\n");
+        assert!(p.len() == 1 && p[0].starts_with("database.tls_ca_file:") && p[0].contains("/nonexistent/ca.pem"), "{p:?}");
     }
 
     #[test]

@@ -125,7 +125,7 @@ async fn shutdown_answers_every_event_in_flight_and_flushes_the_journal() {
 async fn a_database_that_goes_away_gets_unavailable_never_an_ack_and_the_daemon_recovers() {
     // A server of its own: this test stops it.
     let dir = TempDir::new("pgdown");
-    let opts = botflow::store::embedded::EmbeddedOptions { fast_unsafe: true };
+    let opts = botflow::store::embedded::EmbeddedOptions { fast_unsafe: true, ..Default::default() };
     let mut pg = botflow::store::embedded::EmbeddedPostgres::start(dir.path(), &opts).unwrap();
     pg.ensure_database("botflow").await.unwrap();
     let daemon = TestDaemon::start_with(DaemonOptions {
@@ -180,7 +180,7 @@ async fn a_database_that_goes_away_gets_unavailable_never_an_ack_and_the_daemon_
 #[actix_rt::test]
 async fn two_instances_migrating_at_once_apply_each_migration_once() {
     let pg = fresh_database().await;
-    let store = |pg: &tokio_postgres::Config| botflow::store::Store::new(pg.clone(), 2, Duration::from_secs(5)).unwrap();
+    let store = |pg: &tokio_postgres::Config| botflow::store::Store::new(pg.clone(), 2, Duration::from_secs(5), None).unwrap();
     let (a, b) = (store(&pg), store(&pg));
     let (ra, rb) = tokio::join!(botflow::store::migrate::migrate(&a), botflow::store::migrate::migrate(&b));
     let (ra, rb) = (ra.unwrap(), rb.unwrap());
@@ -193,7 +193,7 @@ async fn two_instances_migrating_at_once_apply_each_migration_once() {
 #[actix_rt::test]
 async fn upgrading_to_v6_counts_executions_created_before_the_rollups_existed() {
     let pg = fresh_database().await;
-    let store = botflow::store::Store::new(pg.clone(), 2, Duration::from_secs(5)).unwrap();
+    let store = botflow::store::Store::new(pg.clone(), 2, Duration::from_secs(5), None).unwrap();
     botflow::store::migrate::migrate_to(&store, Some(5)).await.unwrap();
     let t = tenant(&store, "acme", 1).await;
     let bot = t.chatbots[0];

@@ -534,7 +534,7 @@ async fn executions_past_the_memory_bound_wait_as_queued_rows_and_all_complete()
 #[actix_rt::test]
 async fn the_database_restarted_mid_run_and_the_daemon_recovers_by_itself() {
     let dir = TempDir::new("pgrestart");
-    let opts = botflow::store::embedded::EmbeddedOptions { fast_unsafe: true };
+    let opts = botflow::store::embedded::EmbeddedOptions { fast_unsafe: true, ..Default::default() };
     let mut pg = botflow::store::embedded::EmbeddedPostgres::start(dir.path(), &opts).unwrap();
     pg.ensure_database("botflow").await.unwrap();
     let receiver = Receiver::start().await;
@@ -616,7 +616,7 @@ async fn a_burst_of_dead_executions_gets_one_notification_and_one_summary() {
 #[actix_rt::test]
 async fn executions_running_through_a_database_outage_longer_than_the_lease_finish_once_it_returns() {
     let dir = TempDir::new("pgoutage");
-    let opts = botflow::store::embedded::EmbeddedOptions { fast_unsafe: true };
+    let opts = botflow::store::embedded::EmbeddedOptions { fast_unsafe: true, ..Default::default() };
     let mut pg = botflow::store::embedded::EmbeddedPostgres::start(dir.path(), &opts).unwrap();
     pg.ensure_database("botflow").await.unwrap();
     let receiver = Receiver::start().await;

@@ -292,7 +292,7 @@ async fn a_real_prometheus_evaluates_every_dashboard_query_and_alert_rule() {
 #[actix_rt::test]
 async fn watched_chatbots_get_series_of_their_own_and_nobody_else_does() {
     let pg = fresh_database().await;
-    let store = botflow::store::Store::new(pg.clone(), 2, Duration::from_secs(5)).unwrap();
+    let store = botflow::store::Store::new(pg.clone(), 2, Duration::from_secs(5), None).unwrap();
     botflow::store::migrate::migrate(&store).await.unwrap();
     let t = tenant(&store, "acme", 2).await;
     let (watched, other) = (t.chatbots[0], t.chatbots[1]);

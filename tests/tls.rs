@@ -190,3 +190,100 @@ async fn a_renewed_certificate_is_served_without_a_restart_and_a_broken_one_is_n
     // A connection made before the renewal goes on.
     acked(&mut before, "e3", bot).await;
 }
+
+/// A free TCP port on the loopback address (for a server started next).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A private PostgreSQL on 127.0.0.1:`port` that speaks TLS with `c`'s certificate and
+/// lets connections from 127.0.0.1 in with or without it.
+fn postgres_with_tls(dir: &Path, port: u16, c: &Certs) -> botflow::store::embedded::EmbeddedPostgres {
+    use botflow::store::embedded::{EmbeddedOptions, EmbeddedPostgres};
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let opts = EmbeddedOptions { fast_unsafe: true, port: Some(port), ..Default::default() };
+    // The first start creates the cluster; the server's files go in beside its data.
+    EmbeddedPostgres::start(dir, &opts).unwrap().stop().unwrap();
+    let pgdata = dir.join("postgres").join("data");
+    let owner = std::fs::metadata(&pgdata).unwrap();
+    for (from, to) in [(&c.cert, "server.crt"), (&c.key, "server.key")] {
+        let to = pgdata.join(to);
+        std::fs::copy(from, &to).unwrap();
+        std::os::unix::fs::chown(&to, Some(owner.uid()), Some(owner.gid())).unwrap();
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let hba = pgdata.join("pg_hba.conf");
+    let rest = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(&hba, format!("hostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 trust\n{rest}")).unwrap();
+    let settings = [("listen_addresses", "127.0.0.1"), ("ssl", "on")];
+    let opts = EmbeddedOptions { settings: settings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(), ..opts };
+    EmbeddedPostgres::start(dir, &opts).unwrap()
+}
+
+#[actix_rt::test]
+async fn the_daemon_reaches_postgresql_over_tls_and_checks_its_certificate() {
+    use tokio_postgres::config::SslMode;
+    let dir = TempDir::new("pg-tls");
+    let cert_dir = dir.path().join("certs");
+    std::fs::create_dir_all(&cert_dir).unwrap();
+    let c = certs(&cert_dir);
+    let port = free_port();
+    let server_dir = dir.path().join("server");
+    let _server = {
+        let (server_dir, c) = (server_dir.clone(), Certs { ca: c.ca.clone(), cert: c.cert.clone(), key: c.key.clone() });
+        tokio::task::spawn_blocking(move || postgres_with_tls(&server_dir, port, &c)).await.unwrap()
+    };
+    let over_tcp = |dbname: &str, mode: SslMode| {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host("127.0.0.1").port(port).user("botflow").dbname(dbname).ssl_mode(mode);
+        cfg
+    };
+    let store = |cfg: tokio_postgres::Config, ca: Option<&Path>| botflow::store::Store::new(cfg, 2, std::time::Duration::from_secs(5), ca).unwrap();
+    let uses_tls = |s: botflow::store::Store| async move {
+        let client = s.pool().get().await.map_err(|e| e.to_string())?;
+        let row = client.query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).await.map_err(|e| e.to_string())?;
+        Ok::<bool, String>(row.get(0))
+    };
+
+    // sslmode=require with the server's CA: TLS.
+    assert_eq!(uses_tls(store(over_tcp("postgres", SslMode::Require), Some(&c.ca))).await, Ok(true));
+    // The default (prefer) without a CA file stays plain, as before TLS was supported.
+    assert_eq!(uses_tls(store(over_tcp("postgres", SslMode::Prefer), None)).await, Ok(false));
+    // With a CA file, prefer uses TLS.
+    assert_eq!(uses_tls(store(over_tcp("postgres", SslMode::Prefer), Some(&c.ca))).await, Ok(true));
+    // A certificate the CA file (or the public roots) does not vouch for is refused.
+    let other = dir.path().join("other-ca.pem");
+    std::fs::write(&other, ca("someone else").0.pem()).unwrap();
+    for ca_file in [Some(other.as_path()), None] {
+        let e = uses_tls(store(over_tcp("postgres", SslMode::Require), ca_file)).await.unwrap_err();
+        assert!(e.to_lowercase().contains("certificate") || e.to_lowercase().contains("tls"), "{ca_file:?}: {e}");
+    }
+
+    // The daemon itself, every one of its connections over TLS.
+    let admin = store(over_tcp("postgres", SslMode::Require), Some(&c.ca));
+    admin.pool().get().await.unwrap().batch_execute("CREATE DATABASE botflow_tls").await.unwrap();
+    let ca_file = c.ca.to_string_lossy().into_owned();
+    let d = TestDaemon::start_with(DaemonOptions {
+        pg: Some(over_tcp("botflow_tls", SslMode::Require)),
+        tweak: Box::new(move |cfg| cfg.database.tls_ca_file = ca_file),
+    })
+    .await;
+    let t = tenant(&d.store, "acme", 1).await;
+    apply(&d.store, t.chatbots[0], workflow()).await;
+    let mut client = Client::tcp(d.tcp()).await.hello(&t.key, &[]).await;
+    acked(&mut client, "e1", t.chatbots[0]).await;
+    let check = admin.pool().get().await.unwrap();
+    let (tls, plain): (i64, i64) = {
+        let r = check
+            .query_one(
+                "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl)
+                 FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) WHERE a.datname = 'botflow_tls'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert!(tls >= 2, "the daemon's pool, journal and listener connections: {tls}");
+    assert_eq!(plain, 0, "no connection of the daemon is in plain text");
+}

@@ -43,7 +43,7 @@ impl Database {
 
     /// A pool for a one-shot command, with the schema migrated.
     pub async fn store(&self, config: &Config) -> anyhow::Result<Store> {
-        let store = Store::new(self.pg.clone(), 2, Duration::from_millis(config.database.connect_timeout_ms))?;
+        let store = Store::new(self.pg.clone(), 2, Duration::from_millis(config.database.connect_timeout_ms), config.database_ca_file())?;
         store.wait_until_reachable(Duration::from_secs(10)).await.context("the database is not reachable")?;
         migrate::migrate(&store).await.context("cannot migrate the database")?;
         Ok(store)

@@ -47,7 +47,7 @@ pub fn migrate(config: Config) -> anyhow::Result<()> {
     let db = Database::open_shared(&config)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
-        let store = crate::store::Store::new(db.pg.clone(), 1, std::time::Duration::from_millis(config.database.connect_timeout_ms))?;
+        let store = crate::store::Store::new(db.pg.clone(), 1, std::time::Duration::from_millis(config.database.connect_timeout_ms), config.database_ca_file())?;
         store.wait_until_reachable(std::time::Duration::from_secs(10)).await.context("the database is not reachable")?;
         let report = crate::store::migrate::migrate(&store).await?;
         if report.applied.is_empty() {

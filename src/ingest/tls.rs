@@ -137,6 +137,12 @@ impl ResolvesServerCert for ReloadingCert {
 
 /// The client side: trusts the certificates of `ca_file`, or the public web roots.
 pub fn connector(ca_file: Option<&Path>) -> Result<tokio_rustls::TlsConnector, TlsError> {
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(client_config(ca_file)?)))
+}
+
+/// A client configuration trusting the certificates of `ca_file`, or the public web
+/// roots (for `botflow send --tls` and for PostgreSQL).
+pub fn client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     match ca_file {
         Some(path) => {
@@ -151,7 +157,7 @@ pub fn connector(ca_file: Option<&Path>) -> Result<tokio_rustls::TlsConnector, T
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+    Ok(config)
 }
 
 /// The first byte of every TLS handshake (a handshake record).

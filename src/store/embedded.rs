@@ -52,6 +52,11 @@ pub struct EmbeddedOptions {
     /// For tests: fsync, synchronous_commit and full_page_writes off, and initdb
     /// without syncing. Data may be lost on a machine crash; never for a daemon.
     pub fast_unsafe: bool,
+    /// The port, which names the socket file; `None`: `PORT`.
+    pub port: Option<u16>,
+    /// Further server settings (`-c name=value`, after botflow's own, so they win):
+    /// for tests that need the server on TCP, or with TLS.
+    pub settings: Vec<(String, String)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -341,6 +346,7 @@ fn is_root() -> bool {
 pub struct EmbeddedPostgres {
     pgdata: PathBuf,
     socket_dir: PathBuf,
+    port: u16,
     log_path: PathBuf,
     server: Option<Supervised>,
 }
@@ -403,7 +409,8 @@ impl EmbeddedPostgres {
         let pgdata = base.join("data");
         let socket_dir = base.join("run");
         let log_path = base.join("postgres.log");
-        let socket_len = socket_dir.as_os_str().len() + format!("/.s.PGSQL.{PORT}").len();
+        let port = opts.port.unwrap_or(PORT);
+        let socket_len = socket_dir.as_os_str().len() + format!("/.s.PGSQL.{port}").len();
         if socket_len > MAX_SOCKET_PATH {
             return Err(EmbeddedError::SocketPathTooLong {
                 path: socket_dir,
@@ -440,13 +447,16 @@ impl EmbeddedPostgres {
         };
         set("listen_addresses", OsStr::new(""));
         set("unix_socket_directories", socket_dir.as_os_str());
-        set("port", OsStr::new(&PORT.to_string()));
+        set("port", OsStr::new(&port.to_string()));
         set("max_connections", OsStr::new("200"));
         set("shared_buffers", OsStr::new("128MB"));
         if opts.fast_unsafe {
             set("fsync", OsStr::new("off"));
             set("synchronous_commit", OsStr::new("off"));
             set("full_page_writes", OsStr::new("off"));
+        }
+        for (name, value) in &opts.settings {
+            set(name, OsStr::new(value));
         }
         let spec = ServerSpec {
             program: binaries.postgres.clone(),
@@ -463,6 +473,7 @@ impl EmbeddedPostgres {
         let mut pg = EmbeddedPostgres {
             pgdata,
             socket_dir,
+            port,
             log_path,
             server: Some(server),
         };
@@ -539,7 +550,7 @@ impl EmbeddedPostgres {
         let mut config = tokio_postgres::Config::new();
         config
             .host_path(&self.socket_dir)
-            .port(PORT)
+            .port(self.port)
             .user(USER)
             .dbname(dbname);
         config
@@ -550,8 +561,9 @@ impl EmbeddedPostgres {
         // Always quoted, so data_dir paths with spaces survive.
         let quote = |v: &str| format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"));
         format!(
-            "host={} port={PORT} user={USER} dbname={}",
+            "host={} port={} user={USER} dbname={}",
             quote(&self.socket_dir.to_string_lossy()),
+            self.port,
             quote(dbname)
         )
     }
@@ -1082,7 +1094,7 @@ mod tests {
     }
 
     fn fast() -> EmbeddedOptions {
-        EmbeddedOptions { fast_unsafe: true }
+        EmbeddedOptions { fast_unsafe: true, ..Default::default() }
     }
 
     fn runtime() -> tokio::runtime::Runtime {
@@ -1207,6 +1219,7 @@ mod tests {
         let pg = EmbeddedPostgres {
             pgdata: PathBuf::from("/x/postgres/data"),
             socket_dir: PathBuf::from("/my data/it's/postgres/run"),
+            port: PORT,
             log_path: PathBuf::from("/x/postgres/postgres.log"),
             server: None,
         };

@@ -70,7 +70,7 @@ pub async fn run(store: Store, tx: mpsc::UnboundedSender<Change>, cancel: Cancel
         if cancel.is_cancelled() {
             return;
         }
-        match store.pg_config().connect(tokio_postgres::NoTls).await {
+        match store.connect().await {
             Ok((client, mut connection)) => {
                 let (ntx, mut nrx) = mpsc::unbounded_channel();
                 // The connection must be polled for the client to work at all; this

@@ -19,7 +19,10 @@ pub mod workflows;
 pub use error::{StoreError, StoreResult};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use std::path::Path;
 use std::time::Duration;
+use tokio_postgres::config::SslMode;
+use tokio_postgres::tls::MakeTlsConnect;
 
 /// The shared pool plus the configuration to open dedicated connections (journal
 /// lanes, LISTEN) that must not be returned to a pool.
@@ -27,20 +30,56 @@ use std::time::Duration;
 pub struct Store {
     pool: Pool,
     pg_config: tokio_postgres::Config,
+    tls: DbTls,
+}
+
+/// TLS to PostgreSQL (rustls), as `sslmode` in the connection string asks: `require`
+/// always, `prefer` (the default) only when a CA file is configured, `disable` never.
+/// The server's certificate is always checked, against the CA file or the public web
+/// roots, and its name against the host connected to (libpq's `verify-full`).
+#[derive(Clone)]
+pub struct DbTls(tokio_postgres_rustls::MakeRustlsConnect);
+
+impl DbTls {
+    pub fn new(ca_file: Option<&Path>) -> StoreResult<DbTls> {
+        let config = crate::ingest::tls::client_config(ca_file).map_err(|e| StoreError::Connect(e.to_string()))?;
+        Ok(DbTls(tokio_postgres_rustls::MakeRustlsConnect::new(config)))
+    }
+}
+
+impl MakeTlsConnect<tokio_postgres::Socket> for DbTls {
+    type Stream = <tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<tokio_postgres::Socket>>::Stream;
+    type TlsConnect = <tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<tokio_postgres::Socket>>::TlsConnect;
+    type Error = <tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<tokio_postgres::Socket>>::Error;
+
+    fn make_tls_connect(&mut self, hostname: &str) -> Result<Self::TlsConnect, Self::Error> {
+        // A Unix socket has no host name (and PostgreSQL never offers TLS on one); the
+        // name is only used if the server agrees to TLS.
+        MakeTlsConnect::<tokio_postgres::Socket>::make_tls_connect(&mut self.0, if hostname.is_empty() { "localhost" } else { hostname })
+    }
 }
 
 impl Store {
-    /// Builds the pool. No connection is opened until one is needed.
-    pub fn new(mut pg_config: tokio_postgres::Config, pool_size: usize, connect_timeout: Duration) -> StoreResult<Store> {
+    /// Builds the pool. No connection is opened until one is needed. `ca_file`: see
+    /// `DbTls`.
+    pub fn new(
+        mut pg_config: tokio_postgres::Config,
+        pool_size: usize,
+        connect_timeout: Duration,
+        ca_file: Option<&Path>,
+    ) -> StoreResult<Store> {
         pg_config.connect_timeout(connect_timeout);
         if pg_config.get_application_name().is_none() {
             pg_config.application_name("botflow");
         }
-        let manager = Manager::from_config(
-            pg_config.clone(),
-            tokio_postgres::NoTls,
-            ManagerConfig { recycling_method: RecyclingMethod::Fast },
-        );
+        // Without a CA file, `prefer` stays plain text, as before TLS was supported: a
+        // server with a self-signed certificate would otherwise stop being reachable.
+        if ca_file.is_none() && pg_config.get_ssl_mode() == SslMode::Prefer {
+            pg_config.ssl_mode(SslMode::Disable);
+        }
+        let tls = DbTls::new(ca_file)?;
+        let manager =
+            Manager::from_config(pg_config.clone(), tls.clone(), ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(pool_size)
             .runtime(Runtime::Tokio1)
@@ -49,7 +88,7 @@ impl Store {
             .recycle_timeout(Some(connect_timeout))
             .build()
             .map_err(|e| StoreError::Connect(e.to_string()))?;
-        Ok(Store { pool, pg_config })
+        Ok(Store { pool, pg_config, tls })
     }
 
     pub fn pool(&self) -> &Pool {
@@ -60,14 +99,21 @@ impl Store {
         &self.pg_config
     }
 
+    /// Opens a connection of its own with this store's settings and TLS; the caller
+    /// drives the returned connection.
+    pub async fn connect(
+        &self,
+    ) -> Result<
+        (tokio_postgres::Client, tokio_postgres::Connection<tokio_postgres::Socket, <DbTls as MakeTlsConnect<tokio_postgres::Socket>>::Stream>),
+        tokio_postgres::Error,
+    > {
+        self.pg_config.connect(self.tls.clone()).await
+    }
+
     /// A connection of its own (not pooled). The connection task runs on the calling
     /// thread's runtime, so open it where it will be used.
     pub async fn dedicated(&self) -> StoreResult<tokio_postgres::Client> {
-        let (client, connection) = self
-            .pg_config
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(|e| StoreError::Connect(e.to_string()))?;
+        let (client, connection) = self.connect().await.map_err(|e| StoreError::Connect(e.to_string()))?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "dedicated database connection closed");

@@ -81,7 +81,7 @@ fn server() -> &'static Server {
             std::fs::create_dir_all(&dir).unwrap();
             let owner = std::fs::File::create(dir.join(OWNER_LOCK)).unwrap();
             assert_eq!(flock(&owner, libc::LOCK_EX), 0, "lock {}", dir.display());
-            let pg = EmbeddedPostgres::start(&dir, &EmbeddedOptions { fast_unsafe: true })
+            let pg = EmbeddedPostgres::start(&dir, &EmbeddedOptions { fast_unsafe: true, ..Default::default() })
                 .expect("start the embedded PostgreSQL for tests");
             let admin = pg.config("postgres");
             // SAFETY: registers a plain `extern "C"` function; it runs once, at exit.
