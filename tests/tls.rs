@@ -1,6 +1,6 @@
-//! TLS on the ingest TCP listener: the protocol over TLS, clients that do not speak
+//! TLS: on the ingest TCP listener (the protocol over TLS, clients that do not speak
 //! TLS or do not trust the certificate, silent clients, renewed certificates, and
-//! `botflow send --tls`.
+//! `botflow send --tls`), and to an external PostgreSQL that requires it.
 
 mod common;
 
