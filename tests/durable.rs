@@ -291,16 +291,23 @@ async fn a_client_subscribing_before_the_commands_row_commits_still_gets_it() {
     assert_eq!(status, "acked");
 }
 
-#[actix_rt::test]
-async fn a_command_reaches_a_client_of_another_daemon_and_its_ack_comes_back() {
-    // The ack timeout is longer than any wait below: success means the ack got back.
+/// Two daemons, A and B, on one database; a reply workflow (`hi <event id>`) on the
+/// tenant's chatbot, and a client of A subscribed to it. The ack timeout is longer
+/// than any wait of a test: a step that goes on was acked, not timed out.
+async fn two_daemons() -> (TestDaemon, TestDaemon, Tenant, Client, tokio_postgres::Client) {
     let slow_timeout = |c: &mut botflow::config::Config| c.outbox.ack_timeout_ms = 120_000;
-    let (a, t, mut sender, db) = setup(
+    let (a, t, sender, db) = setup(
         slow_timeout,
         json!({"name": "r", "trigger": {"event": "x.go"}, "steps": [{"id": "say", "action": "reply", "text": "hi {{event.id}}"}]}),
     )
     .await;
     let b = TestDaemon::start_with(DaemonOptions { pg: Some(a.pg.clone()), tweak: Box::new(slow_timeout) }).await;
+    (a, b, t, sender, db)
+}
+
+#[actix_rt::test]
+async fn a_command_reaches_a_client_of_another_daemon_and_its_ack_comes_back() {
+    let (_a, b, t, mut sender, db) = two_daemons().await;
     let bot = t.chatbots[0];
     // The chat service's connection is to daemon B; the event goes in through A.
     let mut chat = Client::unix(&b.unix()).await.hello(&t.key, &[bot]).await;
@@ -323,13 +330,7 @@ async fn a_command_reaches_a_client_of_another_daemon_and_its_ack_comes_back() {
 
 #[actix_rt::test]
 async fn a_burst_of_commands_reaches_a_client_of_another_daemon_whole() {
-    let slow_timeout = |c: &mut botflow::config::Config| c.outbox.ack_timeout_ms = 120_000;
-    let (a, t, mut sender, db) = setup(
-        slow_timeout,
-        json!({"name": "r", "trigger": {"event": "x.go"}, "steps": [{"id": "say", "action": "reply", "text": "hi {{event.id}}"}]}),
-    )
-    .await;
-    let b = TestDaemon::start_with(DaemonOptions { pg: Some(a.pg.clone()), tweak: Box::new(slow_timeout) }).await;
+    let (_a, b, t, mut sender, db) = two_daemons().await;
     let bot = t.chatbots[0];
     let mut chat = Client::tcp(b.tcp()).await.hello(&t.key, &[bot]).await;
     const N: usize = 40;
@@ -353,11 +354,7 @@ async fn a_burst_of_commands_reaches_a_client_of_another_daemon_whole() {
 
 #[actix_rt::test]
 async fn an_ack_through_another_daemon_before_the_commands_row_commits_reaches_the_step_for_its_account_only() {
-    // The ack timeout is longer than any wait below: success means the ack got through.
-    let slow_timeout = |c: &mut botflow::config::Config| c.outbox.ack_timeout_ms = 120_000;
-    let workflow = json!({"name": "r", "trigger": {"event": "x.go"}, "steps": [{"id": "say", "action": "reply", "text": "hi"}]});
-    let (a, t, mut chat_a, db) = setup(slow_timeout, workflow).await;
-    let b = TestDaemon::start_with(DaemonOptions { pg: Some(a.pg.clone()), tweak: Box::new(slow_timeout) }).await;
+    let (a, b, t, mut chat_a, db) = two_daemons().await;
     let other = tenant(&a.store, "other", 1).await;
     let bot = t.chatbots[0];
     let mut chat_b = Client::tcp(b.tcp()).await.hello(&t.key, &[]).await;
