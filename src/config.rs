@@ -423,8 +423,11 @@ impl Config {
         if self.database.pool_size == 0 || self.database.pool_size > 1000 {
             bad("database.pool_size", format!("must be within 1..1000, got {}", self.database.pool_size));
         }
-        if !self.database.url.is_empty() && self.database.url.parse::<tokio_postgres::Config>().is_err() {
-            bad("database.url", "is not a PostgreSQL connection string (postgres://user@host/db or key=value pairs)".into());
+        if let Some(Err(e)) = (!self.database.url.is_empty()).then(|| self.database.url.parse::<tokio_postgres::Config>()) {
+            bad(
+                "database.url",
+                format!("is not a PostgreSQL connection string (postgres://user@host/db or key=value pairs): {e}"),
+            );
         }
         if self.ingest.unix_socket.is_empty() && self.ingest.tcp.is_empty() {
             bad("ingest", "at least one of ingest.unix_socket and ingest.tcp must be set".into());
@@ -458,7 +461,7 @@ impl Config {
             bad("ingest.workers", "must be at most 256 (0 means one per core)".into());
         }
         if !self.database.tls_ca_file.is_empty() {
-            if let Err(e) = crate::ingest::tls::read_certs(Path::new(&self.database.tls_ca_file)) {
+            if let Err(e) = crate::ingest::tls::client_config(Some(Path::new(&self.database.tls_ca_file))) {
                 bad("database.tls_ca_file", e.to_string());
             }
         }
@@ -547,12 +550,12 @@ impl Config {
         }
     }
 
-    /// The certificate and key files of the TCP listener, when TLS is on.
     /// The CA file for TLS to a configured PostgreSQL, if set.
     pub fn database_ca_file(&self) -> Option<&Path> {
         (!self.database.tls_ca_file.is_empty()).then(|| Path::new(&self.database.tls_ca_file))
     }
 
+    /// The certificate and key files of the TCP listener, when TLS is on.
     pub fn ingest_tls_files(&self) -> Option<(PathBuf, PathBuf)> {
         (!self.ingest.tls_cert_file.is_empty())
             .then(|| (PathBuf::from(&self.ingest.tls_cert_file), PathBuf::from(&self.ingest.tls_key_file)))

@@ -179,12 +179,14 @@ async fn a_renewed_certificate_is_served_without_a_restart_and_a_broken_one_is_n
         metric(&d.metrics().await, "botflow_tls_cert_reloads_total{outcome=\"failed\"}") >= 1.0
     })
     .await;
+    assert_eq!(metric(&d.metrics().await, "botflow_tls_cert_reload_failing"), 1.0);
 
     // The key follows: the new certificate is served.
     std::fs::copy(&renewal.key, &c.key).unwrap();
     eventually("the renewed certificate is served", || async { Client::try_tls(d.tcp(), &renewal.ca).await.is_ok() }).await;
     assert!(Client::try_tls(d.tcp(), &c.ca).await.is_err(), "the old certificate is no longer served");
     assert!(metric(&d.metrics().await, "botflow_tls_cert_reloads_total{outcome=\"loaded\"}") >= 1.0);
+    assert_eq!(metric(&d.metrics().await, "botflow_tls_cert_reload_failing"), 0.0);
     let mut after = Client::tls(d.tcp(), &renewal.ca).await.hello(&t.key, &[]).await;
     acked(&mut after, "e2", bot).await;
     // A connection made before the renewal goes on.
@@ -196,14 +198,28 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// A private PostgreSQL on 127.0.0.1:`port` that speaks TLS with `c`'s certificate and
-/// lets connections from 127.0.0.1 in with or without it.
+/// The password of the `botflow` role for connections over TCP.
+const PASSWORD: &str = "tls-test-secret";
+
+/// A private PostgreSQL on 127.0.0.1:`port` that speaks TLS with `c`'s certificate:
+/// with TLS a password is asked (SCRAM, so channel binding can be required), without
+/// TLS none (so a connection left in plain text is seen, not refused).
 fn postgres_with_tls(dir: &Path, port: u16, c: &Certs) -> botflow::store::embedded::EmbeddedPostgres {
     use botflow::store::embedded::{EmbeddedOptions, EmbeddedPostgres};
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let opts = EmbeddedOptions { fast_unsafe: true, port: Some(port), ..Default::default() };
-    // The first start creates the cluster; the server's files go in beside its data.
-    EmbeddedPostgres::start(dir, &opts).unwrap().stop().unwrap();
+    // The first start creates the cluster and sets the password; the server's files
+    // go in beside its data.
+    let mut first = EmbeddedPostgres::start(dir, &opts).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let (client, conn) = first.config("postgres").connect(tokio_postgres::NoTls).await.unwrap();
+        let task = tokio::spawn(conn);
+        client.batch_execute(&format!("ALTER ROLE botflow PASSWORD '{PASSWORD}'")).await.unwrap();
+        drop(client);
+        let _ = task.await;
+    });
+    first.stop().unwrap();
     let pgdata = dir.join("postgres").join("data");
     let owner = std::fs::metadata(&pgdata).unwrap();
     for (from, to) in [(&c.cert, "server.crt"), (&c.key, "server.key")] {
@@ -214,15 +230,16 @@ fn postgres_with_tls(dir: &Path, port: u16, c: &Certs) -> botflow::store::embedd
     }
     let hba = pgdata.join("pg_hba.conf");
     let rest = std::fs::read_to_string(&hba).unwrap();
-    std::fs::write(&hba, format!("hostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 trust\n{rest}")).unwrap();
-    let settings = [("listen_addresses", "127.0.0.1"), ("ssl", "on")];
+    let ours = "hostssl all all 127.0.0.1/32 scram-sha-256\nhostnossl all all 127.0.0.1/32 trust\n";
+    std::fs::write(&hba, format!("{ours}{rest}")).unwrap();
+    let settings = [("listen_addresses", "127.0.0.1"), ("ssl", "on"), ("password_encryption", "scram-sha-256")];
     let opts = EmbeddedOptions { settings: settings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(), ..opts };
     EmbeddedPostgres::start(dir, &opts).unwrap()
 }
 
 #[actix_rt::test]
 async fn the_daemon_reaches_postgresql_over_tls_and_checks_its_certificate() {
-    use tokio_postgres::config::SslMode;
+    use tokio_postgres::config::{ChannelBinding, SslMode};
     let dir = TempDir::new("pg-tls");
     let cert_dir = dir.path().join("certs");
     std::fs::create_dir_all(&cert_dir).unwrap();
@@ -235,36 +252,41 @@ async fn the_daemon_reaches_postgresql_over_tls_and_checks_its_certificate() {
     };
     let over_tcp = |dbname: &str, mode: SslMode| {
         let mut cfg = tokio_postgres::Config::new();
-        cfg.host("127.0.0.1").port(port).user("botflow").dbname(dbname).ssl_mode(mode);
+        cfg.host("127.0.0.1").port(port).user("botflow").password(PASSWORD).dbname(dbname).ssl_mode(mode);
+        cfg.channel_binding(ChannelBinding::Require);
         cfg
     };
     let store = |cfg: tokio_postgres::Config, ca: Option<&Path>| botflow::store::Store::new(cfg, 2, std::time::Duration::from_secs(5), ca).unwrap();
     let uses_tls = |s: botflow::store::Store| async move {
-        let client = s.pool().get().await.map_err(|e| e.to_string())?;
-        let row = client.query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).await.map_err(|e| e.to_string())?;
+        let client = s.pool().get().await.map_err(|e| botflow::store::error::chain(&e))?;
+        let row = client.query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).await.unwrap();
         Ok::<bool, String>(row.get(0))
     };
 
-    // sslmode=require with the server's CA: TLS.
+    // sslmode=require with the server's CA: TLS, and a SCRAM login bound to the channel.
     assert_eq!(uses_tls(store(over_tcp("postgres", SslMode::Require), Some(&c.ca))).await, Ok(true));
     // The default (prefer) without a CA file stays plain, as before TLS was supported.
-    assert_eq!(uses_tls(store(over_tcp("postgres", SslMode::Prefer), None)).await, Ok(false));
+    let mut plain = over_tcp("postgres", SslMode::Prefer);
+    plain.channel_binding(ChannelBinding::Disable);
+    assert_eq!(uses_tls(store(plain, None)).await, Ok(false));
     // With a CA file, prefer uses TLS.
     assert_eq!(uses_tls(store(over_tcp("postgres", SslMode::Prefer), Some(&c.ca))).await, Ok(true));
-    // A certificate the CA file (or the public roots) does not vouch for is refused.
+    // A certificate the CA file (or the public roots) does not vouch for is refused,
+    // and the error says why.
     let other = dir.path().join("other-ca.pem");
     std::fs::write(&other, ca("someone else").0.pem()).unwrap();
     for ca_file in [Some(other.as_path()), None] {
         let e = uses_tls(store(over_tcp("postgres", SslMode::Require), ca_file)).await.unwrap_err();
-        assert!(e.to_lowercase().contains("certificate") || e.to_lowercase().contains("tls"), "{ca_file:?}: {e}");
+        assert!(e.contains("UnknownIssuer"), "{ca_file:?}: {e}");
     }
 
-    // The daemon itself, every one of its connections over TLS.
+    // The daemon itself, with the default sslmode and a CA file: every one of its
+    // connections over TLS (one left without would log in plain text).
     let admin = store(over_tcp("postgres", SslMode::Require), Some(&c.ca));
     admin.pool().get().await.unwrap().batch_execute("CREATE DATABASE botflow_tls").await.unwrap();
     let ca_file = c.ca.to_string_lossy().into_owned();
     let d = TestDaemon::start_with(DaemonOptions {
-        pg: Some(over_tcp("botflow_tls", SslMode::Require)),
+        pg: Some(over_tcp("botflow_tls", SslMode::Prefer)),
         tweak: Box::new(move |cfg| cfg.database.tls_ca_file = ca_file),
     })
     .await;
@@ -273,17 +295,21 @@ async fn the_daemon_reaches_postgresql_over_tls_and_checks_its_certificate() {
     let mut client = Client::tcp(d.tcp()).await.hello(&t.key, &[]).await;
     acked(&mut client, "e1", t.chatbots[0]).await;
     let check = admin.pool().get().await.unwrap();
-    let (tls, plain): (i64, i64) = {
-        let r = check
-            .query_one(
-                "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl)
-                 FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) WHERE a.datname = 'botflow_tls'",
+    let connections = || async {
+        check
+            .query(
+                "SELECT a.query, s.ssl FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+                 WHERE a.datname = 'botflow_tls' AND a.pid <> pg_backend_pid()",
                 &[],
             )
             .await
-            .unwrap();
-        (r.get(0), r.get(1))
+            .unwrap()
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, bool>(1)))
+            .collect::<Vec<_>>()
     };
-    assert!(tls >= 2, "the daemon's pool, journal and listener connections: {tls}");
-    assert_eq!(plain, 0, "no connection of the daemon is in plain text");
+    eventually("the change listener is connected", || async { connections().await.iter().any(|(q, _)| q.starts_with("LISTEN")) }).await;
+    let all = connections().await;
+    assert!(all.len() >= 3, "the pool, a journal lane and the listener: {all:?}");
+    assert!(all.iter().all(|(_, ssl)| *ssl), "a connection of the daemon is in plain text: {all:?}");
 }

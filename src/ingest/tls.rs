@@ -6,21 +6,22 @@
 //! required, instead of a handshake failure it cannot read. Handshakes are bounded by
 //! the handshake timeout, so a silent client holds nothing for long.
 //!
-//! A renewed certificate is picked up without a restart: at most every
-//! `CERT_RECHECK`, a handshake looks at the files' modification times and reloads
-//! them when they changed. A pair that does not load (a renewal half written, a key
-//! that does not match) is logged, and the previous certificate is kept.
+//! A renewed certificate is picked up without a restart: every `CERT_RECHECK` a
+//! thread of the listener looks at the files and reloads them when they changed. A
+//! pair that does not load (a renewal half written, a key that does not match) is
+//! logged once, the previous certificate is kept, and the load is tried again at each
+//! look until it works. Handshakes only read the current certificate.
 
 use crate::telemetry::metrics as m;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
 use tokio_rustls::rustls::sign::CertifiedKey;
 use tokio_rustls::rustls::{self, pki_types, pki_types::pem::PemObject};
 
-/// How often a handshake may look whether the certificate files changed.
+/// How often the listener looks whether the certificate files changed.
 const CERT_RECHECK: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +58,7 @@ pub fn acceptor(cert_file: &Path, key_file: &Path) -> Result<tokio_rustls::TlsAc
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(resolver));
+        .with_cert_resolver(resolver);
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -69,69 +70,74 @@ fn certified_key(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey, TlsE
     CertifiedKey::from_der(certs, key, &provider()).map_err(|e| TlsError::Config(e.to_string()))
 }
 
-/// The modification times of the two files (`None` if either cannot be read).
-fn stamps(cert_file: &Path, key_file: &Path) -> Option<(SystemTime, SystemTime)> {
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    Some((modified(cert_file)?, modified(key_file)?))
+/// What tells a file changed: replaced (inode), rewritten (size, modification time).
+/// `metadata` follows symlinks, so a swapped link target counts too.
+type Fingerprint = Option<[(u64, u64, SystemTime); 2]>;
+
+fn fingerprint(cert_file: &Path, key_file: &Path) -> Fingerprint {
+    use std::os::unix::fs::MetadataExt;
+    let one = |p: &Path| std::fs::metadata(p).ok().and_then(|m| Some((m.ino(), m.len(), m.modified().ok()?)));
+    Some([one(cert_file)?, one(key_file)?])
 }
 
-/// Serves the certificate of the configured files, reloading it when they change.
+/// Serves the certificate of the configured files, reloaded by a thread of its own.
 #[derive(Debug)]
 struct ReloadingCert {
-    cert_file: PathBuf,
-    key_file: PathBuf,
-    state: Mutex<CertState>,
-}
-
-#[derive(Debug)]
-struct CertState {
-    key: Arc<CertifiedKey>,
-    /// The files' modification times when last loaded (or last tried).
-    stamps: Option<(SystemTime, SystemTime)>,
-    checked: Instant,
+    current: std::sync::RwLock<Arc<CertifiedKey>>,
 }
 
 impl ReloadingCert {
-    fn load(cert_file: &Path, key_file: &Path) -> Result<ReloadingCert, TlsError> {
-        let stamps = stamps(cert_file, key_file);
-        let key = Arc::new(certified_key(cert_file, key_file)?);
-        Ok(ReloadingCert {
-            cert_file: cert_file.to_path_buf(),
-            key_file: key_file.to_path_buf(),
-            state: Mutex::new(CertState { key, stamps, checked: Instant::now() }),
-        })
-    }
-
-    /// The certificate to serve, reloaded first if the files changed since the last
-    /// look (which is at most every `CERT_RECHECK`).
-    fn current(&self) -> Arc<CertifiedKey> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if state.checked.elapsed() >= CERT_RECHECK {
-            state.checked = Instant::now();
-            let now = stamps(&self.cert_file, &self.key_file);
-            if now.is_some() && now != state.stamps {
-                // Tried once per change: a bad pair is not read again on every handshake.
-                state.stamps = now;
-                match certified_key(&self.cert_file, &self.key_file) {
+    fn load(cert_file: &Path, key_file: &Path) -> Result<Arc<ReloadingCert>, TlsError> {
+        let seen = fingerprint(cert_file, key_file);
+        let cert = Arc::new(ReloadingCert { current: std::sync::RwLock::new(Arc::new(certified_key(cert_file, key_file)?)) });
+        let watched = Arc::downgrade(&cert);
+        let (cert_file, key_file) = (cert_file.to_path_buf(), key_file.to_path_buf());
+        // A thread, not a task: file I/O (on a slow mount, say) must not hold up a
+        // worker, and `check-config` builds an acceptor with no runtime running.
+        let spawned = std::thread::Builder::new().name("tls-cert-reload".into()).spawn(move || {
+            let mut seen = seen;
+            let mut failing = false;
+            loop {
+                std::thread::sleep(CERT_RECHECK);
+                // Gone with the listener (or the acceptor `check-config` built).
+                let Some(cert) = watched.upgrade() else { return };
+                let now = fingerprint(&cert_file, &key_file);
+                if now.is_none() || (now == seen && !failing) {
+                    continue;
+                }
+                let changed = now != seen;
+                seen = now;
+                match certified_key(&cert_file, &key_file) {
                     Ok(key) => {
-                        state.key = Arc::new(key);
+                        *cert.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(key);
+                        failing = false;
+                        metrics::gauge!(m::TLS_CERT_FAILING).set(0.0);
                         metrics::counter!(m::TLS_CERT_RELOADS, "outcome" => "loaded").increment(1);
-                        tracing::info!(cert = %self.cert_file.display(), "loaded the renewed TLS certificate");
+                        tracing::info!(cert = %cert_file.display(), "loaded the renewed TLS certificate");
                     }
                     Err(error) => {
-                        metrics::counter!(m::TLS_CERT_RELOADS, "outcome" => "failed").increment(1);
-                        tracing::error!(%error, "the TLS certificate files changed but do not load; serving the previous certificate");
+                        failing = true;
+                        metrics::gauge!(m::TLS_CERT_FAILING).set(1.0);
+                        // Once per change; tried again at every look meanwhile (the
+                        // files may have been read while being written).
+                        if changed {
+                            metrics::counter!(m::TLS_CERT_RELOADS, "outcome" => "failed").increment(1);
+                            tracing::error!(%error, "the TLS certificate files changed but do not load; serving the previous certificate");
+                        }
                     }
                 }
             }
+        });
+        if let Err(error) = spawned {
+            tracing::error!(%error, "cannot start the thread that reloads renewed TLS certificates");
         }
-        state.key.clone()
+        Ok(cert)
     }
 }
 
 impl ResolvesServerCert for ReloadingCert {
     fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current())
+        Some(self.current.read().unwrap_or_else(|e| e.into_inner()).clone())
     }
 }
 

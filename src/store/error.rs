@@ -5,7 +5,7 @@ use tokio_postgres::error::SqlState;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("no database connection available: {0}")]
+    #[error("no database connection available: {}", chain(.0))]
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("database error: {}", describe_db(.0))]
     Db(#[from] tokio_postgres::Error),
@@ -65,6 +65,22 @@ pub fn is_transient_db(e: &tokio_postgres::Error) -> bool {
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// An error with its causes: tokio-postgres says only "error performing TLS handshake"
+/// and keeps the reason (an unknown issuer, a wrong name) in its source.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        let text = inner.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        source = inner.source();
+    }
+    s
+}
 
 /// The server's message when it refused a value itself (SQLSTATE class 22, data
 /// exception: a NUL in text, a number out of range): the caller's input is at fault,

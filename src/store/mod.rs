@@ -37,26 +37,13 @@ pub struct Store {
 /// always, `prefer` (the default) only when a CA file is configured, `disable` never.
 /// The server's certificate is always checked, against the CA file or the public web
 /// roots, and its name against the host connected to (libpq's `verify-full`).
-#[derive(Clone)]
-pub struct DbTls(tokio_postgres_rustls::MakeRustlsConnect);
+type DbTls = tokio_postgres_rustls::MakeRustlsConnect;
 
-impl DbTls {
-    pub fn new(ca_file: Option<&Path>) -> StoreResult<DbTls> {
-        let config = crate::ingest::tls::client_config(ca_file).map_err(|e| StoreError::Connect(e.to_string()))?;
-        Ok(DbTls(tokio_postgres_rustls::MakeRustlsConnect::new(config)))
-    }
-}
-
-impl MakeTlsConnect<tokio_postgres::Socket> for DbTls {
-    type Stream = <tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<tokio_postgres::Socket>>::Stream;
-    type TlsConnect = <tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<tokio_postgres::Socket>>::TlsConnect;
-    type Error = <tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<tokio_postgres::Socket>>::Error;
-
-    fn make_tls_connect(&mut self, hostname: &str) -> Result<Self::TlsConnect, Self::Error> {
-        // A Unix socket has no host name (and PostgreSQL never offers TLS on one); the
-        // name is only used if the server agrees to TLS.
-        MakeTlsConnect::<tokio_postgres::Socket>::make_tls_connect(&mut self.0, if hostname.is_empty() { "localhost" } else { hostname })
-    }
+fn db_tls(ca_file: Option<&Path>) -> StoreResult<DbTls> {
+    let mut config = crate::ingest::tls::client_config(ca_file).map_err(|e| StoreError::Connect(e.to_string()))?;
+    // What PostgreSQL 17 asks of a client that starts with TLS (sslnegotiation=direct).
+    config.alpn_protocols = vec![b"postgresql".to_vec()];
+    Ok(DbTls::new(config))
 }
 
 impl Store {
@@ -72,12 +59,22 @@ impl Store {
         if pg_config.get_application_name().is_none() {
             pg_config.application_name("botflow");
         }
+        // With only `hostaddr`, the certificate is checked against the address (its IP
+        // entry): tokio-postgres wants a host name for TLS.
+        if pg_config.get_hosts().is_empty() {
+            for addr in pg_config.get_hostaddrs().to_vec() {
+                pg_config.host(addr.to_string());
+            }
+        }
         // Without a CA file, `prefer` stays plain text, as before TLS was supported: a
         // server with a self-signed certificate would otherwise stop being reachable.
-        if ca_file.is_none() && pg_config.get_ssl_mode() == SslMode::Prefer {
+        // PostgreSQL has no TLS on Unix sockets, where libpq ignores sslmode.
+        let hosts = pg_config.get_hosts();
+        let only_sockets = !hosts.is_empty() && hosts.iter().all(|h| !matches!(h, tokio_postgres::config::Host::Tcp(_)));
+        if only_sockets || (ca_file.is_none() && pg_config.get_ssl_mode() == SslMode::Prefer) {
             pg_config.ssl_mode(SslMode::Disable);
         }
-        let tls = DbTls::new(ca_file)?;
+        let tls = db_tls(ca_file)?;
         let manager =
             Manager::from_config(pg_config.clone(), tls.clone(), ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
@@ -100,20 +97,27 @@ impl Store {
     }
 
     /// Opens a connection of its own with this store's settings and TLS; the caller
-    /// drives the returned connection.
+    /// drives the returned connection. Bounded by the connect timeout as a whole:
+    /// tokio-postgres bounds only the TCP connect, and a server that stalls the TLS
+    /// handshake or the login would otherwise hold the caller for ever.
     pub async fn connect(
         &self,
-    ) -> Result<
-        (tokio_postgres::Client, tokio_postgres::Connection<tokio_postgres::Socket, <DbTls as MakeTlsConnect<tokio_postgres::Socket>>::Stream>),
-        tokio_postgres::Error,
-    > {
-        self.pg_config.connect(self.tls.clone()).await
+    ) -> StoreResult<(
+        tokio_postgres::Client,
+        tokio_postgres::Connection<tokio_postgres::Socket, <DbTls as MakeTlsConnect<tokio_postgres::Socket>>::Stream>,
+    )> {
+        let timeout = self.pg_config.get_connect_timeout().copied().unwrap_or(Duration::from_secs(30));
+        match tokio::time::timeout(timeout, self.pg_config.connect(self.tls.clone())).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(StoreError::Connect(error::chain(&e))),
+            Err(_) => Err(StoreError::Connect(format!("no answer within {} ms", timeout.as_millis()))),
+        }
     }
 
     /// A connection of its own (not pooled). The connection task runs on the calling
     /// thread's runtime, so open it where it will be used.
     pub async fn dedicated(&self) -> StoreResult<tokio_postgres::Client> {
-        let (client, connection) = self.connect().await.map_err(|e| StoreError::Connect(e.to_string()))?;
+        let (client, connection) = self.connect().await?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "dedicated database connection closed");

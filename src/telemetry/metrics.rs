@@ -18,6 +18,7 @@ pub const EVENTS_ACKED: &str = "botflow_events_acked_total";
 pub const FRAMES_REJECTED: &str = "botflow_frames_rejected_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "botflow_tls_handshake_failures_total";
 pub const TLS_CERT_RELOADS: &str = "botflow_tls_cert_reloads_total";
+pub const TLS_CERT_FAILING: &str = "botflow_tls_cert_reload_failing";
 pub const TRIGGER_MATCHES: &str = "botflow_trigger_matches_total";
 pub const EXECUTIONS: &str = "botflow_executions_total";
 pub const EXECUTION_DURATION: &str = "botflow_execution_duration_seconds";
@@ -94,6 +95,11 @@ fn describe() {
         TLS_CERT_RELOADS,
         Unit::Count,
         "Changes of the TLS certificate files seen by the listener, by outcome (loaded, failed: the previous certificate is kept)."
+    );
+    describe_gauge!(
+        TLS_CERT_FAILING,
+        Unit::Count,
+        "1 while the changed TLS certificate files do not load (the previous certificate is served), else 0."
     );
     describe_counter!(TRIGGER_MATCHES, Unit::Count, "Workflow triggers that matched an event.");
     describe_counter!(EXECUTIONS, Unit::Count, "Executions by status: created when committed, then their final status.");
@@ -234,6 +240,7 @@ fn register_all() {
     for outcome in ["loaded", "failed"] {
         metrics::counter!(TLS_CERT_RELOADS, "outcome" => outcome).absolute(0);
     }
+    metrics::gauge!(TLS_CERT_FAILING).set(0.0);
     for name in [RETRIES, CLAIMS, WORKFLOW_RELOADS, LIMIT_CHANGES] {
         metrics::counter!(name).absolute(0);
     }

@@ -81,7 +81,8 @@ pub struct BenchArgs {
     /// Use TCP instead of the Unix socket
     #[arg(long)]
     pub tcp: bool,
-    /// TCP with TLS: the listener's certificate chain (PEM; with --tls-key and --tls-ca)
+    /// TCP with TLS (the nomatch, executions, durable and latency runs): the listener's
+    /// certificate chain (PEM; with --tls-key and --tls-ca)
     #[arg(long, requires_all = ["tls_key", "tls_ca"])]
     pub tls_cert: Option<std::path::PathBuf>,
     /// The listener's private key (PEM)
