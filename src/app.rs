@@ -11,7 +11,7 @@ use crate::chatbot::supervisor::SupervisorDeps;
 use crate::config::Config;
 use crate::ingest::connection::IngestDeps;
 use crate::ingest::listener::{self, Workers};
-use crate::outbox::{Outbox, RemoteAck, RemoteCommand};
+use crate::outbox::{Outbox, RedeliverPending, RemoteAck, RemoteCommand};
 use crate::notify::Notifier;
 use crate::router::{BusySupervisors, Router, Scope, Wake, WorkflowsChanged};
 use crate::scheduler::Scheduler;
@@ -190,6 +190,11 @@ impl App {
                     Change::CommandAcked { command_id, account } => {
                         let scope = account.map_or(Scope::All, Scope::Account);
                         o.do_send(RemoteAck { command_id, scope })
+                    }
+                    Change::Resync => {
+                        // Command announcements missed while disconnected, too.
+                        o.do_send(RedeliverPending);
+                        r.do_send(WorkflowsChanged(Change::Resync))
                     }
                     other => r.do_send(WorkflowsChanged(other)),
                 }

@@ -13,7 +13,9 @@
 //! Several daemons on one database: the journal announces each pending command at its
 //! commit (`listen::COMMANDS_CHANNEL`), and the other nodes write it to their own
 //! subscribers; an ack a node was not waiting for is recorded in the table and
-//! announced, so the node whose step waits for it goes on at once.
+//! announced, so the node whose step waits for it goes on at once. Announcements
+//! missed while the listener was disconnected are made up for when it is back: the
+//! commands still pending for the chatbots subscribed here are written again.
 
 use crate::ingest::protocol::Command;
 use crate::router::Scope;
@@ -97,6 +99,13 @@ pub struct RemoteAck {
     pub command_id: String,
     pub scope: Scope,
 }
+
+/// From the change listener after it (re)connected: announcements sent while it was
+/// away are lost, so the commands still pending for the chatbots subscribed here are
+/// written to their subscribers again (clients drop the ones they already have).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RedeliverPending;
 
 /// Sent by a connection: its client acked a command.
 #[derive(Message)]
@@ -234,6 +243,40 @@ fn command_kind(kind: &str) -> &'static str {
         "tag" => "tag",
         "handoff" => "handoff",
         _ => "reply",
+    }
+}
+
+impl Handler<RedeliverPending> for Outbox {
+    type Result = ();
+    fn handle(&mut self, _: RedeliverPending, ctx: &mut Context<Self>) {
+        let chatbots: Vec<Uuid> = self.subscribers.keys().copied().collect();
+        if chatbots.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        let read = async move { tokio::time::timeout(ANNOUNCED_TIMEOUT, pending_commands(&store, &chatbots)).await };
+        ctx.spawn(read.into_actor(self).then(|read, act, _ctx| {
+            let writes: Vec<_> = match read {
+                Ok(Ok(commands)) => commands.into_iter().map(|c| (act.subscribers_of(&c.chatbot_id), Arc::new(c))).collect(),
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "cannot read pending commands after the change listener reconnected");
+                    Vec::new()
+                }
+                Err(_) => {
+                    tracing::warn!("reading pending commands after the change listener reconnected timed out");
+                    Vec::new()
+                }
+            };
+            if !writes.is_empty() {
+                tracing::info!(commands = writes.len(), "redelivered pending commands after the change listener reconnected");
+            }
+            async move {
+                for (targets, command) in writes {
+                    write_to(targets, command).await;
+                }
+            }
+            .into_actor(act)
+        }));
     }
 }
 

@@ -353,6 +353,34 @@ async fn a_burst_of_commands_reaches_a_client_of_another_daemon_whole() {
 }
 
 #[actix_rt::test]
+async fn a_command_announced_while_a_listener_is_away_reaches_its_clients_when_it_is_back() {
+    let (_a, b, t, mut sender, db) = two_daemons().await;
+    let bot = t.chatbots[0];
+    let mut chat = Client::tcp(b.tcp()).await.hello(&t.key, &[bot]).await;
+    hold_outbox_rows(&db).await;
+    send(&mut sender, "e1", bot).await;
+    let (cmd, _) = sender.recv_until(|v| v["op"] == "command").await;
+    // Both daemons' change listeners lose their connections (they come back after half
+    // a second); the command's row commits, and is announced, meanwhile.
+    let cut: i64 = db
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(cut, 2, "one listener per daemon");
+    db.batch_execute("SELECT pg_advisory_unlock(4242)").await.unwrap();
+    // B missed the announcement; once its listener is back it writes what is pending.
+    let (got, _) = chat.recv_until(|v| v["op"] == "command").await;
+    assert_eq!(got["command_id"], cmd["command_id"]);
+    chat.send(&json!({"op": "ack", "command_id": got["command_id"]})).await;
+    wait_status(&db, "e1", &["succeeded"]).await;
+}
+
+#[actix_rt::test]
 async fn an_ack_through_another_daemon_before_the_commands_row_commits_reaches_the_step_for_its_account_only() {
     let (a, b, t, mut chat_a, db) = two_daemons().await;
     let other = tenant(&a.store, "other", 1).await;
