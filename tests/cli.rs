@@ -324,6 +324,30 @@ fn logs_can_be_json() {
     assert!(lines.iter().any(|l| l["message"] == "botflow stopped"), "{log}");
 }
 
+#[test]
+fn sigterm_while_the_daemon_starts_stops_it_cleanly_once_it_is_up() {
+    let dir = TempDir::new("early-term");
+    let mut c = botflow();
+    c.arg("serve")
+        .current_dir(dir.path())
+        .env("RUST_LOG", "info")
+        .env("BOTFLOW_INGEST__TCP", "")
+        .env("BOTFLOW_METRICS__LISTEN", "")
+        .env("BOTFLOW_ADMIN__LISTEN", "")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut d = Serve { child: c.spawn().unwrap() };
+    // Its PostgreSQL is being set up: the daemon is not up yet.
+    wait_for("the embedded PostgreSQL's directory", || dir.path().join("var/postgres").exists());
+    let status = d.terminate();
+    let mut log = String::new();
+    use std::io::Read;
+    d.child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+    assert!(status.success(), "{status}: {log}");
+    assert!(log.contains("SIGTERM received") && log.contains("botflow stopped"), "{log}");
+    assert!(postmaster_pid(&dir.path().join("var")).is_none(), "its PostgreSQL stopped too");
+}
+
 /// The commands over the admin API, run against one daemon with one key. The CLI gets
 /// a database it cannot reach, so nothing passes unless it went through the API.
 struct ApiCli {

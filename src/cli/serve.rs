@@ -8,13 +8,17 @@ use anyhow::Context;
 /// Runs the daemon until SIGTERM or SIGINT, then shuts down cleanly.
 pub fn serve(config: Config) -> anyhow::Result<()> {
     crate::telemetry::init_logging(&config.log);
+    let system = actix_rt::System::new();
+    // Watched before anything slow starts: a signal that comes while PostgreSQL starts
+    // or the listeners open is kept, and stops the daemon cleanly once it is up, instead
+    // of killing it half-started (the default action of SIGTERM).
+    let stop = system.block_on(async { StopSignals::register() }).context("cannot watch SIGTERM and SIGINT")?;
     // Started outside the actor system: the embedded server's lifetime is this
     // process's, and it must outlive every actor.
     let mut db = Database::open_owned(&config)?;
-    let system = actix_rt::System::new();
     let result = system.block_on(async {
         let app = App::start(&config, db.pg.clone()).await?;
-        wait_for_signal().await;
+        stop.wait().await;
         app.shutdown().await;
         anyhow::Ok(())
     });
@@ -26,19 +30,23 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     result
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(error) => {
-            tracing::error!(%error, "cannot watch SIGTERM; only Ctrl-C stops the daemon");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// SIGTERM and SIGINT, registered once and waited for later.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn register() -> std::io::Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM received"),
+            _ = self.int.recv() => tracing::info!("SIGINT received"),
         }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
     }
 }
 
