@@ -37,8 +37,9 @@ const REDELIVER_LIMIT: i64 = 10_000;
 /// send them again).
 const ANNOUNCED_LIMIT: usize = 10_000;
 
-/// How long reading announced commands, and then writing them to the connections, may
-/// take: a hung query must not stop the announcements that follow.
+/// How long reading commands from the table (announced ones, or those pending after the
+/// listener reconnected), and then writing them to the connections, may take: a hung
+/// query must not stop the announcements that follow.
 const ANNOUNCED_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Sent by the outbox to a connection: write this command to the client.
@@ -254,29 +255,8 @@ impl Handler<RedeliverPending> for Outbox {
             return;
         }
         let store = self.store.clone();
-        let read = async move { tokio::time::timeout(ANNOUNCED_TIMEOUT, pending_commands(&store, &chatbots)).await };
-        ctx.spawn(read.into_actor(self).then(|read, act, _ctx| {
-            let writes: Vec<_> = match read {
-                Ok(Ok(commands)) => commands.into_iter().map(|c| (act.subscribers_of(&c.chatbot_id), Arc::new(c))).collect(),
-                Ok(Err(error)) => {
-                    tracing::warn!(%error, "cannot read pending commands after the change listener reconnected");
-                    Vec::new()
-                }
-                Err(_) => {
-                    tracing::warn!("reading pending commands after the change listener reconnected timed out");
-                    Vec::new()
-                }
-            };
-            if !writes.is_empty() {
-                tracing::info!(commands = writes.len(), "redelivered pending commands after the change listener reconnected");
-            }
-            async move {
-                for (targets, command) in writes {
-                    write_to(targets, command).await;
-                }
-            }
-            .into_actor(act)
-        }));
+        let read = async move { pending_commands(&store, &chatbots).await };
+        self.write_from_table(ctx, "the commands pending when the change listener reconnected", read, |_, _| {});
     }
 }
 
@@ -355,21 +335,39 @@ impl Outbox {
         let mut seen = std::collections::HashSet::new();
         announced.retain(|(id, _)| seen.insert(id.clone()));
         let store = self.store.clone();
-        let read = async move { tokio::time::timeout(ANNOUNCED_TIMEOUT, announced_commands(&store, &announced)).await };
-        ctx.spawn(read.into_actor(self).then(|read, act, _ctx| {
+        let read = async move { announced_commands(&store, &announced).await };
+        self.write_from_table(ctx, "the commands another node announced", read, |act, ctx| {
+            act.reading_announced = false;
+            act.read_announced(ctx);
+        });
+    }
+
+    /// Reads commands from the table and writes each to the subscribers its chatbot has
+    /// then (a command waited for here is left out: it went to them already); the read
+    /// and the writes are bounded by `ANNOUNCED_TIMEOUT`, and `then` runs after either
+    /// way. Commands that could not be read reach their clients on the next subscribe,
+    /// or when their steps send them again.
+    fn write_from_table(
+        &mut self,
+        ctx: &mut Context<Self>,
+        what: &'static str,
+        read: impl std::future::Future<Output = Result<Vec<Command>, crate::store::StoreError>> + 'static,
+        then: impl FnOnce(&mut Self, &mut Context<Self>) + 'static,
+    ) {
+        let read = async move { tokio::time::timeout(ANNOUNCED_TIMEOUT, read).await };
+        ctx.spawn(read.into_actor(self).then(move |read, act, _ctx| {
             let writes: Vec<_> = match read {
                 Ok(Ok(commands)) => commands
                     .into_iter()
                     .filter(|c| !act.waiting.contains_key(&c.command_id))
                     .map(|c| (act.subscribers_of(&c.chatbot_id), Arc::new(c)))
                     .collect(),
-                // Their clients get them on the next subscribe, or the steps send them again.
                 Ok(Err(error)) => {
-                    tracing::warn!(%error, "cannot read the commands another node announced");
+                    tracing::warn!(%error, "cannot read {what}");
                     Vec::new()
                 }
                 Err(_) => {
-                    tracing::warn!("reading the commands another node announced timed out");
+                    tracing::warn!("reading {what} timed out");
                     Vec::new()
                 }
             };
@@ -378,10 +376,7 @@ impl Outbox {
                     write_to(targets, command).await;
                 }
             };
-            async move { tokio::time::timeout(ANNOUNCED_TIMEOUT, write).await }.into_actor(act).map(|_, act, ctx| {
-                act.reading_announced = false;
-                act.read_announced(ctx);
-            })
+            async move { tokio::time::timeout(ANNOUNCED_TIMEOUT, write).await }.into_actor(act).map(move |_, act, ctx| then(act, ctx))
         }));
     }
 }

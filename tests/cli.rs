@@ -298,27 +298,39 @@ fn killing_the_daemon_stops_its_postgres_and_a_restart_keeps_the_data() {
     assert!(status.success(), "{status}");
 }
 
-#[test]
-fn logs_can_be_json() {
-    let dir = TempDir::new("jsonlog");
+/// `botflow serve` in `dir` on its Unix socket only, logging at info to a pipe (with
+/// `env` on top).
+fn serve_logging(dir: &Path, env: &[(&str, &str)]) -> Serve {
     let mut c = botflow();
     c.arg("serve")
-        .current_dir(dir.path())
-        .env("BOTFLOW_LOG__FORMAT", "json")
+        .current_dir(dir)
         .env("RUST_LOG", "info")
         .env("BOTFLOW_INGEST__TCP", "")
         .env("BOTFLOW_METRICS__LISTEN", "")
         .env("BOTFLOW_ADMIN__LISTEN", "")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    let mut d = Serve { child: c.spawn().unwrap() };
-    let sock = dir.path().join("var/botflow.sock");
-    wait_for("the daemon's socket", || sock.exists());
-    unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
-    assert!(d.child.wait().unwrap().success());
+    Serve { child: c.spawn().unwrap() }
+}
+
+/// Stops the daemon with SIGTERM; its exit status and what it logged.
+fn terminate_and_read_log(d: &mut Serve) -> (std::process::ExitStatus, String) {
+    let status = d.terminate();
     let mut log = String::new();
     use std::io::Read;
     d.child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+    (status, log)
+}
+
+#[test]
+fn logs_can_be_json() {
+    let dir = TempDir::new("jsonlog");
+    let mut d = serve_logging(dir.path(), &[("BOTFLOW_LOG__FORMAT", "json")]);
+    let sock = dir.path().join("var/botflow.sock");
+    wait_for("the daemon's socket", || sock.exists());
+    let (status, log) = terminate_and_read_log(&mut d);
+    assert!(status.success());
     let lines: Vec<Value> = log.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}"))).collect();
     assert!(lines.iter().any(|l| l["message"] == "botflow is ready" && l["level"] == "INFO"), "{log}");
     assert!(lines.iter().any(|l| l["message"] == "botflow stopped"), "{log}");
@@ -327,22 +339,10 @@ fn logs_can_be_json() {
 #[test]
 fn sigterm_while_the_daemon_starts_stops_it_cleanly_once_it_is_up() {
     let dir = TempDir::new("early-term");
-    let mut c = botflow();
-    c.arg("serve")
-        .current_dir(dir.path())
-        .env("RUST_LOG", "info")
-        .env("BOTFLOW_INGEST__TCP", "")
-        .env("BOTFLOW_METRICS__LISTEN", "")
-        .env("BOTFLOW_ADMIN__LISTEN", "")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut d = Serve { child: c.spawn().unwrap() };
+    let mut d = serve_logging(dir.path(), &[]);
     // Its PostgreSQL is being set up: the daemon is not up yet.
     wait_for("the embedded PostgreSQL's directory", || dir.path().join("var/postgres").exists());
-    let status = d.terminate();
-    let mut log = String::new();
-    use std::io::Read;
-    d.child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+    let (status, log) = terminate_and_read_log(&mut d);
     assert!(status.success(), "{status}: {log}");
     assert!(log.contains("SIGTERM received") && log.contains("botflow stopped"), "{log}");
     assert!(postmaster_pid(&dir.path().join("var")).is_none(), "its PostgreSQL stopped too");
