@@ -13,10 +13,11 @@ use crate::ingest::connection::IngestDeps;
 use crate::ingest::listener::{self, Workers};
 use crate::outbox::{Outbox, RedeliverPending, RemoteAck, RemoteCommand};
 use crate::notify::Notifier;
-use crate::router::{BusySupervisors, Router, Scope, Wake, WorkflowsChanged};
+use crate::router::{BusySupervisors, Router, Wake, WorkflowsChanged};
 use crate::scheduler::Scheduler;
 use crate::store::journal::Journal;
 use crate::store::leases::{self, LeaseHealth};
+use crate::store::accounts::Scope;
 use crate::store::listen::Change;
 use crate::store::{accounts, listen, migrate, Store};
 use crate::telemetry::metrics as m;
@@ -85,7 +86,7 @@ impl App {
             None
         } else {
             let tls = match config.ingest_tls_files() {
-                Some((cert, key)) => Some(crate::ingest::tls::acceptor(&cert, &key)?),
+                Some((cert, key)) => Some(crate::tls::acceptor(&cert, &key)?),
                 None => None,
             };
             Some((listener::bind_tcp(&config.ingest.tcp)?, tls))
@@ -164,7 +165,7 @@ impl App {
             ack_timeout: Duration::from_millis(config.outbox.ack_timeout_ms),
             execution_timeout: Duration::from_millis(config.executor.execution_timeout_ms),
             retry: config.retry.clone(),
-            limit_defaults: crate::store::limits::Defaults::from_config(config),
+            limit_defaults: crate::chatbot::limits::Defaults::from_config(config),
             watchlist: config.metrics.watchlist.iter().filter_map(|s| s.parse().ok()).collect(),
         });
         let router = Router::new(deps, workers.handles(), Duration::from_secs(config.executor.idle_supervisor_seconds)).start();
@@ -210,7 +211,7 @@ impl App {
                 crate::admin::AdminState {
                     store: store.clone(),
                     router: router.clone(),
-                    limit_defaults: crate::store::limits::Defaults::from_config(config),
+                    limit_defaults: crate::chatbot::limits::Defaults::from_config(config),
                     shutdown: shutdown.clone(),
                     connections: connections.clone(),
                     max_frame_bytes: config.ingest.max_frame_bytes,

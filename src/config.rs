@@ -461,7 +461,7 @@ impl Config {
             bad("ingest.workers", "must be at most 256 (0 means one per core)".into());
         }
         if !self.database.tls_ca_file.is_empty() {
-            if let Err(e) = crate::ingest::tls::client_config(Some(Path::new(&self.database.tls_ca_file))) {
+            if let Err(e) = crate::tls::client_config(Some(Path::new(&self.database.tls_ca_file))) {
                 bad("database.tls_ca_file", e.to_string());
             }
         }
@@ -474,9 +474,9 @@ impl Config {
             }
             (false, false) => {
                 let (cert, key) = (Path::new(&self.ingest.tls_cert_file), Path::new(&self.ingest.tls_key_file));
-                match crate::ingest::tls::acceptor(cert, key) {
+                match crate::tls::acceptor(cert, key) {
                     Ok(_) => {}
-                    Err(e @ crate::ingest::tls::TlsError::Key { .. }) => bad("ingest.tls_key_file", e.to_string()),
+                    Err(e @ crate::tls::TlsError::Key { .. }) => bad("ingest.tls_key_file", e.to_string()),
                     Err(e) => bad("ingest.tls_cert_file", e.to_string()),
                 }
             }

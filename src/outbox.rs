@@ -11,18 +11,18 @@
 //! command twice and drops it by its id.
 //!
 //! Several daemons on one database: the journal announces each pending command at its
-//! commit (`listen::COMMANDS_CHANNEL`), and the other nodes write it to their own
+//! commit (`store::outbox::COMMANDS_CHANNEL`), and the other nodes write it to their own
 //! subscribers; an ack a node was not waiting for is recorded in the table and
 //! announced, so the node whose step waits for it goes on at once. Announcements
 //! missed while the listener was disconnected are made up for when it is back: the
 //! commands still pending for the chatbots subscribed here are written again.
 
-use crate::ingest::protocol::Command;
-use crate::router::Scope;
+use crate::store::accounts::Scope;
 use crate::store::journal::{Journal, RecordProgress};
-use crate::store::listen::COMMANDS_CHANNEL;
+use crate::store::outbox as table;
 use crate::store::Store;
 use crate::telemetry::metrics as m;
+use crate::wire::Command;
 use actix::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -183,7 +183,7 @@ impl Handler<Subscribe> for Outbox {
             self.waiting.values().filter(|w| chatbots.contains(&w.command.chatbot_id)).map(|w| w.command.clone()).collect();
         ctx.spawn(
             async move {
-                match pending_commands(&store, &chatbots).await {
+                match table::pending(&store, &chatbots, REDELIVER_LIMIT).await {
                     Ok(commands) => {
                         let from_table: std::collections::HashSet<String> =
                             commands.iter().map(|c| c.command_id.clone()).collect();
@@ -205,48 +205,6 @@ impl Handler<Subscribe> for Outbox {
     }
 }
 
-const COMMAND_COLUMNS: &str = "command_id, chatbot_id, conversation_id, kind, payload, execution_id";
-
-fn command_of(r: &tokio_postgres::Row) -> Command {
-    Command {
-        command_id: r.get(0),
-        chatbot_id: r.get(1),
-        conversation_id: r.get(2),
-        kind: command_kind(&r.get::<_, String>(3)),
-        payload: r.get(4),
-        execution_id: r.get(5),
-    }
-}
-
-async fn pending_commands(store: &Store, chatbots: &[Uuid]) -> Result<Vec<Command>, crate::store::StoreError> {
-    let client = store.pool().get().await?;
-    let sql = format!(
-        "SELECT {COMMAND_COLUMNS} FROM outbox WHERE chatbot_id = ANY($1) AND status = 'pending' ORDER BY created_at LIMIT $2"
-    );
-    Ok(client.query(&sql, &[&chatbots, &REDELIVER_LIMIT]).await?.iter().map(command_of).collect())
-}
-
-/// The announced commands still pending, in the order announced. Each is read for the
-/// announced chatbot: that is the one whose subscribers get it.
-async fn announced_commands(store: &Store, announced: &[(String, Uuid)]) -> Result<Vec<Command>, crate::store::StoreError> {
-    let (ids, chatbots): (Vec<&str>, Vec<Uuid>) = announced.iter().map(|(id, bot)| (id.as_str(), *bot)).unzip();
-    let client = store.pool().get().await?;
-    let sql = format!(
-        "SELECT {COMMAND_COLUMNS} FROM outbox
-         JOIN unnest($1::text[], $2::uuid[]) WITH ORDINALITY AS a(command_id, chatbot_id, n) USING (command_id, chatbot_id)
-         WHERE status = 'pending' ORDER BY a.n"
-    );
-    Ok(client.query(&sql, &[&ids, &chatbots]).await?.iter().map(command_of).collect())
-}
-
-fn command_kind(kind: &str) -> &'static str {
-    match kind {
-        "tag" => "tag",
-        "handoff" => "handoff",
-        _ => "reply",
-    }
-}
-
 impl Handler<RedeliverPending> for Outbox {
     type Result = ();
     fn handle(&mut self, _: RedeliverPending, ctx: &mut Context<Self>) {
@@ -255,7 +213,7 @@ impl Handler<RedeliverPending> for Outbox {
             return;
         }
         let store = self.store.clone();
-        let read = async move { pending_commands(&store, &chatbots).await };
+        let read = async move { table::pending(&store, &chatbots, REDELIVER_LIMIT).await };
         self.write_from_table(ctx, "the commands pending when the change listener reconnected", read, |_, _| {});
     }
 }
@@ -335,7 +293,7 @@ impl Outbox {
         let mut seen = std::collections::HashSet::new();
         announced.retain(|(id, _)| seen.insert(id.clone()));
         let store = self.store.clone();
-        let read = async move { announced_commands(&store, &announced).await };
+        let read = async move { table::announced(&store, &announced).await };
         self.write_from_table(ctx, "the commands another node announced", read, |act, ctx| {
             act.reading_announced = false;
             act.read_announced(ctx);
@@ -418,7 +376,7 @@ impl Handler<ClientAck> for Outbox {
                 let store = self.store.clone();
                 ctx.spawn(
                     async move {
-                        if let Err(error) = ack_unwaited(&store, &msg.command_id, msg.scope).await {
+                        if let Err(error) = table::ack_unwaited(&store, &msg.command_id, msg.scope).await {
                             tracing::warn!(%error, command_id = %msg.command_id, "cannot record a command ack");
                         }
                     }
@@ -446,65 +404,5 @@ impl Outbox {
                 let _ = tx.send(());
             }
         }
-    }
-}
-
-/// Records the ack of a command this node was not waiting for (it went out before a
-/// restart, or another node runs its step) and announces it to the other nodes at
-/// commit: when it acked the row, and when there is no row yet (the node that runs the
-/// step may not have committed it, and checks the account itself). An ack of a row
-/// already acked or of another account's row is not announced.
-async fn ack_unwaited(store: &Store, command_id: &str, scope: Scope) -> Result<(), crate::store::StoreError> {
-    if !looks_like_command_id(command_id) {
-        return Ok(()); // nothing this daemon ever sent
-    }
-    let client = store.pool().get().await?;
-    // The main query sees the table as it was before the UPDATE.
-    let announce = format!(
-        "SELECT pg_notify('{COMMANDS_CHANNEL}', $2)
-         WHERE EXISTS (SELECT FROM acked) OR NOT EXISTS (SELECT FROM outbox WHERE command_id = $1)"
-    );
-    match scope {
-        Scope::All => {
-            let sql = format!(
-                "WITH acked AS (UPDATE outbox SET status = 'acked', acked_at = now()
-                                WHERE command_id = $1 AND status = 'pending' RETURNING 1) {announce}"
-            );
-            client.execute(&sql, &[&command_id, &format!("ack * {command_id}")]).await?
-        }
-        Scope::Account(account) => {
-            let sql = format!(
-                "WITH acked AS (UPDATE outbox o SET status = 'acked', acked_at = now() FROM chatbots c
-                                WHERE o.command_id = $1 AND o.status = 'pending' AND c.id = o.chatbot_id
-                                  AND c.account_id = $3 RETURNING 1) {announce}"
-            );
-            client.execute(&sql, &[&command_id, &format!("ack {account} {command_id}"), &account]).await?
-        }
-    };
-    Ok(())
-}
-
-/// Command ids are `<execution id>:<step id>`, step ids short and of letters, digits,
-/// '_' and '-': anything else is not worth a query or an announcement.
-fn looks_like_command_id(id: &str) -> bool {
-    id.split_once(':').is_some_and(|(execution, step)| {
-        Uuid::parse_str(execution).is_ok()
-            && !step.is_empty()
-            && step.chars().count() <= crate::workflow::validate::MAX_STEP_ID_CHARS
-            && !step.chars().any(char::is_control)
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::looks_like_command_id;
-
-    #[test]
-    fn only_ids_of_the_command_shape_are_looked_up() {
-        assert!(looks_like_command_id("0195f0c4-8a1e-7cc2-9a4b-1f2e3d4c5b6a:say hi"));
-        for bad in ["", "x:say", "0195f0c4-8a1e-7cc2-9a4b-1f2e3d4c5b6a", "0195f0c4-8a1e-7cc2-9a4b-1f2e3d4c5b6a:", "0195f0c4-8a1e-7cc2-9a4b-1f2e3d4c5b6a:a\u{0}b"] {
-            assert!(!looks_like_command_id(bad), "{bad:?}");
-        }
-        assert!(!looks_like_command_id(&format!("0195f0c4-8a1e-7cc2-9a4b-1f2e3d4c5b6a:{}", "s".repeat(65))));
     }
 }

@@ -21,34 +21,15 @@ use crate::chatbot::supervisor::{
     ChatbotSupervisor, GetUsage, LimitsChanged, Reload, StopIfIdle, SupervisorDeps, SupervisorEvents, WakeUp,
 };
 use crate::event::Event;
-use crate::ingest::connection::{BatchAnswers, EventOutcomes};
-use crate::ingest::protocol::{Nack, NackCode};
-use crate::store::accounts::{self, ChatbotRecord};
+use crate::store::accounts::{self, ChatbotRecord, Scope};
 use crate::store::listen::Change;
 use crate::telemetry::metrics as m;
+use crate::wire::{BatchAnswers, EventOutcomes, Nack, NackCode};
 use actix::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
-
-/// Which chatbots a connection's key reaches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
-    /// An ingest key: its own account's chatbots.
-    Account(Uuid),
-    /// An operator key: every chatbot.
-    All,
-}
-
-impl Scope {
-    pub fn allows(&self, owner: Uuid) -> bool {
-        match self {
-            Scope::All => true,
-            Scope::Account(a) => *a == owner,
-        }
-    }
-}
 
 /// Sent by a connection: events in the order read. Each event is answered exactly once
 /// with an `EventOutcomes` to `reply_to` (by the router, a supervisor or the journal).
@@ -330,7 +311,8 @@ fn forbidden(chatbot_id: Uuid) -> Nack {
 
 fn nack_all(held: Held, nack: Nack) {
     let at = held.received_at;
-    held.answers.nack_all(held.events.into_iter().map(|e| (e.id, at)), &nack);
+    let n = held.answers.nack_all(held.events.into_iter().map(|e| (e.id, at)), &nack);
+    m::hot().rejected(nack.code).increment(n as u64);
 }
 
 impl Held {

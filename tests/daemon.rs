@@ -125,8 +125,8 @@ async fn shutdown_answers_every_event_in_flight_and_flushes_the_journal() {
 async fn a_database_that_goes_away_gets_unavailable_never_an_ack_and_the_daemon_recovers() {
     // A server of its own: this test stops it.
     let dir = TempDir::new("pgdown");
-    let opts = botflow::store::embedded::EmbeddedOptions { fast_unsafe: true, ..Default::default() };
-    let mut pg = botflow::store::embedded::EmbeddedPostgres::start(dir.path(), &opts).unwrap();
+    let opts = botflow::postgres::EmbeddedOptions { fast_unsafe: true, ..Default::default() };
+    let mut pg = botflow::postgres::EmbeddedPostgres::start(dir.path(), &opts).unwrap();
     pg.ensure_database("botflow").await.unwrap();
     let daemon = TestDaemon::start_with(DaemonOptions {
         pg: Some(pg.config("botflow")),
@@ -154,7 +154,7 @@ async fn a_database_that_goes_away_gets_unavailable_never_an_ack_and_the_daemon_
     c.send(&event("nothing", bot, "x.none", json!({}))).await;
     assert_eq!(c.recv().await["op"], "ack");
 
-    let pg2 = botflow::store::embedded::EmbeddedPostgres::start(dir.path(), &opts).unwrap();
+    let pg2 = botflow::postgres::EmbeddedPostgres::start(dir.path(), &opts).unwrap();
     let mut n = 0;
     loop {
         n += 1;

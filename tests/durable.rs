@@ -559,8 +559,8 @@ async fn executions_past_the_memory_bound_wait_as_queued_rows_and_all_complete()
 #[actix_rt::test]
 async fn the_database_restarted_mid_run_and_the_daemon_recovers_by_itself() {
     let dir = TempDir::new("pgrestart");
-    let opts = botflow::store::embedded::EmbeddedOptions { fast_unsafe: true, ..Default::default() };
-    let mut pg = botflow::store::embedded::EmbeddedPostgres::start(dir.path(), &opts).unwrap();
+    let opts = botflow::postgres::EmbeddedOptions { fast_unsafe: true, ..Default::default() };
+    let mut pg = botflow::postgres::EmbeddedPostgres::start(dir.path(), &opts).unwrap();
     pg.ensure_database("botflow").await.unwrap();
     let receiver = Receiver::start().await;
     let daemon = TestDaemon::start_with(DaemonOptions {
@@ -589,7 +589,7 @@ async fn the_database_restarted_mid_run_and_the_daemon_recovers_by_itself() {
     let a = c.recv().await;
     assert_eq!((a["op"].as_str(), a["error"]["code"].as_str()), (Some("nack"), Some("unavailable")), "{a}");
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let pg = botflow::store::embedded::EmbeddedPostgres::start(dir.path(), &opts).unwrap();
+    let pg = botflow::postgres::EmbeddedPostgres::start(dir.path(), &opts).unwrap();
     let (db, conn) = pg.config("botflow").connect(tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
     eventually("every execution completes after the restart", || async {
@@ -641,8 +641,8 @@ async fn a_burst_of_dead_executions_gets_one_notification_and_one_summary() {
 #[actix_rt::test]
 async fn executions_running_through_a_database_outage_longer_than_the_lease_finish_once_it_returns() {
     let dir = TempDir::new("pgoutage");
-    let opts = botflow::store::embedded::EmbeddedOptions { fast_unsafe: true, ..Default::default() };
-    let mut pg = botflow::store::embedded::EmbeddedPostgres::start(dir.path(), &opts).unwrap();
+    let opts = botflow::postgres::EmbeddedOptions { fast_unsafe: true, ..Default::default() };
+    let mut pg = botflow::postgres::EmbeddedPostgres::start(dir.path(), &opts).unwrap();
     pg.ensure_database("botflow").await.unwrap();
     let receiver = Receiver::start().await;
     receiver.on("/slow", Behaviour::Script(vec![Reply::new(200, "{}").after(Duration::from_millis(300))]));
@@ -676,7 +676,7 @@ async fn executions_running_through_a_database_outage_longer_than_the_lease_fini
     let a = c.recv().await;
     assert_eq!(a["error"]["code"], "unavailable", "{a}");
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let pg = botflow::store::embedded::EmbeddedPostgres::start(dir.path(), &opts).unwrap();
+    let pg = botflow::postgres::EmbeddedPostgres::start(dir.path(), &opts).unwrap();
     let (db, conn) = pg.config("botflow").connect(tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
     eventually("all executions succeed after the outage", || async {

@@ -204,8 +204,8 @@ const PASSWORD: &str = "tls-test-secret";
 /// A private PostgreSQL on 127.0.0.1:`port` that speaks TLS with `c`'s certificate:
 /// with TLS a password is asked (SCRAM, so channel binding can be required), without
 /// TLS none (so a connection left in plain text is seen, not refused).
-fn postgres_with_tls(dir: &Path, port: u16, c: &Certs) -> botflow::store::embedded::EmbeddedPostgres {
-    use botflow::store::embedded::{EmbeddedOptions, EmbeddedPostgres};
+fn postgres_with_tls(dir: &Path, port: u16, c: &Certs) -> botflow::postgres::EmbeddedPostgres {
+    use botflow::postgres::{EmbeddedOptions, EmbeddedPostgres};
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let opts = EmbeddedOptions { fast_unsafe: true, port: Some(port), ..Default::default() };
     // The first start creates the cluster and sets the password; the server's files

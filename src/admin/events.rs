@@ -8,11 +8,11 @@ use super::auth::Caller;
 use super::error::{ApiError, Errors};
 use super::AdminState;
 use crate::event::Event;
-use crate::ingest::connection::EventOutcomes;
-use crate::ingest::protocol::{self, ClientFrame, ExecutionRef, FrameError, Nack, NackCode, Outcome};
-use crate::router::{RouteEvents, Scope};
+use crate::ingest::protocol::{self, ClientFrame, FrameError};
+use crate::router::RouteEvents;
 use crate::store::accounts::Role;
 use crate::telemetry::metrics as m;
+use crate::wire::{EventOutcomes, ExecutionRef, Nack, NackCode, Outcome};
 use actix::prelude::*;
 use actix_web::{post, web, HttpRequest, HttpResponse};
 use bytes::Bytes;
@@ -238,11 +238,10 @@ pub async fn ingest(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let scope = match caller.principal.role {
-        Role::Ingest => Scope::Account(caller.principal.account_id),
-        Role::Operator => Scope::All,
-        Role::Admin => return Err(ApiError::forbidden("this key has the admin role; an ingest or operator key is needed")),
-    };
+    if caller.principal.role == Role::Admin {
+        return Err(ApiError::forbidden("this key has the admin role; an ingest or operator key is needed"));
+    }
+    let scope = caller.principal.scope();
     let content_type = req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
     let ndjson = content_type.starts_with("application/x-ndjson") || content_type.starts_with("application/jsonl");
     if !ndjson && !content_type.starts_with("application/json") {

@@ -29,7 +29,7 @@ async fn view(state: &AdminState, chatbot: Uuid) -> Result<LimitsView, ApiError>
     let usage = state.router.send(ChatbotUsage(chatbot)).await.ok().flatten().map(|(_, u)| u);
     Ok(LimitsView {
         chatbot_id: chatbot,
-        limits: overrides.resolve(&state.limit_defaults),
+        limits: state.limit_defaults.resolve(&overrides),
         overrides,
         defaults: state.limit_defaults.0,
         usage,

@@ -21,7 +21,7 @@ pub mod page;
 pub mod workflows;
 
 use crate::router::Router;
-use crate::store::limits::Defaults;
+use crate::chatbot::limits::Defaults;
 use crate::store::Store;
 use actix::Addr;
 use actix_web::{web, App, HttpResponse, HttpServer};

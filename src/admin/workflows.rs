@@ -10,7 +10,7 @@ use super::error::{ApiError, Errors};
 use super::page::{self, Page, Position};
 use super::AdminState;
 use crate::store::workflows::{self, VersionRow, WorkflowRow};
-use crate::workflow::model::parse_one;
+use crate::workflow::parse::parse_one;
 use crate::workflow::parse_workflows;
 use crate::workflow::{CompiledWorkflow, ValidationError, WorkflowSpec};
 use actix_web::{delete, get, patch, post, put, web, HttpResponse};

@@ -9,14 +9,14 @@
 //! is caught and recorded as a failed step: a panic inside an actor's future would
 //! otherwise take the whole arbiter down.
 
-use crate::chatbot::supervisor::SupervisorDeps;
-use crate::ingest::protocol::Command;
+use super::actions::{self, StepError};
+use super::deps::SupervisorDeps;
 use crate::outbox::Outbox;
 use crate::store::accounts::ChatbotRecord;
 use crate::store::journal::{ExecutionUpdate, JournalLane, LeaseLost, RecordProgress, Status, StepRecord};
 use crate::store::leases::LeaseHealth;
 use crate::telemetry::metrics as m;
-use crate::workflow::actions::{self, StepError};
+use crate::wire::{Command, CommandId};
 use crate::workflow::{CompiledAction, CompiledStep, CompiledWorkflow, DelaySpec, TemplateContext};
 use actix::{Addr, Recipient};
 use chrono::{DateTime, Utc};
@@ -262,7 +262,7 @@ async fn run_step(job: &Job, env: &ExecEnv, step: &CompiledStep, outputs: &Map<S
     let ctx = TemplateContext { event: &job.event, steps: outputs };
     let command = |kind: &'static str, payload: Value| Command {
         // Stable across attempts, so a client can drop repeats.
-        command_id: format!("{}:{}", job.execution_id, step.id),
+        command_id: CommandId::new(job.execution_id, &step.id).to_string(),
         chatbot_id: env.chatbot.id,
         conversation_id: job.conversation_id.to_string(),
         kind,

@@ -6,6 +6,8 @@
 //! change. So the cells a limiter has used (its burst minus what is left now) are
 //! carried over: the new limiter starts with the same number used.
 
+use crate::config::Config;
+use crate::store::limits::Overrides;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
@@ -21,6 +23,38 @@ pub struct Limits {
     pub burst: u32,
     pub executions_per_second: u32,
     pub max_concurrent: u32,
+}
+
+/// The daemon's defaults, from the configuration, and whether rates are limited at all.
+#[derive(Debug, Clone, Copy)]
+pub struct Defaults(pub Limits, pub bool);
+
+impl Defaults {
+    pub fn from_config(config: &Config) -> Defaults {
+        Defaults(
+            Limits {
+                events_per_second: config.limits.events_per_second,
+                burst: config.limits.burst,
+                executions_per_second: config.limits.executions_per_second,
+                max_concurrent: config.executor.concurrency_per_chatbot.min(u32::MAX as usize) as u32,
+            },
+            config.limits.enabled,
+        )
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.1
+    }
+
+    /// The limits in force for a chatbot: its own values, these defaults for the rest.
+    pub fn resolve(&self, own: &Overrides) -> Limits {
+        Limits {
+            events_per_second: own.events_per_second.unwrap_or(self.0.events_per_second),
+            burst: own.burst.unwrap_or(self.0.burst),
+            executions_per_second: own.executions_per_second.unwrap_or(self.0.executions_per_second),
+            max_concurrent: own.max_concurrent.unwrap_or(self.0.max_concurrent),
+        }
+    }
 }
 
 /// What a chatbot is using of its limits right now.

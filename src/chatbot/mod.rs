@@ -1,5 +1,8 @@
-//! One chatbot's world: its supervisor actor, its trigger index and its executors.
+//! One chatbot's world: its supervisor actor, its trigger index, its executors and
+//! the actions they run (webhooks, commands through the outbox, notifications).
 
+pub mod actions;
+pub mod deps;
 pub mod executor;
 pub mod limits;
 pub mod retry;

@@ -23,25 +23,23 @@
 //! flowing against the old index meanwhile, so none is lost or matched twice. An
 //! execution always runs the workflow version it was created with.
 
+pub use super::deps::SupervisorDeps;
 use super::executor::{self, ExecEnv, Job, RunEnd};
 use super::limits::{Limiters, Limits, Usage};
 use super::retry::Policy;
 use super::triggers::TriggerIndex;
-use crate::config::RetryConfig;
 use crate::event::Event;
-use crate::ingest::connection::BatchAnswers;
-use crate::ingest::protocol::{Nack, NackCode, Outcome};
-use crate::notify::{Kind, Notifier, Report};
-use crate::outbox::Outbox;
+use crate::notify::{Kind, Report};
 use crate::store::accounts::ChatbotRecord;
 use crate::store::journal::{
-    ExecutionsCommitted, Journal, JournalLane, LeaseLost, PendingEvent, PlannedExecution, RecordExecutions, RecordProgress,
+    ExecutionsCommitted, JournalLane, LeaseLost, PendingEvent, PlannedExecution, RecordExecutions, RecordProgress,
     Status,
 };
-use crate::store::leases::{self, Claimed, LeaseHealth};
-use crate::store::limits::{self as limit_store, Defaults};
+use crate::store::leases::{self, Claimed};
+use crate::store::limits as limit_store;
 use crate::store::{workflows, Store, StoreError};
 use crate::telemetry::metrics as m;
+use crate::wire::{BatchAnswers, Nack, NackCode, Outcome};
 use crate::workflow::{CompiledWorkflow, WorkflowSpec};
 use actix::prelude::*;
 use chrono::Utc;
@@ -53,28 +51,6 @@ use uuid::Uuid;
 /// Waits up to this long keep their lease and fire from a timer here; longer ones are
 /// given up and claimed again when due (by this node or any other).
 const HOLD_WAIT_MAX: Duration = Duration::from_secs(30);
-
-/// What every supervisor shares.
-pub struct SupervisorDeps {
-    pub store: Store,
-    pub journal: Journal,
-    pub outbox: Addr<Outbox>,
-    pub notifier: Addr<Notifier>,
-    pub http: reqwest::Client,
-    pub node: Uuid,
-    pub health: LeaseHealth,
-    pub concurrency: usize,
-    pub queue_capacity: usize,
-    pub unavailable_after: Duration,
-    pub notify_url: Option<String>,
-    pub step_timeout: Duration,
-    pub ack_timeout: Duration,
-    pub execution_timeout: Duration,
-    pub retry: RetryConfig,
-    pub limit_defaults: Defaults,
-    /// Chatbots with series of their own.
-    pub watchlist: std::collections::HashSet<Uuid>,
-}
 
 /// Sent by the Router: events of this chatbot in the order their connection sent them.
 /// Every event is answered once: at once through `answers` (gathered with the rest of
@@ -569,7 +545,7 @@ impl Actor for ChatbotSupervisor {
         };
         ctx.wait(fut.into_actor(self).map(|res, act, ctx| match res {
             Some((index, overrides)) => {
-                act.limiters.update(overrides.resolve(&act.deps.limit_defaults));
+                act.limiters.update(act.deps.limit_defaults.resolve(&overrides));
                 act.index = Arc::new(index);
                 act.state = LoadState::Ready;
                 tracing::debug!(chatbot_id = %act.chatbot.id, workflows = act.index.len(), "chatbot supervisor started");
@@ -592,7 +568,8 @@ impl Handler<SupervisorEvents> for ChatbotSupervisor {
         let received = events.len() as u64;
         if !matches!(self.state, LoadState::Ready) {
             let nack = Nack::new(NackCode::Unavailable, "the chatbot's workflows cannot be loaded (database unreachable); send the event again later");
-            batch.nack_all(events.into_iter().map(|e| (e.id, received_at)), &nack);
+            let n = batch.nack_all(events.into_iter().map(|e| (e.id, received_at)), &nack);
+            m::hot().rejected(nack.code).increment(n as u64);
             return;
         }
         let mut answers = Vec::new();
@@ -782,7 +759,7 @@ impl Handler<LimitsChanged> for ChatbotSupervisor {
         ctx.spawn(async move { limit_store::get(&store, chatbot_id).await }.into_actor(self).map(move |res, act, ctx| {
             match res {
                 Ok(overrides) => {
-                    let limits = overrides.resolve(&act.deps.limit_defaults);
+                    let limits = act.deps.limit_defaults.resolve(&overrides);
                     tracing::info!(%chatbot_id, ?limits, "rate limits changed");
                     metrics::counter!(m::LIMIT_CHANGES).increment(1);
                     act.limiters.update(limits);

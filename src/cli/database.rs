@@ -4,13 +4,12 @@
 //! up) and start it only for their own duration otherwise.
 
 use crate::config::Config;
-use crate::store::embedded::{EmbeddedOptions, EmbeddedPostgres};
+use crate::postgres::{EmbeddedOptions, EmbeddedPostgres};
 use crate::store::{migrate, Store};
 use anyhow::Context;
 use std::time::Duration;
 
-/// The database name inside the embedded server.
-pub const EMBEDDED_DB: &str = "botflow";
+pub use crate::postgres::EMBEDDED_DB;
 
 /// An open database, keeping the embedded server alive while it is held.
 pub struct Database {

@@ -60,8 +60,8 @@ pub fn run(config: crate::config::Config, args: SendArgs) -> anyhow::Result<bool
             let s = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("cannot connect to {addr}"))?;
             s.set_nodelay(true)?;
             if args.tls {
-                let connector = crate::ingest::tls::connector(args.ca_file.as_deref())?;
-                let name = crate::ingest::tls::server_name(addr).map_err(anyhow::Error::msg)?;
+                let connector = crate::tls::connector(args.ca_file.as_deref())?;
+                let name = crate::tls::server_name(addr).map_err(anyhow::Error::msg)?;
                 let s = connector.connect(name, s).await.map_err(|e| {
                     // openssl's `req -x509` marks a self-signed certificate as a CA,
                     // which TLS libraries refuse as a server's own certificate.

@@ -7,7 +7,7 @@ use anyhow::Context;
 
 /// Runs the daemon until SIGTERM or SIGINT, then shuts down cleanly.
 pub fn serve(config: Config) -> anyhow::Result<()> {
-    crate::telemetry::init_logging(&config.log);
+    crate::telemetry::init_logging(&config.log.format, &config.log.level);
     let system = actix_rt::System::new();
     // Watched before anything slow starts: a signal that comes while PostgreSQL starts
     // or the listeners open is kept, and stops the daemon cleanly once it is up, instead
@@ -51,7 +51,7 @@ impl StopSignals {
 }
 
 pub fn migrate(config: Config) -> anyhow::Result<()> {
-    crate::telemetry::init_logging(&config.log);
+    crate::telemetry::init_logging(&config.log.format, &config.log.level);
     let db = Database::open_shared(&config)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {

@@ -16,13 +16,14 @@
 //! that does not read its acks has at most `max_in_flight` events in the daemon.
 
 use super::codec::{Frame, LineDecoder};
-use super::protocol::{self, ClientFrame, ErrorCode, FrameError, Hello, Nack, NackCode, Outcome};
+use super::protocol::{self, ClientFrame, FrameError, Hello};
 use crate::event::Event;
 use crate::outbox::{ClientAck, DeliverCommand, Outbox, Subscribe, Unsubscribe};
-use crate::router::{RouteEvents, Router, Scope};
-use crate::store::accounts::{self, Principal, Role};
+use crate::router::{RouteEvents, Router};
+use crate::store::accounts::{self, Principal, Role, Scope};
 use crate::store::Store;
 use crate::telemetry::metrics as m;
+use crate::wire::{ErrorCode, EventOutcomes, Nack, NackCode, Outcome};
 use actix::prelude::*;
 use bytes::BytesMut;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,66 +51,6 @@ pub struct IngestDeps {
     pub handshake_timeout: Duration,
     /// Open connections, for the shutdown drain.
     pub connections: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-/// Sent by supervisors, the router and the journal: answers to events of this
-/// connection, each with the time its batch was read.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct EventOutcomes(pub Vec<(Box<str>, Outcome, Instant)>);
-
-/// The immediate answers to one routed batch, gathered from every supervisor its
-/// events went to and sent to the connection as one message when the last is done:
-/// a batch spread over many chatbots costs one answer message, not one per chatbot.
-/// (Events whose executions must be committed first are answered by the journal.)
-pub struct BatchAnswers {
-    remaining: std::sync::atomic::AtomicUsize,
-    answers: Mutex<Vec<(Box<str>, Outcome, Instant)>>,
-    reply_to: Recipient<EventOutcomes>,
-}
-
-impl BatchAnswers {
-    /// Expects `parts` contributions (one per chatbot of the batch).
-    pub fn new(reply_to: Recipient<EventOutcomes>, parts: usize) -> Arc<BatchAnswers> {
-        Arc::new(BatchAnswers {
-            remaining: std::sync::atomic::AtomicUsize::new(parts.max(1)),
-            answers: Mutex::new(Vec::new()),
-            reply_to,
-        })
-    }
-
-    pub fn reply_to(&self) -> &Recipient<EventOutcomes> {
-        &self.reply_to
-    }
-
-    /// One part's answers; the last part sends them all.
-    pub fn add(&self, answers: Vec<(Box<str>, Outcome, Instant)>) {
-        if !answers.is_empty() {
-            self.answers.lock().unwrap_or_else(|p| p.into_inner()).extend(answers);
-        }
-        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let all = std::mem::take(&mut *self.answers.lock().unwrap_or_else(|p| p.into_inner()));
-            if !all.is_empty() {
-                self.reply_to.do_send(EventOutcomes(all));
-            }
-        }
-    }
-
-    /// One part's events, all refused for the same reason.
-    pub fn nack_all(&self, events: impl IntoIterator<Item = (Box<str>, Instant)>, nack: &Nack) {
-        let list: Vec<_> = events.into_iter().map(|(id, at)| (id, Outcome::Nack(nack.clone()), at)).collect();
-        m::hot().rejected(nack.code).increment(list.len() as u64);
-        self.add(list);
-    }
-}
-
-impl EventOutcomes {
-    /// Nacks events (id, time read) for one reason, counting them in the metrics.
-    pub fn nack_all(to: &Recipient<EventOutcomes>, events: impl IntoIterator<Item = (Box<str>, Instant)>, nack: &Nack) {
-        let list: Vec<_> = events.into_iter().map(|(id, at)| (id, Outcome::Nack(nack.clone()), at)).collect();
-        m::hot().rejected(nack.code).increment(list.len() as u64);
-        to.do_send(EventOutcomes(list));
-    }
 }
 
 /// One item the reader decoded.
@@ -499,10 +440,7 @@ impl Connection {
                     "an admin key cannot stream events; use an ingest key".to_string(),
                 ));
             }
-            let scope = match principal.role {
-                Role::Operator => Scope::All,
-                _ => Scope::Account(principal.account_id),
-            };
+            let scope = principal.scope();
             // Each subscription is checked like an event: unknown or another account's
             // chatbot gets an error line, the others are kept. One query for all.
             let mut allowed = Vec::new();

@@ -92,7 +92,7 @@ impl Accepted {
             Accepted::Tcp(s, Some(acceptor)) => tokio::net::TcpStream::from_std(s).map(|s| {
                 let shutdown = shutdown.clone();
                 actix_rt::spawn(async move {
-                    if let Some(tls) = super::tls::accept(&acceptor, s, &peer, deps.handshake_timeout).await {
+                    if let Some(tls) = crate::tls::accept(&acceptor, s, &peer, deps.handshake_timeout).await {
                         let (r, w) = tokio::io::split(tls);
                         Connection::start(r, w, peer, deps, &shutdown);
                     }

@@ -5,4 +5,3 @@ pub mod codec;
 pub mod connection;
 pub mod listener;
 pub mod protocol;
-pub mod tls;

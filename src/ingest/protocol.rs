@@ -6,9 +6,11 @@
 //! accepted event keeps the line itself (`Event::raw`); nothing else is copied but its
 //! id and conversation id.
 //!
-//! Encoding writes straight into the connection's output buffer.
+//! Encoding writes straight into the connection's output buffer. The vocabulary of
+//! answers (outcomes, nacks, commands, error codes) is `crate::wire`'s.
 
 use crate::event::{Event, EventType};
+pub use crate::wire::{Command, ErrorCode, ExecutionRef, Nack, NackCode, Outcome};
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -413,133 +415,6 @@ fn check_data(kind: &EventType, d: &RawData<'_>) -> Result<(), DataError> {
 
 // ---------------------------------------------------------------------------
 // Daemon → client
-
-/// Codes of `error` lines (frames the daemon refuses outside an event's nack).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ErrorCode {
-    InvalidFrame,
-    UnknownOp,
-    FrameTooLarge,
-    Unauthenticated,
-    Forbidden,
-    UnknownChatbot,
-    UnsupportedVersion,
-    HandshakeTimeout,
-    IncompleteFrame,
-    ProtocolError,
-    Unavailable,
-    Internal,
-}
-
-impl ErrorCode {
-    pub const ALL: [ErrorCode; 12] = [
-        ErrorCode::InvalidFrame,
-        ErrorCode::UnknownOp,
-        ErrorCode::FrameTooLarge,
-        ErrorCode::Unauthenticated,
-        ErrorCode::Forbidden,
-        ErrorCode::UnknownChatbot,
-        ErrorCode::UnsupportedVersion,
-        ErrorCode::HandshakeTimeout,
-        ErrorCode::IncompleteFrame,
-        ErrorCode::ProtocolError,
-        ErrorCode::Unavailable,
-        ErrorCode::Internal,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::InvalidFrame => "invalid_frame",
-            ErrorCode::UnknownOp => "unknown_op",
-            ErrorCode::FrameTooLarge => "frame_too_large",
-            ErrorCode::Unauthenticated => "unauthenticated",
-            ErrorCode::Forbidden => "forbidden",
-            ErrorCode::UnknownChatbot => "unknown_chatbot",
-            ErrorCode::UnsupportedVersion => "unsupported_version",
-            ErrorCode::HandshakeTimeout => "handshake_timeout",
-            ErrorCode::IncompleteFrame => "incomplete_frame",
-            ErrorCode::ProtocolError => "protocol_error",
-            ErrorCode::Unavailable => "unavailable",
-            ErrorCode::Internal => "internal",
-        }
-    }
-}
-
-/// Nack codes of the protocol.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum NackCode {
-    InvalidEvent,
-    UnknownChatbot,
-    Forbidden,
-    RateLimited,
-    Overloaded,
-    Unavailable,
-    Internal,
-}
-
-impl NackCode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            NackCode::InvalidEvent => "invalid_event",
-            NackCode::UnknownChatbot => "unknown_chatbot",
-            NackCode::Forbidden => "forbidden",
-            NackCode::RateLimited => "rate_limited",
-            NackCode::Overloaded => "overloaded",
-            NackCode::Unavailable => "unavailable",
-            NackCode::Internal => "internal",
-        }
-    }
-
-    pub const ALL: [NackCode; 7] = [
-        NackCode::InvalidEvent,
-        NackCode::UnknownChatbot,
-        NackCode::Forbidden,
-        NackCode::RateLimited,
-        NackCode::Overloaded,
-        NackCode::Unavailable,
-        NackCode::Internal,
-    ];
-}
-
-/// Why an event was refused.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Nack {
-    pub code: NackCode,
-    pub message: String,
-    pub field: Option<String>,
-    pub retry_after_ms: Option<u64>,
-}
-
-impl Nack {
-    pub fn new(code: NackCode, message: impl Into<String>) -> Nack {
-        Nack { code, message: message.into(), field: None, retry_after_ms: None }
-    }
-}
-
-/// One execution an event created (or had created before, for a duplicate).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
-pub struct ExecutionRef {
-    pub execution_id: Uuid,
-    pub workflow_id: Uuid,
-}
-
-/// The answer to one event.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
-    Ack { executions: Vec<ExecutionRef>, duplicate: bool },
-    Nack(Nack),
-}
-
-/// A command for the chat service (reply, tag, handoff).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Command {
-    pub command_id: String,
-    pub chatbot_id: Uuid,
-    pub conversation_id: String,
-    pub kind: &'static str,
-    pub payload: serde_json::Value,
-    pub execution_id: Uuid,
-}
 
 #[derive(Serialize)]
 struct ErrorBody<'a> {

@@ -58,6 +58,35 @@ pub struct Principal {
     pub role: Role,
 }
 
+/// Which chatbots a connection's key reaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// An ingest key: its own account's chatbots.
+    Account(Uuid),
+    /// An operator key: every chatbot.
+    All,
+}
+
+impl Scope {
+    pub fn allows(&self, owner: Uuid) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Account(a) => *a == owner,
+        }
+    }
+}
+
+impl Principal {
+    /// The chatbots this key reaches: an operator's every chatbot, any other key its
+    /// own account's.
+    pub fn scope(&self) -> Scope {
+        match self.role {
+            Role::Operator => Scope::All,
+            _ => Scope::Account(self.account_id),
+        }
+    }
+}
+
 /// The chatbot facts the daemon needs at run time.
 #[derive(Debug, Clone)]
 pub struct ChatbotRecord {

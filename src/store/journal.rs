@@ -21,11 +21,11 @@
 //! with the connection is *in doubt*: its rows may be committed, so it is neither acked
 //! nor nacked until a retry settles it (the retry finds its own execution ids).
 
+use super::outbox::COMMANDS_CHANNEL;
 use super::{Store, StoreError};
 use crate::event::Event;
-use crate::ingest::connection::EventOutcomes;
-use crate::ingest::protocol::{ExecutionRef, Nack, NackCode, Outcome};
 use crate::telemetry::metrics as m;
+use crate::wire::{Answer, Command, EventOutcomes, ExecutionRef, Nack, NackCode, Outcome};
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -171,7 +171,7 @@ impl ExecutionUpdate {
 /// A command for a chat service, kept in the outbox until a client acks it.
 #[derive(Debug, Clone)]
 pub struct CommandRow {
-    pub command: Arc<crate::ingest::protocol::Command>,
+    pub command: Arc<Command>,
     /// Written only while the execution's lease holds.
     pub epoch: i64,
 }
@@ -686,8 +686,7 @@ impl JournalLane {
     /// Acks the committed events, tells supervisors which executions may run and which
     /// leases are gone, and wakes whoever waited for the commit.
     fn answer(&mut self, batch: Batch, written: Written) {
-        type Answers = Vec<(Box<str>, Outcome, Instant)>;
-        let mut outcomes: HashMap<Recipient<EventOutcomes>, Answers> = HashMap::new();
+        let mut outcomes: HashMap<Recipient<EventOutcomes>, Vec<Answer>> = HashMap::new();
         let mut created = 0u64;
         for w in batch.events {
             let mut report = ExecutionsCommitted::default();
@@ -762,7 +761,8 @@ fn reject(w: WaitingBatch, nack: Nack) {
     }
     w.supervisor.do_send(report);
     for (recipient, events) in by_connection {
-        EventOutcomes::nack_all(&recipient, events, &nack);
+        let n = EventOutcomes::nack_all(&recipient, events, &nack);
+        m::hot().rejected(nack.code).increment(n as u64);
     }
 }
 
@@ -822,7 +822,9 @@ struct Written {
 /// nothing. Each event's text is sent once (`$7`) and its executions point at it by
 /// position. Updates, step rows and commands are written only where the lease (`$10`,
 /// this node, and the epoch the update carries) still holds.
-pub(crate) const WRITE_SQL: &str = "
+pub(crate) static WRITE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| WRITE_SQL_TEMPLATE.replace("{COMMANDS_CHANNEL}", COMMANDS_CHANNEL));
+
+const WRITE_SQL_TEMPLATE: &str = "
 WITH ins AS (
     INSERT INTO executions
         (id, chatbot_id, workflow_id, workflow_version, event_id, event_type, conversation_id, event, status,
@@ -930,8 +932,8 @@ UNION ALL
 SELECT false, id FROM upd
 UNION ALL
 -- Other nodes hear of the pending commands written, at commit, and deliver them to
--- their own subscribers (`outbox::COMMANDS_CHANNEL`). One row each, without a flag.
-SELECT NULL, NULL FROM cmds, pg_notify('botflow_commands', 'cmd ' || $10::text || ' ' || cmds.chatbot_id::text || ' ' || cmds.command_id)
+-- their own subscribers (`store::outbox::COMMANDS_CHANNEL`). One row each, without a flag.
+SELECT NULL, NULL FROM cmds, pg_notify('{COMMANDS_CHANNEL}', 'cmd ' || $10::text || ' ' || cmds.chatbot_id::text || ' ' || cmds.command_id)
 WHERE cmds.status = 'pending'";
 
 const EXISTING_SQL: &str = "
@@ -973,7 +975,7 @@ impl LaneConn {
                 WRITE_TIMEOUT.as_millis()
             ))
             .await?;
-        let write = client.prepare(WRITE_SQL).await?;
+        let write = client.prepare(&WRITE_SQL).await?;
         let existing = client.prepare(EXISTING_SQL).await?;
         let dead_letter = client.prepare(DEAD_LETTER_SQL).await?;
         Ok(LaneConn { client, write, existing, dead_letter })

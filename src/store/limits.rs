@@ -2,8 +2,6 @@
 //! change audited, and announced with NOTIFY so every daemon applies it at once).
 
 use super::{Store, StoreError, StoreResult};
-use crate::chatbot::limits::Limits;
-use crate::config::Config;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -44,38 +42,6 @@ impl Overrides {
             }
         }
         Ok(())
-    }
-
-    /// The limits in force: these values, the defaults for the rest.
-    pub fn resolve(&self, defaults: &Defaults) -> Limits {
-        Limits {
-            events_per_second: self.events_per_second.unwrap_or(defaults.0.events_per_second),
-            burst: self.burst.unwrap_or(defaults.0.burst),
-            executions_per_second: self.executions_per_second.unwrap_or(defaults.0.executions_per_second),
-            max_concurrent: self.max_concurrent.unwrap_or(defaults.0.max_concurrent),
-        }
-    }
-}
-
-/// The daemon's defaults, from the configuration, and whether rates are limited at all.
-#[derive(Debug, Clone, Copy)]
-pub struct Defaults(pub Limits, pub bool);
-
-impl Defaults {
-    pub fn from_config(config: &Config) -> Defaults {
-        Defaults(
-            Limits {
-            events_per_second: config.limits.events_per_second,
-            burst: config.limits.burst,
-            executions_per_second: config.limits.executions_per_second,
-            max_concurrent: config.executor.concurrency_per_chatbot.min(u32::MAX as usize) as u32,
-            },
-            config.limits.enabled,
-        )
-    }
-
-    pub fn enabled(&self) -> bool {
-        self.1
     }
 }
 

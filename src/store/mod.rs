@@ -6,7 +6,6 @@
 
 pub mod accounts;
 pub mod dead_letters;
-pub mod embedded;
 pub mod error;
 pub mod executions;
 pub mod journal;
@@ -14,6 +13,7 @@ pub mod leases;
 pub mod limits;
 pub mod listen;
 pub mod migrate;
+pub mod outbox;
 pub mod workflows;
 
 pub use error::{StoreError, StoreResult};
@@ -40,7 +40,7 @@ pub struct Store {
 type DbTls = tokio_postgres_rustls::MakeRustlsConnect;
 
 fn db_tls(ca_file: Option<&Path>) -> StoreResult<DbTls> {
-    let mut config = crate::ingest::tls::client_config(ca_file).map_err(|e| StoreError::Connect(e.to_string()))?;
+    let mut config = crate::tls::client_config(ca_file).map_err(|e| StoreError::Connect(e.to_string()))?;
     // What PostgreSQL 17 asks of a client that starts with TLS (sslnegotiation=direct).
     config.alpn_protocols = vec![b"postgresql".to_vec()];
     Ok(DbTls::new(config))

@@ -7,7 +7,7 @@
 //! they count per batch rather than per event.
 
 use crate::event::EventType;
-use crate::ingest::protocol::NackCode;
+use crate::wire::NackCode;
 use metrics::{describe_counter, describe_gauge, describe_histogram, Counter, Histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
@@ -231,7 +231,7 @@ fn register_all() {
     for kind in ["dead_execution", "workflow_failing", "database_unreachable"] {
         metrics::counter!(NOTIFICATIONS, "kind" => kind).absolute(0);
     }
-    for code in crate::ingest::protocol::ErrorCode::ALL {
+    for code in crate::wire::ErrorCode::ALL {
         metrics::counter!(FRAMES_REJECTED, "reason" => code.as_str()).absolute(0);
     }
     for reason in ["plaintext", "handshake", "timeout"] {

@@ -2,23 +2,23 @@
 
 pub mod metrics;
 
-use crate::config::LogConfig;
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-/// Installs the global log subscriber. `RUST_LOG` wins over `log.level`. Safe to call
-/// twice (the second call does nothing), which tests rely on.
-pub fn init_logging(cfg: &LogConfig) {
+/// Installs the global log subscriber: `format` is `log.format` (`text` or `json`),
+/// `level` is `log.level`, and `RUST_LOG` wins over it. Safe to call twice (the second
+/// call does nothing), which tests rely on.
+pub fn init_logging(format: &str, level: &str) {
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&cfg.level))
+        .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     // At debug level the operator asked for everything, client faults included.
     let quiet = QuietClientFaults { enabled: filter.max_level_hint().is_none_or(|max| max < Level::DEBUG) };
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = if cfg.format == "json" {
+    let _ = if format == "json" {
         builder.json().flatten_event(true).with_current_span(false).finish().with(quiet).try_init()
     } else {
         builder.finish().with(quiet).try_init()

@@ -6,20 +6,15 @@
 //! it for dry runs, and the trigger index (`chatbot::triggers`) is a faster route to
 //! the same answers, tested against it.
 
-use chrono::{DateTime, Utc};
 use serde_json::Value;
-use std::time::Duration;
 use uuid::Uuid;
 
 use super::condition::CompiledCondition;
 use super::model::{
     ImageFilter, IntentFilter, KeywordFilter, SentimentFilter, Trigger, WorkflowSpec,
 };
-use super::template::{JsonTemplate, Template};
+use super::steps::CompiledStep;
 use super::validate::{check, ValidationError};
-
-/// Used when a webhook step does not set `timeout_ms`.
-pub const DEFAULT_WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct CompiledWorkflow {
@@ -28,58 +23,6 @@ pub struct CompiledWorkflow {
     pub spec: WorkflowSpec,
     pub conditions: Vec<CompiledCondition>,
     pub steps: Vec<CompiledStep>,
-}
-
-#[derive(Debug, Clone)]
-pub struct CompiledStep {
-    pub id: String,
-    pub action: CompiledAction,
-}
-
-#[derive(Debug, Clone)]
-pub enum CompiledAction {
-    Webhook {
-        url: Template,
-        body: Option<JsonTemplate>,
-        headers: Vec<(String, Template)>,
-        timeout: Duration,
-    },
-    Reply {
-        text: Template,
-    },
-    Tag {
-        tags: Vec<Template>,
-    },
-    Handoff {
-        queue: Template,
-    },
-    Delay {
-        until: DelaySpec,
-    },
-    Notify {
-        message: Template,
-    },
-}
-
-impl CompiledAction {
-    /// The `action` name as written in the workflow.
-    pub fn name(&self) -> &'static str {
-        match self {
-            CompiledAction::Webhook { .. } => "webhook",
-            CompiledAction::Reply { .. } => "reply",
-            CompiledAction::Tag { .. } => "tag",
-            CompiledAction::Handoff { .. } => "handoff",
-            CompiledAction::Delay { .. } => "delay",
-            CompiledAction::Notify { .. } => "notify",
-        }
-    }
-}
-
-/// When a delay step ends: relative to when the step starts, or at a fixed instant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DelaySpec {
-    For(Duration),
-    Until(DateTime<Utc>),
 }
 
 impl CompiledWorkflow {
@@ -317,6 +260,8 @@ fn image_mismatch(filter: &ImageFilter, doc: &Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::workflow::steps::{CompiledAction, DelaySpec, DEFAULT_WEBHOOK_TIMEOUT};
+    use std::time::Duration;
     use serde_json::json;
 
     fn compile(spec: Value) -> CompiledWorkflow {

@@ -12,7 +12,7 @@ use std::cmp::Ordering;
 
 use super::model::{Condition, ConditionOp};
 use super::template::{lookup, FieldPath};
-use super::validate::ValidationError;
+use super::error::ValidationError;
 
 /// Compiled size limit for `matches` regexes: large enough for any sensible pattern,
 /// small enough that one workflow cannot take a chatbot's memory.

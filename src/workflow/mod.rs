@@ -1,29 +1,36 @@
 //! Workflows: the model users write, its validation, templates and conditions, and
 //! the compiled form the chatbot supervisor and executors run.
 //!
-//! `model` parses and holds what users send; `validate` decides what is acceptable and
-//! names the field when it is not; `compiled` keeps everything parsed once (templates,
-//! regexes, durations) so matching and running an event does no parsing.
+//! One direction: `model` holds what users send (plain serde data); `validate` decides
+//! what is acceptable, names the field when it is not (`error`), and parses templates,
+//! conditions and durations into the runnable `steps` on the way; `parse` turns bytes
+//! into validated models; `compiled` assembles a validated workflow ready to match and
+//! run, so matching and running an event does no parsing. No actors, no database, no
+//! network here: the actions that act on the world live beside the executor
+//! (`chatbot::actions`).
 
 pub mod compiled;
 pub mod condition;
 pub mod duration;
+pub mod error;
 pub mod model;
+pub mod parse;
+pub mod steps;
 pub mod template;
 pub mod validate;
 
-pub use compiled::{
-    CompiledAction, CompiledStep, CompiledWorkflow, DelaySpec, DEFAULT_WEBHOOK_TIMEOUT,
-};
+pub use compiled::CompiledWorkflow;
 pub use condition::CompiledCondition;
 pub use duration::parse_duration;
+pub use error::ValidationError;
 pub use model::{
-    parse_workflows, Condition, ConditionOp, ImageFilter, IntentFilter, KeywordFilter, RetryPolicy,
-    SentimentFilter, Step, Trigger, WorkflowSpec,
+    Condition, ConditionOp, ImageFilter, IntentFilter, KeywordFilter, RetryPolicy, SentimentFilter, Step, Trigger,
+    WorkflowSpec,
 };
+pub use parse::{parse_one, parse_workflows};
+pub use steps::{CompiledAction, CompiledStep, DelaySpec, DEFAULT_WEBHOOK_TIMEOUT};
 pub use template::{
     lookup, FieldPath, JsonTemplate, JsonTemplateError, PathSegment, Reference, Template,
     TemplateContext, TemplateError,
 };
-pub use validate::{validate, ValidationError};
-pub mod actions;
+pub use validate::validate;

@@ -1,22 +1,24 @@
 //! The rules a workflow must follow before it is saved or run, and
 //! [`ValidationError`], which names the exact field that breaks one.
 //!
-//! Checking and compiling are one pass (`check`): conditions and step templates are
-//! parsed here once, and [`super::CompiledWorkflow::compile`] keeps the result, so the
-//! rules that accept a workflow and the code that runs it cannot drift apart.
+//! Checking yields the parsed pieces (`check`): conditions and step templates are
+//! parsed here once into the runnable step forms of `steps`, and
+//! [`super::CompiledWorkflow::compile`] keeps the result, so the rules that accept a
+//! workflow and the code that runs it cannot drift apart. Validation never calls into
+//! the compiled workflow; the compiled workflow is built from what it returns.
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use super::compiled::{CompiledAction, CompiledStep, DelaySpec, DEFAULT_WEBHOOK_TIMEOUT};
 use super::condition::CompiledCondition;
+pub use super::error::ValidationError;
 use super::duration::parse_duration;
 use super::model::{
     ImageFilter, IntentFilter, KeywordFilter, RetryPolicy, SentimentFilter, Step, Trigger,
     WorkflowSpec,
 };
+use super::steps::{CompiledAction, CompiledStep, DelaySpec, DEFAULT_WEBHOOK_TIMEOUT};
 use super::template::{is_name_char, push_key, JsonTemplate, Reference, Template};
 use crate::event::EventType;
 
@@ -24,7 +26,8 @@ pub const MAX_NAME_CHARS: usize = 200;
 pub const MAX_EVENT_TYPE_CHARS: usize = 100;
 pub const MAX_KEYWORD_CHARS: usize = 100;
 pub const MAX_STEPS: usize = 50;
-pub const MAX_STEP_ID_CHARS: usize = 64;
+/// A step's id becomes part of its commands' ids, which bound it the same way.
+pub const MAX_STEP_ID_CHARS: usize = crate::wire::MAX_STEP_ID_CHARS;
 pub const MAX_WEBHOOK_TIMEOUT_MS: u64 = 300_000;
 pub const MAX_REPLY_CHARS: usize = 4096;
 pub const MAX_TAGS: usize = 20;
@@ -37,24 +40,6 @@ pub const SENTIMENT_LABELS: [&str; 3] = ["positive", "neutral", "negative"];
 /// Headers the HTTP client derives from the request itself; letting a workflow set
 /// them would produce malformed or misrouted requests.
 const RESERVED_HEADERS: [&str; 4] = ["host", "content-length", "transfer-encoding", "connection"];
-
-/// The first problem found in a workflow: `field` is the path users see in their
-/// document (`steps[1].text`, `[2].trigger.event` inside a list).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct ValidationError {
-    pub field: String,
-    pub message: String,
-}
-
-impl ValidationError {
-    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        ValidationError {
-            field: field.into(),
-            message: message.into(),
-        }
-    }
-}
 
 /// Checks every rule and reports the first problem, in document order.
 pub fn validate(spec: &WorkflowSpec) -> Result<(), ValidationError> {

@@ -6,7 +6,7 @@
 
 use botflow::app::{App, RunningApp};
 use botflow::config::Config;
-use botflow::store::embedded::{EmbeddedOptions, EmbeddedPostgres};
+use botflow::postgres::{EmbeddedOptions, EmbeddedPostgres};
 use botflow::store::{accounts, Store};
 use serde_json::Value;
 use std::path::PathBuf;
@@ -203,10 +203,7 @@ impl TestDaemon {
         config.limits.burst = 1_000_000;
         config.limits.executions_per_second = 1_000_000;
         (opts.tweak)(&mut config);
-        botflow::telemetry::init_logging(&botflow::config::LogConfig {
-            format: "text".into(),
-            level: std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()),
-        });
+        botflow::telemetry::init_logging("text", &std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()));
         let app = App::start(&config, pg.clone()).await.expect("the daemon starts");
         let store = app.store.clone();
         TestDaemon { app: Some(app), store, pg, dir, config }
@@ -305,9 +302,9 @@ impl Client {
     }
 
     pub async fn try_tls(addr: std::net::SocketAddr, ca_file: &std::path::Path) -> std::io::Result<Client> {
-        let connector = botflow::ingest::tls::connector(Some(ca_file)).unwrap();
+        let connector = botflow::tls::connector(Some(ca_file)).unwrap();
         let s = tokio::net::TcpStream::connect(addr).await?;
-        let name = botflow::ingest::tls::server_name(&addr.to_string()).unwrap();
+        let name = botflow::tls::server_name(&addr.to_string()).unwrap();
         let (r, w) = tokio::io::split(connector.connect(name, s).await?);
         Ok(Client { reader: BufReader::new(Box::new(r)), writer: Box::new(w), stash: Default::default() })
     }

@@ -185,7 +185,7 @@ fn run_in_process(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         config.limits.burst = 100_000_000;
         config.limits.executions_per_second = 100_000_000;
         config.log.level = "warn".into();
-        crate::telemetry::init_logging(&config.log);
+        crate::telemetry::init_logging(&config.log.format, &config.log.level);
         let db = Database::open_owned(&config)?;
         let system = actix_rt::System::new();
         let report = system.block_on(async {
@@ -251,7 +251,7 @@ async fn bench(app: &crate::app::RunningApp, config: &Config, args: &BenchArgs) 
         durable_bots.push(bot);
     }
     let tls = match &args.tls_ca {
-        Some(ca) => Some(crate::ingest::tls::connector(Some(ca))?),
+        Some(ca) => Some(crate::tls::connector(Some(ca))?),
         None => None,
     };
     let tcp = args.tcp || tls.is_some();
@@ -477,7 +477,7 @@ impl Target {
             s.set_nodelay(true)?;
             match &self.tls {
                 Some(tls) => {
-                    let name = crate::ingest::tls::server_name(&addr.to_string()).map_err(anyhow::Error::msg)?;
+                    let name = crate::tls::server_name(&addr.to_string()).map_err(anyhow::Error::msg)?;
                     let (r, w) = tokio::io::split(tls.connect(name, s).await?);
                     (Box::new(r), Box::new(w))
                 }

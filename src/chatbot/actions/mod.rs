@@ -1,4 +1,4 @@
-//! The side effects of steps, one file per kind: `webhook` (HTTP POST, signed),
+//! The side effects of steps, beside the executor that runs them, one file per kind: `webhook` (HTTP POST, signed),
 //! `command` (reply, tag and handoff to the chat service through the outbox) and
 //! `notify` (the operator channel). Each takes already-rendered inputs and returns the
 //! step's output as JSON, or a `StepError` saying what went wrong.

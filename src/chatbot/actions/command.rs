@@ -7,10 +7,11 @@
 //! on every attempt, so a client drops repeats.
 
 use super::StepError;
-use crate::ingest::protocol::Command;
 use crate::outbox::{Deliver, Forget, Outbox};
 use crate::store::journal::{CommandRow, JournalLane, RecordProgress};
+use crate::store::outbox::is_acked;
 use crate::store::Store;
+use crate::wire::Command;
 use actix::Addr;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -59,14 +60,6 @@ pub async fn send(
             if delivered == 1 { "" } else { "s" }
         ))),
     }
-}
-
-async fn is_acked(store: &Store, command_id: &str) -> bool {
-    let Ok(client) = store.pool().get().await else { return false };
-    matches!(
-        client.query_opt("SELECT status FROM outbox WHERE command_id = $1", &[&command_id]).await,
-        Ok(Some(r)) if r.get::<_, String>(0) == "acked"
-    )
 }
 
 struct ForgetOnDrop {

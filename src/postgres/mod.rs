@@ -28,6 +28,8 @@ use std::time::{Duration, Instant};
 
 /// The superuser role initdb creates; every connection uses it.
 pub const USER: &str = "botflow";
+/// The database botflow uses inside the embedded server.
+pub const EMBEDDED_DB: &str = "botflow";
 /// Only names the socket file (`.s.PGSQL.5432`): the server opens no TCP port.
 pub const PORT: u16 = 5432;
 
@@ -1054,7 +1056,7 @@ impl EmbeddedPostgres {
             return None;
         }
         let mut config = tokio_postgres::Config::new();
-        config.host_path(&socket_dir).port(PORT).user(USER).dbname(crate::cli::database::EMBEDDED_DB);
+        config.host_path(&socket_dir).port(PORT).user(USER).dbname(EMBEDDED_DB);
         Some(config)
     }
 }

@@ -1,5 +1,7 @@
-//! TLS for the ingest TCP listener (`ingest.tls_cert_file`, `ingest.tls_key_file`) and
-//! for clients of it (`botflow send --tls`).
+//! TLS configuration, shared by the ingest TCP listener (`ingest.tls_cert_file`,
+//! `ingest.tls_key_file`), its clients (`botflow send --tls`) and the store's
+//! connections to PostgreSQL (`database.tls_ca_file`); the configuration check loads
+//! the same files through it.
 //!
 //! A TLS listener looks at a new connection's first byte before the handshake: a
 //! client speaking plain protocol lines gets one plain `error` line saying TLS is
