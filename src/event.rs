@@ -33,41 +33,36 @@ impl EventType {
         EventType::ConversationEnded,
     ];
 
-    pub fn parse(s: &str) -> EventType {
-        match s {
-            "conversation.started" => EventType::ConversationStarted,
-            "message.received" => EventType::MessageReceived,
-            "sentiment.analyzed" => EventType::SentimentAnalyzed,
-            "image.uploaded" => EventType::ImageUploaded,
-            "intent.detected" => EventType::IntentDetected,
-            "conversation.ended" => EventType::ConversationEnded,
-            other => EventType::Custom(other.into()),
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        match self {
+    /// A native type's name; `None` for a custom type. The one place the names are.
+    fn native_name(&self) -> Option<&'static str> {
+        Some(match self {
             EventType::ConversationStarted => "conversation.started",
             EventType::MessageReceived => "message.received",
             EventType::SentimentAnalyzed => "sentiment.analyzed",
             EventType::ImageUploaded => "image.uploaded",
             EventType::IntentDetected => "intent.detected",
             EventType::ConversationEnded => "conversation.ended",
+            EventType::Custom(_) => return None,
+        })
+    }
+
+    pub fn parse(s: &str) -> EventType {
+        EventType::NATIVE
+            .into_iter()
+            .find(|t| t.native_name() == Some(s))
+            .unwrap_or_else(|| EventType::Custom(s.into()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
             EventType::Custom(s) => s,
+            native => native.native_name().unwrap_or_default(),
         }
     }
 
     /// A bounded label for metrics: custom types collapse into one series.
     pub fn metric_label(&self) -> &'static str {
-        match self {
-            EventType::ConversationStarted => "conversation.started",
-            EventType::MessageReceived => "message.received",
-            EventType::SentimentAnalyzed => "sentiment.analyzed",
-            EventType::ImageUploaded => "image.uploaded",
-            EventType::IntentDetected => "intent.detected",
-            EventType::ConversationEnded => "conversation.ended",
-            EventType::Custom(_) => "custom",
-        }
+        self.native_name().unwrap_or("custom")
     }
 
     pub fn is_native(&self) -> bool {
@@ -104,5 +99,23 @@ impl Event {
             obj.entry("data").or_insert_with(|| serde_json::Value::Object(Default::default()));
         }
         Ok(doc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn native_names_read_back_and_custom_types_keep_theirs() {
+        for t in EventType::NATIVE {
+            assert_eq!(EventType::parse(t.as_str()), t);
+            assert_eq!(t.metric_label(), t.as_str());
+            assert!(t.is_native());
+        }
+        let custom = EventType::parse("x.order_paid");
+        assert_eq!(custom, EventType::Custom("x.order_paid".into()));
+        assert_eq!(custom.as_str(), "x.order_paid");
+        assert_eq!(custom.metric_label(), "custom");
     }
 }

@@ -35,12 +35,13 @@
 //! outbox       commands to chat services: subscribers and acks
 //! notify       operator notifications
 //! store        PostgreSQL: pool, migrations, queries, journal, LISTEN (persistence only)
-//! workflow     the model users write: parse, validate, compile, templates, conditions (pure)
 //! postgres     the embedded PostgreSQL server's process manager
 //! config       the TOML file and BOTFLOW_* overrides
 //! tls          TLS configuration (listener, clients, PostgreSQL)
 //! telemetry    logs and metric names
-//! event        an event as it came in                       ┐ leaves: they use
+//! workflow     the model users write: parse, validate, compile, templates, conditions (pure)
+//! event        an event as it came in                       ┐
+//! execution    an execution's states                        │ leaves: they use
 //! wire         outcomes, nacks, commands, error codes       ┘ nothing of the crate
 //! ```
 //! Inside `chatbot`, the executor and the actions never name the supervisor (what they
@@ -52,6 +53,7 @@ pub mod chatbot;
 pub mod cli;
 pub mod config;
 pub mod event;
+pub mod execution;
 pub mod ingest;
 pub mod notify;
 pub mod outbox;

@@ -252,7 +252,7 @@ async fn write_to(targets: Vec<Recipient<DeliverCommand>>, command: Arc<Command>
             delivered += 1;
         }
     }
-    metrics::counter!(m::COMMANDS_SENT, "kind" => command.kind).increment(delivered as u64);
+    metrics::counter!(m::COMMANDS_SENT, "kind" => command.kind.as_str()).increment(delivered as u64);
     delivered
 }
 

@@ -292,6 +292,20 @@ impl Router {
     }
 }
 
+/// Splits a batch by chatbot, keeping each chatbot's events in the order sent (which
+/// is what the protocol promises), chatbots in the order they first appear.
+fn by_chatbot(events: Vec<Event>) -> Vec<(Uuid, Vec<Event>)> {
+    let mut groups: Vec<(Uuid, Vec<Event>)> = Vec::new();
+    for e in events {
+        // A batch names few chatbots: a scan beats hashing.
+        match groups.iter_mut().find(|(id, _)| *id == e.chatbot_id) {
+            Some((_, v)) => v.push(e),
+            None => groups.push((e.chatbot_id, vec![e])),
+        }
+    }
+    groups
+}
+
 /// Passes a workflow change to the slot's supervisor, now or when it stays.
 fn reload(slot: &mut Slot) {
     match slot {
@@ -350,13 +364,7 @@ impl Handler<RouteEvents> for Router {
                 return;
             }
         }
-        let mut groups: Vec<(Uuid, Vec<Event>)> = Vec::new();
-        for e in events {
-            match groups.iter_mut().find(|(id, _)| *id == e.chatbot_id) {
-                Some((_, v)) => v.push(e),
-                None => groups.push((e.chatbot_id, vec![e])),
-            }
-        }
+        let groups = by_chatbot(events);
         let answers = BatchAnswers::new(reply_to, groups.len());
         for (chatbot_id, events) in groups {
             self.route(chatbot_id, Held { scope, events, received_at, answers: answers.clone() }, ctx);
@@ -446,5 +454,31 @@ impl Handler<BusySupervisors> for Router {
             }
             busy
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::EventType;
+
+    fn event(id: &str, chatbot_id: Uuid) -> Event {
+        Event { id: id.into(), chatbot_id, kind: EventType::MessageReceived, conversation_id: "c".into(), raw: bytes::Bytes::new() }
+    }
+
+    #[test]
+    fn a_batch_splits_by_chatbot_keeping_each_chatbots_order() {
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let groups = by_chatbot(vec![event("1", a), event("2", b), event("3", a), event("4", b), event("5", a)]);
+        let shown: Vec<(Uuid, Vec<&str>)> = groups.iter().map(|(id, v)| (*id, v.iter().map(|e| &*e.id).collect())).collect();
+        assert_eq!(shown, vec![(a, vec!["1", "3", "5"]), (b, vec!["2", "4"])]);
+    }
+
+    #[test]
+    fn a_key_reaches_its_own_accounts_chatbots_and_an_operators_all() {
+        let (mine, theirs) = (Uuid::now_v7(), Uuid::now_v7());
+        assert!(Scope::Account(mine).allows(mine));
+        assert!(!Scope::Account(mine).allows(theirs));
+        assert!(Scope::All.allows(theirs));
     }
 }

@@ -136,9 +136,37 @@ pub struct Command {
     pub command_id: String,
     pub chatbot_id: Uuid,
     pub conversation_id: String,
-    pub kind: &'static str,
+    pub kind: CommandKind,
     pub payload: serde_json::Value,
     pub execution_id: Uuid,
+}
+
+/// What a command asks the chat service to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommandKind {
+    /// Send a message into the conversation: `{"text": …}`.
+    Reply,
+    /// Tag the conversation: `{"tags": […]}`.
+    Tag,
+    /// Hand the conversation to a human queue: `{"queue": …}`.
+    Handoff,
+}
+
+impl CommandKind {
+    pub const ALL: [CommandKind; 3] = [CommandKind::Reply, CommandKind::Tag, CommandKind::Handoff];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandKind::Reply => "reply",
+            CommandKind::Tag => "tag",
+            CommandKind::Handoff => "handoff",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<CommandKind> {
+        CommandKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
 }
 
 /// A command's id: `<execution id>:<step id>`, the same on every attempt of the step,

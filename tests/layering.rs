@@ -20,11 +20,12 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[(&str, &str)] = &[
     ("wire", "the wire vocabulary: outcomes, nacks, commands, error codes (a leaf)"),
     ("event", "an event as it came in (a leaf)"),
+    ("execution", "an execution's states (a leaf)"),
+    ("workflow", "the model users write and the pure logic over it"),
     ("telemetry", "logs and metric names"),
     ("tls", "TLS configuration for the listener, clients and PostgreSQL"),
     ("config", "the configuration file"),
     ("postgres", "the embedded PostgreSQL server's process manager"),
-    ("workflow", "the model users write and the pure logic over it"),
     ("store", "persistence in PostgreSQL"),
     ("notify", "operator notifications"),
     ("outbox", "commands to chat services"),

@@ -8,7 +8,7 @@ use super::auth::Caller;
 use super::error::{ApiError, Errors};
 use super::AdminState;
 use crate::event::Event;
-use crate::ingest::protocol::{self, ClientFrame, FrameError};
+use crate::ingest::protocol::{self, ClientFrame, Refusal};
 use crate::router::RouteEvents;
 use crate::store::accounts::Role;
 use crate::telemetry::metrics as m;
@@ -121,10 +121,11 @@ fn decode_item(item: &[u8], max_frame_bytes: usize) -> Result<Event, (Option<Str
     let line = Bytes::from(serde_json::to_vec(&obj).unwrap_or_default());
     match protocol::decode(&line) {
         Ok(ClientFrame::Event(e)) => Ok(e),
-        Err(FrameError::InvalidEvent { id, field, message }) => {
-            Err((id, invalid(Some(field.clone()), format!("field {field:?} {message}"))))
-        }
-        Err(other) => Err((None, invalid(None, format!("{other:?}")))),
+        // The item is an object with op "event": only the event's own fields can be wrong.
+        Err(e) => match e.refusal() {
+            Refusal::Nack { id, nack } => Err((id, nack)),
+            Refusal::Error(_, message) => Err((None, invalid(None, message))),
+        },
         Ok(_) => Err((None, invalid(Some("op".into()), "not an event".into()))),
     }
 }

@@ -6,7 +6,8 @@ use super::auth::Caller;
 use super::error::{ApiError, Errors};
 use super::page::{self, Page, Position};
 use super::AdminState;
-use crate::store::executions::{self, Analytics, ExecutionDetail, ExecutionSummary, Filter, Method, STATUSES};
+use crate::execution::Status;
+use crate::store::executions::{self, Analytics, ExecutionDetail, ExecutionSummary, Filter, Method};
 use actix_web::{get, web, HttpResponse};
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::Deserialize;
@@ -33,11 +34,11 @@ pub struct ListQuery {
 
 fn filter(q: &ListQuery) -> Result<Filter, ApiError> {
     if let Some(s) = &q.status {
-        if !STATUSES.contains(&s.as_str()) {
+        if Status::parse(s).is_none() {
             let shown: String = s.chars().take(40).collect();
             return Err(ApiError::bad_request(format!(
                 "status {shown:?} is not one of {}",
-                STATUSES.join(", ")
+                Status::names().collect::<Vec<_>>().join(", ")
             ))
             .field("status"));
         }

@@ -16,7 +16,7 @@ use crate::store::accounts::ChatbotRecord;
 use crate::store::journal::{ExecutionUpdate, JournalLane, LeaseLost, RecordProgress, Status, StepRecord};
 use crate::store::leases::LeaseHealth;
 use crate::telemetry::metrics as m;
-use crate::wire::{Command, CommandId};
+use crate::wire::{Command, CommandId, CommandKind};
 use crate::workflow::{CompiledAction, CompiledStep, CompiledWorkflow, DelaySpec, TemplateContext};
 use actix::{Addr, Recipient};
 use chrono::{DateTime, Utc};
@@ -260,7 +260,7 @@ enum StepOutcome {
 
 async fn run_step(job: &Job, env: &ExecEnv, step: &CompiledStep, outputs: &Map<String, Value>) -> Result<Value, StepError> {
     let ctx = TemplateContext { event: &job.event, steps: outputs };
-    let command = |kind: &'static str, payload: Value| Command {
+    let command = |kind: CommandKind, payload: Value| Command {
         // Stable across attempts, so a client can drop repeats.
         command_id: CommandId::new(job.execution_id, &step.id).to_string(),
         chatbot_id: env.chatbot.id,
@@ -292,15 +292,15 @@ async fn run_step(job: &Job, env: &ExecEnv, step: &CompiledStep, outputs: &Map<S
         }
         CompiledAction::Reply { text } => {
             let payload = serde_json::json!({ "text": text.render_string(&ctx)? });
-            send_command(env, job, command("reply", payload)).await
+            send_command(env, job, command(CommandKind::Reply, payload)).await
         }
         CompiledAction::Tag { tags } => {
             let tags = tags.iter().map(|t| t.render_string(&ctx)).collect::<Result<Vec<_>, _>>()?;
-            send_command(env, job, command("tag", serde_json::json!({ "tags": tags }))).await
+            send_command(env, job, command(CommandKind::Tag, serde_json::json!({ "tags": tags }))).await
         }
         CompiledAction::Handoff { queue } => {
             let payload = serde_json::json!({ "queue": queue.render_string(&ctx)? });
-            send_command(env, job, command("handoff", payload)).await
+            send_command(env, job, command(CommandKind::Handoff, payload)).await
         }
         CompiledAction::Notify { message } => {
             let message = message.render_string(&ctx)?;

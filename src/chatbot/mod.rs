@@ -2,6 +2,7 @@
 //! the actions they run (webhooks, commands through the outbox, notifications).
 
 pub mod actions;
+pub mod admission;
 pub mod deps;
 pub mod executor;
 pub mod limits;

@@ -3,9 +3,21 @@
 //! exponential bound), so executions that failed together do not retry together.
 
 use crate::config::RetryConfig;
+use crate::execution::Status;
 use crate::workflow::RetryPolicy;
+use chrono::{DateTime, Utc};
 use rand::Rng;
 use std::time::Duration;
+
+/// What follows a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterFailure {
+    /// Attempt number `attempt` runs at `due`, `wait` from now.
+    Retry { attempt: i32, due: DateTime<Utc>, wait: Duration },
+    /// No more attempts: `Dead` (a dead letter) when a retry might have helped,
+    /// `Failed` when the failure was of a kind no retry fixes.
+    GiveUp(Status),
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
@@ -49,6 +61,34 @@ impl Policy {
     pub fn allows_another(&self, attempt: i32) -> bool {
         attempt < self.max_attempts
     }
+
+    /// What follows attempt `attempt` failing at `now`: another attempt after the
+    /// backoff (at least `retry_after`, when the receiver asked for it), or the end.
+    pub fn after_failure(
+        &self,
+        attempt: i32,
+        retryable: bool,
+        retry_after: Option<Duration>,
+        now: DateTime<Utc>,
+        rng: &mut impl Rng,
+    ) -> AfterFailure {
+        if !retryable {
+            return AfterFailure::GiveUp(Status::Failed);
+        }
+        if !self.allows_another(attempt) {
+            return AfterFailure::GiveUp(Status::Dead);
+        }
+        let wait = self.backoff(attempt, rng).max(retry_after.unwrap_or_default());
+        let due = now + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::zero());
+        AfterFailure::Retry { attempt: attempt + 1, due, wait }
+    }
+
+    /// Why an execution claimed after its run was interrupted (its step crashed the
+    /// daemon, say) ends before it starts: it has used up its attempts. `None`: it runs.
+    pub fn gives_up_before(&self, interrupted: bool, attempt: i32) -> Option<String> {
+        (interrupted && attempt > self.max_attempts)
+            .then(|| format!("gave up after {} attempts that were interrupted or failed", attempt - 1))
+    }
 }
 
 #[cfg(test)]
@@ -86,5 +126,31 @@ mod tests {
         let waits: Vec<Duration> = (0..200).map(|_| p.backoff(3, &mut rng)).collect();
         assert!(waits.iter().all(|w| *w <= Duration::from_millis(4000)));
         assert!(waits.iter().any(|w| *w < Duration::from_millis(1000)) && waits.iter().any(|w| *w > Duration::from_millis(3000)));
+    }
+
+    #[test]
+    fn a_failure_is_retried_while_attempts_remain_then_the_execution_is_dead() {
+        let p = Policy { max_attempts: 3, initial_backoff: Duration::from_millis(500), max_backoff: Duration::from_secs(60), jitter: false };
+        let now = Utc::now();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        assert_eq!(
+            p.after_failure(1, true, None, now, &mut rng),
+            AfterFailure::Retry { attempt: 2, due: now + chrono::Duration::milliseconds(500), wait: Duration::from_millis(500) }
+        );
+        // The receiver's Retry-After wins over a shorter backoff.
+        match p.after_failure(2, true, Some(Duration::from_secs(7)), now, &mut rng) {
+            AfterFailure::Retry { attempt: 3, wait, .. } => assert_eq!(wait, Duration::from_secs(7)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(p.after_failure(3, true, None, now, &mut rng), AfterFailure::GiveUp(Status::Dead));
+        assert_eq!(p.after_failure(1, false, None, now, &mut rng), AfterFailure::GiveUp(Status::Failed));
+    }
+
+    #[test]
+    fn an_interrupted_execution_past_its_attempts_ends_before_it_starts() {
+        let p = Policy { max_attempts: 2, initial_backoff: Duration::ZERO, max_backoff: Duration::ZERO, jitter: false };
+        assert_eq!(p.gives_up_before(true, 2), None);
+        assert_eq!(p.gives_up_before(false, 3), None, "only interrupted runs count here");
+        assert_eq!(p.gives_up_before(true, 3).as_deref(), Some("gave up after 2 attempts that were interrupted or failed"));
     }
 }

@@ -24,15 +24,16 @@
 //! execution always runs the workflow version it was created with.
 
 pub use super::deps::SupervisorDeps;
+use super::admission;
 use super::executor::{self, ExecEnv, Job, RunEnd};
 use super::limits::{Limiters, Limits, Usage};
-use super::retry::Policy;
+use super::retry::{AfterFailure, Policy};
 use super::triggers::TriggerIndex;
 use crate::event::Event;
 use crate::notify::{Kind, Report};
 use crate::store::accounts::ChatbotRecord;
 use crate::store::journal::{
-    ExecutionsCommitted, JournalLane, LeaseLost, PendingEvent, PlannedExecution, RecordExecutions, RecordProgress,
+    ExecutionsCommitted, JournalLane, LeaseLost, PendingEvent, RecordExecutions, RecordProgress,
     Status,
 };
 use crate::store::leases::{self, Claimed};
@@ -243,8 +244,7 @@ impl ChatbotSupervisor {
         // An execution whose runs keep being interrupted (its step crashes the
         // daemon, say) still comes to an end.
         let policy = Policy::resolve(job.workflow.spec.retry.as_ref(), &self.deps.retry);
-        if job.interrupted && job.attempt > policy.max_attempts {
-            let error = format!("gave up after {} attempts that were interrupted or failed", job.attempt - 1);
+        if let Some(error) = policy.gives_up_before(job.interrupted, job.attempt) {
             let mut u = job.update(Status::Dead);
             u.finished_at = Some(Utc::now());
             u.error = Some(error.clone());
@@ -289,21 +289,22 @@ impl ChatbotSupervisor {
             RunEnd::Failed { error, retryable, retry_after } => {
                 let policy = Policy::resolve(job.workflow.spec.retry.as_ref(), &self.deps.retry);
                 update.error = Some(error.clone());
-                if retryable && policy.allows_another(job.attempt) {
-                    let wait = policy.backoff(job.attempt, &mut rand::thread_rng()).max(retry_after.unwrap_or_default());
-                    let due = now + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::zero());
-                    metrics::counter!(m::RETRIES).increment(1);
-                    tracing::info!(execution_id = %job.execution_id, attempt = job.attempt, wait_ms = wait.as_millis() as u64, "attempt failed; retrying");
-                    job.attempt += 1;
-                    update.attempt = job.attempt;
-                    update.status = Status::Retrying;
-                    update.run_after = Some(due);
-                    self.hold_or_release(job.clone(), &mut update, due, ctx);
-                } else {
-                    update.status = if retryable { Status::Dead } else { Status::Failed };
-                    update.finished_at = Some(now);
-                    metrics::histogram!(m::EXECUTION_DURATION).record(started.elapsed().as_secs_f64());
-                    self.report_failure(&job, update.status, &error);
+                match policy.after_failure(job.attempt, retryable, retry_after, now, &mut rand::thread_rng()) {
+                    AfterFailure::Retry { attempt, due, wait } => {
+                        metrics::counter!(m::RETRIES).increment(1);
+                        tracing::info!(execution_id = %job.execution_id, attempt = job.attempt, wait_ms = wait.as_millis() as u64, "attempt failed; retrying");
+                        job.attempt = attempt;
+                        update.attempt = attempt;
+                        update.status = Status::Retrying;
+                        update.run_after = Some(due);
+                        self.hold_or_release(job.clone(), &mut update, due, ctx);
+                    }
+                    AfterFailure::GiveUp(status) => {
+                        update.status = status;
+                        update.finished_at = Some(now);
+                        metrics::histogram!(m::EXECUTION_DURATION).record(started.elapsed().as_secs_f64());
+                        self.report_failure(&job, status, &error);
+                    }
                 }
             }
         }
@@ -577,68 +578,28 @@ impl Handler<SupervisorEvents> for ChatbotSupervisor {
         let mut matches = 0u64;
         let mut limited = 0u64;
         let index = self.index.clone();
+        let mut room = self.deps.queue_capacity.saturating_sub(self.held());
+        let generation = self.generation();
         for event in events {
             if let Err(wait) = if self.deps.limit_defaults.enabled() { self.limiters.check_event() } else { Ok(()) } {
                 limited += 1;
-                let mut nack = Nack::new(
-                    NackCode::RateLimited,
-                    format!(
-                        "chatbot {} is over its limit of {} events/s (burst {})",
-                        self.chatbot.id,
-                        self.limiters.limits().events_per_second,
-                        self.limiters.limits().burst
-                    ),
-                );
-                nack.retry_after_ms = Some((wait.as_micros() as u64).div_ceil(1000).max(1));
+                let nack = admission::rate_limited(self.chatbot.id, &self.limiters.limits(), wait);
                 answers.push((event.id, Outcome::Nack(nack), received_at));
                 continue;
             }
-            if !index.has_candidates(&event.kind) {
-                answers.push((event.id, Outcome::Ack { executions: Vec::new(), duplicate: false }, received_at));
-                continue;
-            }
-            let doc = match event.document() {
-                Ok(d) => d,
-                Err(error) => {
-                    // Cannot happen for a line the codec accepted; answer rather than panic.
-                    tracing::error!(%error, event_id = %event.id, "accepted event does not parse");
-                    answers.push((event.id, Outcome::Nack(Nack::new(NackCode::Internal, "the event could not be read")), received_at));
+            let doc = match admission::admit(&index, &event, &mut self.matched) {
+                Ok(doc) => doc,
+                Err(outcome) => {
+                    answers.push((event.id, outcome, received_at));
                     continue;
                 }
             };
-            index.match_event(&event.kind, &doc, &mut self.matched);
-            if self.matched.is_empty() {
-                answers.push((event.id, Outcome::Ack { executions: Vec::new(), duplicate: false }, received_at));
-                continue;
-            }
             matches += self.matched.len() as u64;
-            let doc = Arc::new(doc);
-            let conversation_id: Arc<str> = Arc::from(&*event.conversation_id);
-            let outputs = Arc::new(serde_json::Value::Object(Default::default()));
-            let mut planned = Vec::with_capacity(self.matched.len());
-            for &i in &self.matched {
-                let workflow = index.workflow(i).clone();
-                let execution_id = Uuid::now_v7();
-                // Past the memory bound, the execution waits in PostgreSQL, unleased.
-                let leased = self.held() < self.deps.queue_capacity;
-                planned.push(PlannedExecution { execution_id, workflow_id: workflow.id, workflow_version: workflow.version, leased });
-                if leased {
-                    let job = Job {
-                        generation: self.generation(),
-                        interrupted: false,
-                        execution_id,
-                        epoch: 1,
-                        attempt: 1,
-                        workflow,
-                        event: doc.clone(),
-                        conversation_id: conversation_id.clone(),
-                        step_index: 0,
-                        outputs: outputs.clone(),
-                    };
-                    self.awaiting_commit.insert(execution_id, job);
-                } else {
-                    self.backlog = true;
-                }
+            let (planned, jobs) = admission::plan(&index, &self.matched, doc, &event.conversation_id, &mut room, generation);
+            // Past the memory bound, executions wait in PostgreSQL, unleased.
+            self.backlog |= jobs.len() < planned.len();
+            for job in jobs {
+                self.awaiting_commit.insert(job.execution_id, job);
             }
             pending.push(PendingEvent { event, received_at, executions: planned, reply_to: reply_to.clone() });
         }

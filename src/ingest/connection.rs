@@ -16,14 +16,14 @@
 //! that does not read its acks has at most `max_in_flight` events in the daemon.
 
 use super::codec::{Frame, LineDecoder};
-use super::protocol::{self, ClientFrame, FrameError, Hello};
+use super::protocol::{self, ClientFrame, FrameError, Hello, Refusal};
 use crate::event::Event;
 use crate::outbox::{ClientAck, DeliverCommand, Outbox, Subscribe, Unsubscribe};
 use crate::router::{RouteEvents, Router};
 use crate::store::accounts::{self, Principal, Role, Scope};
 use crate::store::Store;
 use crate::telemetry::metrics as m;
-use crate::wire::{ErrorCode, EventOutcomes, Nack, NackCode, Outcome};
+use crate::wire::{ErrorCode, EventOutcomes, Outcome};
 use actix::prelude::*;
 use bytes::BytesMut;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -399,20 +399,10 @@ impl Connection {
     }
 
     fn frame_error(&self, e: FrameError) {
-        match e {
-            FrameError::Malformed(m) => self.error(ErrorCode::InvalidFrame, &m),
-            FrameError::UnknownOp(m) => self.error(ErrorCode::UnknownOp, &m),
-            FrameError::InvalidFrame { op, field, message } => {
-                self.error(ErrorCode::InvalidFrame, &format!("{op}: field {field:?} {message}"))
-            }
-            FrameError::InvalidEvent { id, field, message } => {
-                let nack = Nack {
-                    code: NackCode::InvalidEvent,
-                    message: format!("field {field:?} {message}"),
-                    field: Some(field),
-                    retry_after_ms: None,
-                };
-                m::hot().rejected(NackCode::InvalidEvent).increment(1);
+        match e.refusal() {
+            Refusal::Error(code, message) => self.error(code, &message),
+            Refusal::Nack { id, nack } => {
+                m::hot().rejected(nack.code).increment(1);
                 self.out.push(|b| protocol::write_nack(b, id.as_deref(), &nack));
             }
         }

@@ -81,6 +81,36 @@ impl FrameError {
     fn event(id: Option<&str>, field: &str, message: impl Into<String>) -> FrameError {
         FrameError::InvalidEvent { id: id.map(str::to_string), field: field.to_string(), message: message.into() }
     }
+
+    /// What the client is told: an event's problem is its nack (echoing its id when it
+    /// could be read), anything else an `error` line.
+    pub fn refusal(self) -> Refusal {
+        match self {
+            FrameError::Malformed(m) => Refusal::Error(ErrorCode::InvalidFrame, m),
+            FrameError::UnknownOp(m) => Refusal::Error(ErrorCode::UnknownOp, m),
+            FrameError::InvalidFrame { op, field, message } => {
+                Refusal::Error(ErrorCode::InvalidFrame, format!("{op}: field {field:?} {message}"))
+            }
+            FrameError::InvalidEvent { id, field, message } => {
+                let nack = Nack {
+                    code: NackCode::InvalidEvent,
+                    message: format!("field {field:?} {message}"),
+                    field: Some(field),
+                    retry_after_ms: None,
+                };
+                Refusal::Nack { id, nack }
+            }
+        }
+    }
+}
+
+/// The answer to a refused frame.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refusal {
+    /// An `error` line.
+    Error(ErrorCode, String),
+    /// The event's nack, with its id when it could be read.
+    Nack { id: Option<String>, nack: Nack },
 }
 
 /// Every field any client frame may carry. Unknown fields are ignored (forward
@@ -645,5 +675,23 @@ mod tests {
             serde_json::json!({"op":"nack","id":null,"error":{"code":"invalid_event","message":"m","field":"data.text"}})
         );
         assert_eq!(lines[2], serde_json::json!({"op":"pong"}));
+    }
+
+    #[test]
+    fn refused_frames_become_an_error_line_or_the_events_nack() {
+        match dec(r#"{"op":"event","id":"e-7","chatbot_id":"bad"}"#).unwrap_err().refusal() {
+            Refusal::Nack { id, nack } => {
+                assert_eq!(id.as_deref(), Some("e-7"));
+                assert_eq!((nack.code, nack.field.as_deref()), (NackCode::InvalidEvent, Some("chatbot_id")));
+                assert!(nack.message.starts_with("field \"chatbot_id\" "), "{}", nack.message);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(dec("not json").unwrap_err().refusal(), Refusal::Error(ErrorCode::InvalidFrame, _)));
+        assert!(matches!(dec(r#"{"op":"nope"}"#).unwrap_err().refusal(), Refusal::Error(ErrorCode::UnknownOp, _)));
+        match dec(r#"{"op":"hello","token":"t"}"#).unwrap_err().refusal() {
+            Refusal::Error(ErrorCode::InvalidFrame, m) => assert_eq!(m, "hello: field \"version\" is required (this daemon speaks version 1)"),
+            other => panic!("{other:?}"),
+        }
     }
 }

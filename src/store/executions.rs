@@ -18,7 +18,6 @@ use uuid::Uuid;
 /// Windows holding more executions than this use the rollups (unless told otherwise).
 pub const EXACT_LIMIT: i64 = 50_000;
 
-pub const STATUSES: [&str; 8] = ["queued", "running", "retrying", "waiting", "succeeded", "failed", "dead", "cancelled"];
 const FINAL: &str = "('succeeded', 'failed', 'dead')";
 
 /// Which executions a history page shows. Every field narrows the list.

@@ -6,7 +6,7 @@
 
 use super::accounts::Scope;
 use super::{Store, StoreError};
-use crate::wire::{Command, CommandId};
+use crate::wire::{Command, CommandId, CommandKind};
 use uuid::Uuid;
 
 /// The channel commands are announced on: `cmd <node> <chatbot id> <command id>` by
@@ -60,17 +60,11 @@ fn command_of(r: &tokio_postgres::Row) -> Command {
         command_id: r.get(0),
         chatbot_id: r.get(1),
         conversation_id: r.get(2),
-        kind: command_kind(&r.get::<_, String>(3)),
+        // The table only holds kinds this daemon wrote; an unknown one (from a newer
+        // version) is delivered as a reply rather than dropped.
+        kind: CommandKind::parse(&r.get::<_, String>(3)).unwrap_or(CommandKind::Reply),
         payload: r.get(4),
         execution_id: r.get(5),
-    }
-}
-
-fn command_kind(kind: &str) -> &'static str {
-    match kind {
-        "tag" => "tag",
-        "handoff" => "handoff",
-        _ => "reply",
     }
 }
 

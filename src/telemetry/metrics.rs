@@ -219,14 +219,14 @@ fn register_all() {
     for kind in ["transient", "permanent"] {
         metrics::counter!(DB_ERRORS, "kind" => kind).absolute(0);
     }
-    for action in ["webhook", "reply", "tag", "handoff", "delay", "notify"] {
+    for action in crate::workflow::Step::ACTIONS {
         for outcome in ["succeeded", "failed"] {
             metrics::counter!(STEPS, "action" => action, "outcome" => outcome).absolute(0);
         }
         let _ = metrics::histogram!(STEP_DURATION, "action" => action);
     }
-    for kind in ["reply", "tag", "handoff"] {
-        metrics::counter!(COMMANDS_SENT, "kind" => kind).absolute(0);
+    for kind in crate::wire::CommandKind::ALL {
+        metrics::counter!(COMMANDS_SENT, "kind" => kind.as_str()).absolute(0);
     }
     for kind in ["dead_execution", "workflow_failing", "database_unreachable"] {
         metrics::counter!(NOTIFICATIONS, "kind" => kind).absolute(0);
