@@ -1,9 +1,11 @@
 //! Wiring the daemon together and taking it apart again.
 //!
-//! `App::start` runs inside an actix `System`: it opens the database (migrating it
-//! first), starts the worker arbiters (connections and chatbot supervisors), the
-//! journal arbiter, the Router and the Outbox, the change listener, the metrics
-//! endpoint and finally the ingest listeners. `RunningApp::shutdown` undoes it in the
+//! `App::start` runs inside an actix `System`, in four steps: `open_database` (migrating
+//! it first), `Bound::bind` (every socket, before anything runs), `Actors::start` (the
+//! worker arbiters for connections and chatbot supervisors, the journal arbiter, the
+//! Router, the Outbox, the heartbeat and the scheduler) with `forward_changes` (the
+//! change listener), and last the admin API, the metrics endpoint and the ingest
+//! listeners. `RunningApp::shutdown` undoes it in the
 //! order that loses nothing: stop accepting and reading, answer what is in flight, let
 //! running executions finish (up to the deadline), flush the journal.
 
@@ -53,35 +55,136 @@ pub struct RunningApp {
 
 pub struct App;
 
+/// The sockets, bound before anything runs so a taken port fails the start cleanly.
+struct Bound {
+    tcp: Option<(std::net::TcpListener, Option<tokio_rustls::TlsAcceptor>)>,
+    unix: Option<(std::os::unix::net::UnixListener, PathBuf)>,
+    admin: Option<std::net::TcpListener>,
+    metrics: Option<std::net::TcpListener>,
+}
+
+/// The actors and tasks of the data path, running.
+struct Actors {
+    arbiters: Vec<Arbiter>,
+    workers: Workers,
+    journal: Journal,
+    outbox: Addr<Outbox>,
+    router: Addr<Router>,
+    /// Stops the heartbeat and the scheduler, after the drain.
+    heartbeat_stop: CancellationToken,
+}
+
 impl App {
-    /// Starts the daemon against `pg` (a server URL's config, or the embedded server's).
+    /// Starts the daemon against `pg` (a server URL's config, or the embedded server's):
+    /// the database first, then the sockets, the actors, and last what serves them.
     pub async fn start(config: &Config, pg: tokio_postgres::Config) -> anyhow::Result<RunningApp> {
         // Without a metrics endpoint nothing is recorded at all.
         let prometheus = (!config.metrics.listen.is_empty()).then(m::install);
         m::hot();
-        let store = Store::new(pg, config.database.pool_size, Duration::from_millis(config.database.connect_timeout_ms), config.database_ca_file())?;
-        store
-            .wait_until_reachable(Duration::from_secs(30))
-            .await
-            .context("the database is not reachable")?;
-        let report = migrate::migrate(&store).await.context("cannot migrate the database")?;
-        for applied in &report.applied {
-            tracing::info!(migration = %applied, "applied migration");
-        }
-        let node = leases::node_id(&config.data_dir)
-            .with_context(|| format!("cannot read or write {}", config.data_dir.join("node.id").display()))?;
-        let freed = leases::register(&store, node).await?;
-        if freed > 0 {
-            tracing::info!(executions = freed, "freed the executions a previous run of this node held; they resume");
-        }
-        let operator_key = accounts::bootstrap_operator_key(&store).await?;
-        if let Some(key) = &operator_key {
-            let path = config.operator_token_path();
-            write_secret(&path, key).with_context(|| format!("cannot write {}", path.display()))?;
-            tracing::info!(path = %path.display(), "first start on an empty database: wrote an operator key");
-        }
+        let (store, node, operator_key) = open_database(config, pg).await?;
+        let bound = Bound::bind(config)?;
+        let shutdown = CancellationToken::new();
+        let actors = Actors::start(config, &store, node)?;
+        forward_changes(&store, &actors, &shutdown);
 
-        // Bind before starting anything that runs, so a taken port fails the start cleanly.
+        // Open socket connections and HTTP ingest requests: the shutdown drain waits for both.
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let admin_addr = bound.admin.as_ref().and_then(|l| l.local_addr().ok());
+        let admin_server = match bound.admin {
+            Some(l) => Some(crate::admin::start(
+                l,
+                crate::admin::AdminState {
+                    store: store.clone(),
+                    router: actors.router.clone(),
+                    limit_defaults: crate::chatbot::limits::Defaults::from_config(config),
+                    shutdown: shutdown.clone(),
+                    connections: connections.clone(),
+                    max_frame_bytes: config.ingest.max_frame_bytes,
+                },
+                2,
+            )?),
+            None => None,
+        };
+        let metrics_addr = bound.metrics.as_ref().and_then(|l| l.local_addr().ok());
+        let metrics_server = match (bound.metrics, prometheus) {
+            (Some(l), Some(p)) => Some(start_metrics_server(l, p)?),
+            _ => None,
+        };
+
+        let ingest = Arc::new(IngestDeps {
+            store: store.clone(),
+            router: actors.router.clone(),
+            outbox: actors.outbox.clone(),
+            max_frame_bytes: config.ingest.max_frame_bytes,
+            max_in_flight: config.ingest.max_in_flight,
+            handshake_timeout: Duration::from_millis(config.ingest.handshake_timeout_ms),
+            connections: connections.clone(),
+        });
+        let tcp_addr = bound.tcp.as_ref().and_then(|(l, _)| l.local_addr().ok());
+        let unix_path = bound.unix.as_ref().map(|(_, p)| p.clone());
+        let listeners = bound
+            .tcp
+            .map(|(l, tls)| listener::Listener::Tcp(l, tls))
+            .into_iter()
+            .chain(bound.unix.map(|(l, p)| listener::Listener::Unix(l, p)));
+        for l in listeners {
+            actix_rt::spawn(listener::serve(l, actors.workers.clone(), ingest.clone(), shutdown.clone()));
+        }
+        tracing::info!(
+            tcp = tcp_addr.map(|a| a.to_string()).unwrap_or_default(),
+            unix = unix_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+            metrics = metrics_addr.map(|a| a.to_string()).unwrap_or_default(),
+            admin = admin_addr.map(|a| a.to_string()).unwrap_or_default(),
+            workers = config.worker_threads(),
+            "botflow is ready"
+        );
+        Ok(RunningApp {
+            store,
+            tcp_addr,
+            unix_path,
+            metrics_addr,
+            admin_addr,
+            operator_key,
+            shutdown,
+            heartbeat_stop: actors.heartbeat_stop,
+            node,
+            router: actors.router,
+            journal: actors.journal,
+            connections,
+            arbiters: actors.arbiters,
+            metrics_server,
+            admin_server,
+            shutdown_timeout: Duration::from_secs(config.shutdown_timeout_seconds),
+        })
+    }
+}
+
+/// Connects, migrates, registers this node (freeing what a previous run of it held)
+/// and, on an empty database, writes the first operator key.
+async fn open_database(config: &Config, pg: tokio_postgres::Config) -> anyhow::Result<(Store, uuid::Uuid, Option<String>)> {
+    let store = Store::new(pg, config.database.pool_size, Duration::from_millis(config.database.connect_timeout_ms), config.database_ca_file())?;
+    store.wait_until_reachable(Duration::from_secs(30)).await.context("the database is not reachable")?;
+    let report = migrate::migrate(&store).await.context("cannot migrate the database")?;
+    for applied in &report.applied {
+        tracing::info!(migration = %applied, "applied migration");
+    }
+    let node = leases::node_id(&config.data_dir)
+        .with_context(|| format!("cannot read or write {}", config.data_dir.join("node.id").display()))?;
+    let freed = leases::register(&store, node).await?;
+    if freed > 0 {
+        tracing::info!(executions = freed, "freed the executions a previous run of this node held; they resume");
+    }
+    let operator_key = accounts::bootstrap_operator_key(&store).await?;
+    if let Some(key) = &operator_key {
+        let path = config.operator_token_path();
+        write_secret(&path, key).with_context(|| format!("cannot write {}", path.display()))?;
+        tracing::info!(path = %path.display(), "first start on an empty database: wrote an operator key");
+    }
+    Ok((store, node, operator_key))
+}
+
+impl Bound {
+    fn bind(config: &Config) -> anyhow::Result<Bound> {
         let tcp = if config.ingest.tcp.is_empty() {
             None
         } else {
@@ -95,31 +198,28 @@ impl App {
             Some(p) => Some((listener::bind_unix(&p)?, p)),
             None => None,
         };
-        let admin_listener = if config.admin.listen.is_empty() {
-            None
-        } else {
-            Some(
-                std::net::TcpListener::bind(&config.admin.listen)
-                    .with_context(|| format!("cannot listen on admin.listen {}", config.admin.listen))?,
-            )
+        let http = |addr: &str, key: &str| -> anyhow::Result<Option<std::net::TcpListener>> {
+            if addr.is_empty() {
+                return Ok(None);
+            }
+            let l = std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {key} {addr}"))?;
+            Ok(Some(l))
         };
-        let metrics_listener = if config.metrics.listen.is_empty() {
-            None
-        } else {
-            Some(
-                std::net::TcpListener::bind(&config.metrics.listen)
-                    .with_context(|| format!("cannot listen on metrics.listen {}", config.metrics.listen))?,
-            )
-        };
+        Ok(Bound { tcp, unix, admin: http(&config.admin.listen, "admin.listen")?, metrics: http(&config.metrics.listen, "metrics.listen")? })
+    }
+}
 
-        let shutdown = CancellationToken::new();
+impl Actors {
+    /// The worker arbiters (connections and supervisors) and the journal's, the
+    /// journal lanes, the outbox, the notifier, the lease heartbeat, the router and
+    /// the scheduler.
+    fn start(config: &Config, store: &Store, node: uuid::Uuid) -> anyhow::Result<Actors> {
         let workers_n = config.worker_threads();
         let arbiters: Vec<Arbiter> = (0..workers_n + 1).map(|_| Arbiter::new()).collect();
         let journal_arbiter = arbiters[workers_n].handle();
         let workers = Workers::new(arbiters[..workers_n].iter().map(Arbiter::handle).collect());
-
         let journal = Journal::start(
-            &store,
+            store,
             node,
             &journal_arbiter,
             config.journal.lanes,
@@ -178,96 +278,34 @@ impl App {
             unreachable_after: Duration::from_secs(config.notify.database_unreachable_seconds),
         };
         actix_rt::spawn(scheduler.run(heartbeat_stop.clone()));
-
-        // Workflow changes and dead-letter replays from any process on this database.
-        let (change_tx, mut change_rx) = tokio::sync::mpsc::unbounded_channel();
-        actix_rt::spawn(listen::run(store.clone(), change_tx, shutdown.clone()));
-        let (r, o) = (router.clone(), outbox.clone());
-        actix_rt::spawn(async move {
-            while let Some(change) = change_rx.recv().await {
-                match change {
-                    Change::Wake(chatbot_id) => r.do_send(Wake { chatbot_id, due_at: chrono::Utc::now() }),
-                    Change::Command { node, chatbot_id, command_id } => o.do_send(RemoteCommand { node, chatbot_id, command_id }),
-                    Change::CommandAcked { command_id, account } => {
-                        let scope = account.map_or(Scope::All, Scope::Account);
-                        o.do_send(RemoteAck { command_id, scope })
-                    }
-                    Change::Resync => {
-                        // Command announcements missed while disconnected, too.
-                        o.do_send(RedeliverPending);
-                        r.do_send(WorkflowsChanged(Change::Resync))
-                    }
-                    other => r.do_send(WorkflowsChanged(other)),
-                }
-            }
-        });
-
-        // Open socket connections and HTTP ingest requests: the shutdown drain waits for both.
-        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
-        let admin_server = match admin_listener {
-            Some(l) => Some(crate::admin::start(
-                l,
-                crate::admin::AdminState {
-                    store: store.clone(),
-                    router: router.clone(),
-                    limit_defaults: crate::chatbot::limits::Defaults::from_config(config),
-                    shutdown: shutdown.clone(),
-                    connections: connections.clone(),
-                    max_frame_bytes: config.ingest.max_frame_bytes,
-                },
-                2,
-            )?),
-            None => None,
-        };
-        let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
-        let metrics_server = match (metrics_listener, prometheus) {
-            (Some(l), Some(p)) => Some(start_metrics_server(l, p)?),
-            _ => None,
-        };
-
-        let ingest = Arc::new(IngestDeps {
-            store: store.clone(),
-            router: router.clone(),
-            outbox,
-            max_frame_bytes: config.ingest.max_frame_bytes,
-            max_in_flight: config.ingest.max_in_flight,
-            handshake_timeout: Duration::from_millis(config.ingest.handshake_timeout_ms),
-            connections: connections.clone(),
-        });
-        let tcp_addr = tcp.as_ref().and_then(|(l, _)| l.local_addr().ok());
-        let unix_path = unix.as_ref().map(|(_, p)| p.clone());
-        let listeners = tcp.map(|(l, tls)| listener::Listener::Tcp(l, tls)).into_iter().chain(unix.map(|(l, p)| listener::Listener::Unix(l, p)));
-        for l in listeners {
-            actix_rt::spawn(listener::serve(l, workers.clone(), ingest.clone(), shutdown.clone()));
-        }
-        tracing::info!(
-            tcp = tcp_addr.map(|a| a.to_string()).unwrap_or_default(),
-            unix = unix_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
-            metrics = metrics_addr.map(|a| a.to_string()).unwrap_or_default(),
-            admin = admin_addr.map(|a| a.to_string()).unwrap_or_default(),
-            workers = workers_n,
-            "botflow is ready"
-        );
-        Ok(RunningApp {
-            store,
-            tcp_addr,
-            unix_path,
-            metrics_addr,
-            admin_addr,
-            operator_key,
-            shutdown,
-            heartbeat_stop,
-            node,
-            router,
-            journal,
-            connections,
-            arbiters,
-            metrics_server,
-            admin_server,
-            shutdown_timeout: Duration::from_secs(config.shutdown_timeout_seconds),
-        })
+        Ok(Actors { arbiters, workers, journal, outbox, router, heartbeat_stop })
     }
+}
+
+/// Changes made by any process on this database (workflow and limit changes, replays,
+/// commands and acks of other nodes) go to the router or the outbox.
+fn forward_changes(store: &Store, actors: &Actors, shutdown: &CancellationToken) {
+    let (change_tx, mut change_rx) = tokio::sync::mpsc::unbounded_channel();
+    actix_rt::spawn(listen::run(store.clone(), change_tx, shutdown.clone()));
+    let (r, o) = (actors.router.clone(), actors.outbox.clone());
+    actix_rt::spawn(async move {
+        while let Some(change) = change_rx.recv().await {
+            match change {
+                Change::Wake(chatbot_id) => r.do_send(Wake { chatbot_id, due_at: chrono::Utc::now() }),
+                Change::Command { node, chatbot_id, command_id } => o.do_send(RemoteCommand { node, chatbot_id, command_id }),
+                Change::CommandAcked { command_id, account } => {
+                    let scope = account.map_or(Scope::All, Scope::Account);
+                    o.do_send(RemoteAck { command_id, scope })
+                }
+                Change::Resync => {
+                    // Command announcements missed while disconnected, too.
+                    o.do_send(RedeliverPending);
+                    r.do_send(WorkflowsChanged(Change::Resync))
+                }
+                other => r.do_send(WorkflowsChanged(other)),
+            }
+        }
+    });
 }
 
 impl RunningApp {

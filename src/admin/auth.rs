@@ -1,11 +1,13 @@
-//! Who is calling, and what they may reach. Every handler takes a `Caller`; every
-//! chatbot-scoped resource goes through `Caller::chatbot`, which is the one place
-//! ownership is enforced: another account's chatbot answers 404, as if it did not exist.
+//! Who is calling, and what they may reach. Every handler takes a `Caller`, or an
+//! `OwnedChatbot` for the chatbot its path names; every chatbot-scoped resource goes
+//! through `Caller::chatbot`, which is the one place ownership is enforced: another
+//! account's chatbot answers 404, as if it did not exist.
 
 use super::error::ApiError;
 use super::AdminState;
 use crate::store::accounts::{self, ChatbotRecord, Principal, Role};
 use actix_web::{web, FromRequest, HttpRequest};
+use serde::Deserialize;
 use std::future::Future;
 use std::pin::Pin;
 use uuid::Uuid;
@@ -90,6 +92,47 @@ impl FromRequest for Caller {
                 Some(principal) => Ok(Caller { principal }),
                 None => Err(ApiError::unauthenticated("the key is not valid")),
             }
+        })
+    }
+}
+
+/// The `{id}` segment of a chatbot-scoped path (other segments are the handler's).
+#[derive(Deserialize)]
+struct ChatbotIdParam {
+    id: Uuid,
+}
+
+/// The chatbot a request's path names (`/v1/chatbots/{id}/…`), once the caller is
+/// known to reach it: the path and ownership check every chatbot-scoped handler starts
+/// with. Checked in the order a client fixes them: the key (401), the path (400), then
+/// the chatbot (404 for a missing or another account's one).
+pub struct OwnedChatbot {
+    pub caller: Caller,
+    pub chatbot: ChatbotRecord,
+}
+
+impl std::ops::Deref for OwnedChatbot {
+    type Target = ChatbotRecord;
+    fn deref(&self) -> &ChatbotRecord {
+        &self.chatbot
+    }
+}
+
+impl FromRequest for OwnedChatbot {
+    type Error = actix_web::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<OwnedChatbot, actix_web::Error>>>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut actix_web::dev::Payload) -> Self::Future {
+        let caller = Caller::from_request(req, payload);
+        // Parsed through `web::Path`, so a bad id gets the app's usual path error.
+        let id = web::Path::<ChatbotIdParam>::extract(req);
+        let state = req.app_data::<web::Data<AdminState>>().cloned();
+        Box::pin(async move {
+            let caller = caller.await?;
+            let id = id.await?.into_inner().id;
+            let state = state.ok_or_else(|| ApiError::unavailable("the admin API is not ready"))?;
+            let chatbot = caller.chatbot(&state, id).await?;
+            Ok(OwnedChatbot { caller, chatbot })
         })
     }
 }

@@ -2,7 +2,7 @@
 //! list (the caller's account; operators: all, or one account) and read one.
 
 use super::body::Object;
-use super::auth::Caller;
+use super::auth::{Caller, OwnedChatbot};
 use super::error::{ApiError, Errors};
 use super::page::{self, Page, Position};
 use super::AdminState;
@@ -91,8 +91,7 @@ pub async fn list(state: web::Data<AdminState>, caller: Caller, q: web::Query<Li
     responses((status = 200, description = "The chatbot", body = ChatbotRow), Errors)
 )]
 #[get("/v1/chatbots/{id}")]
-pub async fn get(state: web::Data<AdminState>, caller: Caller, path: web::Path<Uuid>) -> Result<HttpResponse, ApiError> {
-    let bot = caller.chatbot(&state, path.into_inner()).await?;
+pub async fn get(state: web::Data<AdminState>, bot: OwnedChatbot) -> Result<HttpResponse, ApiError> {
     let row = accounts::chatbot_row(&state.store, bot.id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("chatbot {} not found", bot.id)))?;

@@ -2,7 +2,7 @@
 //! discard one, and replay or discard every open letter a filter matches.
 
 use super::body::Object;
-use super::auth::Caller;
+use super::auth::{Caller, OwnedChatbot};
 use super::error::{ApiError, Errors};
 use super::page::{self, Page, Position};
 use super::AdminState;
@@ -81,11 +81,9 @@ async fn page_of(state: &AdminState, f: Filter, q: &ListQuery) -> Result<Page<De
 #[get("/v1/chatbots/{id}/dead-letters")]
 pub async fn list(
     state: web::Data<AdminState>,
-    caller: Caller,
-    path: web::Path<Uuid>,
+    bot: OwnedChatbot,
     q: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let bot = caller.chatbot(&state, path.into_inner()).await?;
     if q.chatbot_id.is_some_and(|c| c != bot.id) {
         return Err(ApiError::bad_request("chatbot_id is for GET /v1/dead-letters").field("chatbot_id"));
     }
@@ -173,15 +171,14 @@ pub struct BulkResult {
     pub count: i64,
 }
 
-async fn bulk(state: &AdminState, caller: &Caller, chatbot: Uuid, body: BulkRequest, replaying: bool) -> Result<HttpResponse, ApiError> {
-    let bot = caller.chatbot(state, chatbot).await?;
+async fn bulk(state: &AdminState, bot: OwnedChatbot, body: BulkRequest, replaying: bool) -> Result<HttpResponse, ApiError> {
     let max = body.max.unwrap_or(10_000);
     if !(1..=100_000).contains(&max) {
         return Err(ApiError::bad_request("max must be 1 to 100000").field("max"));
     }
     let f = FilterQuery { workflow_id: body.workflow_id, state: None, since: body.since, until: body.until, q: body.q }
         .filter(Some(bot.id))?;
-    let count = dead_letters::act_matching(&state.store, &f, replaying, &by(caller), max).await?;
+    let count = dead_letters::act_matching(&state.store, &f, replaying, &by(&bot.caller), max).await?;
     Ok(HttpResponse::Ok().json(BulkResult { count }))
 }
 
@@ -194,11 +191,10 @@ async fn bulk(state: &AdminState, caller: &Caller, chatbot: Uuid, body: BulkRequ
 #[post("/v1/chatbots/{id}/dead-letters/replay")]
 pub async fn bulk_replay(
     state: web::Data<AdminState>,
-    caller: Caller,
-    path: web::Path<Uuid>,
+    bot: OwnedChatbot,
     body: Object<BulkRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    bulk(&state, &caller, path.into_inner(), body.into_inner(), true).await
+    bulk(&state, bot, body.into_inner(), true).await
 }
 
 #[utoipa::path(
@@ -210,9 +206,8 @@ pub async fn bulk_replay(
 #[post("/v1/chatbots/{id}/dead-letters/discard")]
 pub async fn bulk_discard(
     state: web::Data<AdminState>,
-    caller: Caller,
-    path: web::Path<Uuid>,
+    bot: OwnedChatbot,
     body: Object<BulkRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    bulk(&state, &caller, path.into_inner(), body.into_inner(), false).await
+    bulk(&state, bot, body.into_inner(), false).await
 }

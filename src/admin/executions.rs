@@ -2,7 +2,7 @@
 //! first), `GET /v1/executions/{eid}` (one execution with every step attempt) and
 //! `GET /v1/chatbots/{id}/analytics` (per-workflow figures over a window).
 
-use super::auth::Caller;
+use super::auth::{Caller, OwnedChatbot};
 use super::error::{ApiError, Errors};
 use super::page::{self, Page, Position};
 use super::AdminState;
@@ -66,11 +66,9 @@ fn filter(q: &ListQuery) -> Result<Filter, ApiError> {
 #[get("/v1/chatbots/{id}/executions")]
 pub async fn list(
     state: web::Data<AdminState>,
-    caller: Caller,
-    path: web::Path<Uuid>,
+    bot: OwnedChatbot,
     q: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let bot = caller.chatbot(&state, path.into_inner()).await?;
     let limit = page::limit(q.limit)?;
     let f = filter(&q)?;
     let query = format!("executions:{}:{f:?}", bot.id);
@@ -120,11 +118,9 @@ const MAX_WINDOW_DAYS: i64 = 400;
 #[get("/v1/chatbots/{id}/analytics")]
 pub async fn analytics(
     state: web::Data<AdminState>,
-    caller: Caller,
-    path: web::Path<Uuid>,
+    bot: OwnedChatbot,
     q: web::Query<AnalyticsQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let bot = caller.chatbot(&state, path.into_inner()).await?;
     // The bounds given are checked before any arithmetic on them.
     page::check_window(q.since, q.until)?;
     let until = q.until.unwrap_or_else(Utc::now);

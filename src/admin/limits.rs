@@ -2,7 +2,7 @@
 //! defaults, current usage and the recent changes) and `PUT` (operators only).
 
 use super::body::Object;
-use super::auth::Caller;
+use super::auth::OwnedChatbot;
 use super::error::{ApiError, Errors};
 use super::AdminState;
 use crate::chatbot::limits::{Limits, Usage};
@@ -43,8 +43,7 @@ async fn view(state: &AdminState, chatbot: Uuid) -> Result<LimitsView, ApiError>
     responses((status = 200, description = "The limits in force, the chatbot's own values, the defaults, usage and recent changes", body = LimitsView), Errors)
 )]
 #[get("/v1/chatbots/{id}/limits")]
-pub async fn get(state: web::Data<AdminState>, caller: Caller, path: web::Path<Uuid>) -> Result<HttpResponse, ApiError> {
-    let bot = caller.chatbot(&state, path.into_inner()).await?;
+pub async fn get(state: web::Data<AdminState>, bot: OwnedChatbot) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(view(&state, bot.id).await?))
 }
 
@@ -57,15 +56,13 @@ pub async fn get(state: web::Data<AdminState>, caller: Caller, path: web::Path<U
 #[put("/v1/chatbots/{id}/limits")]
 pub async fn put(
     state: web::Data<AdminState>,
-    caller: Caller,
-    path: web::Path<Uuid>,
+    bot: OwnedChatbot,
     body: Object<Overrides>,
 ) -> Result<HttpResponse, ApiError> {
-    let bot = caller.chatbot(&state, path.into_inner()).await?;
-    caller.require_operator()?;
+    bot.caller.require_operator()?;
     let overrides = body.into_inner();
     overrides.validate().map_err(|(field, message)| ApiError::invalid(field, format!("{field} {message}")))?;
-    let by = format!("key {}", caller.principal.key_id);
+    let by = format!("key {}", bot.caller.principal.key_id);
     limits::set(&state.store, bot.id, overrides, &by).await?;
     Ok(HttpResponse::Ok().json(view(&state, bot.id).await?))
 }

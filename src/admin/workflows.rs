@@ -5,7 +5,7 @@
 //! errors name the field (`steps[1].url`).
 
 use super::body::Object;
-use super::auth::Caller;
+use super::auth::OwnedChatbot;
 use super::error::{ApiError, Errors};
 use super::page::{self, Page, Position};
 use super::AdminState;
@@ -47,7 +47,13 @@ pub struct PageQuery {
     pub cursor: Option<String>,
 }
 
-type Ids = web::Path<(Uuid, Uuid)>;
+/// The `{wid}` of a workflow's path (its `{id}` is `OwnedChatbot`'s).
+#[derive(Deserialize)]
+pub struct WorkflowPath {
+    wid: Uuid,
+}
+
+type Ids = web::Path<WorkflowPath>;
 
 #[utoipa::path(
     tag = "workflows",
@@ -57,11 +63,9 @@ type Ids = web::Path<(Uuid, Uuid)>;
 #[get("/v1/chatbots/{id}/workflows")]
 pub async fn list(
     state: web::Data<AdminState>,
-    caller: Caller,
-    path: web::Path<Uuid>,
+    bot: OwnedChatbot,
     q: web::Query<PageQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let bot = caller.chatbot(&state, path.into_inner()).await?;
     let limit = page::limit(q.limit)?;
     let query = format!("workflows:{}", bot.id);
     let after = q.cursor.as_deref().map(|c| page::decode(c, &query)?.time()).transpose()?;
@@ -78,11 +82,9 @@ pub async fn list(
 #[post("/v1/chatbots/{id}/workflows")]
 pub async fn create(
     state: web::Data<AdminState>,
-    caller: Caller,
-    path: web::Path<Uuid>,
+    bot: OwnedChatbot,
     body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
-    let bot = caller.chatbot(&state, path.into_inner()).await?;
     let spec = parse(&body, "")?;
     let row = workflows::create(&state.store, bot.id, &spec).await?;
     Ok(HttpResponse::Created().json(row))
@@ -94,9 +96,8 @@ pub async fn create(
     responses((status = 200, description = "The workflow's current version", body = WorkflowRow), Errors)
 )]
 #[get("/v1/chatbots/{id}/workflows/{wid}")]
-pub async fn get(state: web::Data<AdminState>, caller: Caller, path: Ids) -> Result<HttpResponse, ApiError> {
-    let (id, wid) = path.into_inner();
-    let bot = caller.chatbot(&state, id).await?;
+pub async fn get(state: web::Data<AdminState>, bot: OwnedChatbot, path: Ids) -> Result<HttpResponse, ApiError> {
+    let wid = path.wid;
     Ok(HttpResponse::Ok().json(workflows::get(&state.store, bot.id, wid).await?))
 }
 
@@ -109,12 +110,11 @@ pub async fn get(state: web::Data<AdminState>, caller: Caller, path: Ids) -> Res
 #[put("/v1/chatbots/{id}/workflows/{wid}")]
 pub async fn replace(
     state: web::Data<AdminState>,
-    caller: Caller,
+    bot: OwnedChatbot,
     path: Ids,
     body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
-    let (id, wid) = path.into_inner();
-    let bot = caller.chatbot(&state, id).await?;
+    let wid = path.wid;
     let spec = parse(&body, "")?;
     Ok(HttpResponse::Ok().json(workflows::replace(&state.store, bot.id, wid, &spec).await?))
 }
@@ -135,12 +135,11 @@ pub struct Patch {
 #[patch("/v1/chatbots/{id}/workflows/{wid}")]
 pub async fn patch(
     state: web::Data<AdminState>,
-    caller: Caller,
+    bot: OwnedChatbot,
     path: Ids,
     body: Object<Patch>,
 ) -> Result<HttpResponse, ApiError> {
-    let (id, wid) = path.into_inner();
-    let bot = caller.chatbot(&state, id).await?;
+    let wid = path.wid;
     Ok(HttpResponse::Ok().json(workflows::set_enabled(&state.store, bot.id, wid, body.enabled).await?))
 }
 
@@ -150,9 +149,8 @@ pub async fn patch(
     responses((status = 204, description = "Deleted; executions already started finish on their version"), Errors)
 )]
 #[delete("/v1/chatbots/{id}/workflows/{wid}")]
-pub async fn delete(state: web::Data<AdminState>, caller: Caller, path: Ids) -> Result<HttpResponse, ApiError> {
-    let (id, wid) = path.into_inner();
-    let bot = caller.chatbot(&state, id).await?;
+pub async fn delete(state: web::Data<AdminState>, bot: OwnedChatbot, path: Ids) -> Result<HttpResponse, ApiError> {
+    let wid = path.wid;
     workflows::delete(&state.store, bot.id, wid).await?;
     Ok(HttpResponse::NoContent().finish())
 }
@@ -165,12 +163,11 @@ pub async fn delete(state: web::Data<AdminState>, caller: Caller, path: Ids) -> 
 #[get("/v1/chatbots/{id}/workflows/{wid}/versions")]
 pub async fn versions(
     state: web::Data<AdminState>,
-    caller: Caller,
+    bot: OwnedChatbot,
     path: Ids,
     q: web::Query<PageQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let (id, wid) = path.into_inner();
-    let bot = caller.chatbot(&state, id).await?;
+    let wid = path.wid;
     let current = workflows::get(&state.store, bot.id, wid).await?;
     let limit = page::limit(q.limit)?;
     let query = format!("versions:{wid}");
@@ -199,15 +196,14 @@ pub struct CopyRequest {
 #[post("/v1/chatbots/{id}/workflows/{wid}/copy")]
 pub async fn copy(
     state: web::Data<AdminState>,
-    caller: Caller,
+    bot: OwnedChatbot,
     path: Ids,
     body: Object<CopyRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let (id, wid) = path.into_inner();
-    let bot = caller.chatbot(&state, id).await?;
+    let wid = path.wid;
     let source = workflows::get(&state.store, bot.id, wid).await?;
-    let target = caller.chatbot(&state, body.target_chatbot_id).await.map_err(|e| e.field("target_chatbot_id"))?;
-    if !caller.is_operator() && target.account_id != bot.account_id {
+    let target = bot.caller.chatbot(&state, body.target_chatbot_id).await.map_err(|e| e.field("target_chatbot_id"))?;
+    if !bot.caller.is_operator() && target.account_id != bot.account_id {
         return Err(ApiError::not_found(format!("chatbot {} not found", target.id)).field("target_chatbot_id"));
     }
     let mut doc = source.definition;
@@ -237,11 +233,9 @@ pub struct Applied {
 #[post("/v1/chatbots/{id}/workflows/apply")]
 pub async fn apply(
     state: web::Data<AdminState>,
-    caller: Caller,
-    path: web::Path<Uuid>,
+    bot: OwnedChatbot,
     body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
-    let bot = caller.chatbot(&state, path.into_inner()).await?;
     let bytes = serde_json::to_vec(&body.into_inner()).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let specs = parse_workflows(&bytes).map_err(|e| invalid(e, ""))?;
     let applied = workflows::apply(&state.store, bot.id, &specs).await?;
@@ -292,11 +286,9 @@ pub struct DryRunResult {
 #[post("/v1/chatbots/{id}/workflows/dry-run")]
 pub async fn dry_run(
     state: web::Data<AdminState>,
-    caller: Caller,
-    path: web::Path<Uuid>,
+    bot: OwnedChatbot,
     body: Object<DryRunRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let bot = caller.chatbot(&state, path.into_inner()).await?;
     let body = body.into_inner();
     let spec = match (body.workflow, body.workflow_id) {
         (Some(doc), None) => parse(&doc, "workflow")?,
