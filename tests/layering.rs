@@ -47,6 +47,8 @@ const FILE_RULES: &[(&str, &str, &str)] = &[
     ("workflow/model.rs", "workflow/compiled.rs", "model → validate → compiled: the model does not compile"),
     ("workflow/validate.rs", "workflow/compiled.rs", "model → validate → compiled: validation does not build the compiled form"),
     ("workflow/condition.rs", "workflow/compiled.rs", "a condition is compiled on its own"),
+    ("workflow/actions", "workflow/validate.rs", "an action checks its own fields; validation calls it, not the reverse"),
+    ("workflow/actions", "workflow/compiled.rs", "an action knows nothing of the compiled workflow"),
 ];
 
 /// Crates a module must not use: (module, crate, why).

@@ -9,7 +9,7 @@
 //! is caught and recorded as a failed step: a panic inside an actor's future would
 //! otherwise take the whole arbiter down.
 
-use super::actions::{self, StepError};
+use super::actions;
 use super::deps::SupervisorDeps;
 use crate::outbox::Outbox;
 use crate::store::accounts::ChatbotRecord;
@@ -17,7 +17,7 @@ use crate::store::journal::{ExecutionUpdate, JournalLane, LeaseLost, RecordProgr
 use crate::store::leases::LeaseHealth;
 use crate::telemetry::metrics as m;
 use crate::wire::{Command, CommandId, CommandKind};
-use crate::workflow::{CompiledAction, CompiledStep, CompiledWorkflow, DelaySpec, TemplateContext};
+use crate::workflow::{CompiledStep, CompiledWorkflow, Effects, StepError, StepInput, StepOutcome, TemplateContext, WebhookCall};
 use actix::{Addr, Recipient};
 use chrono::{DateTime, Utc};
 use futures::FutureExt;
@@ -163,39 +163,30 @@ pub async fn run(mut job: Job, env: Arc<ExecEnv>) -> (Job, RunEnd) {
         let step = &job.workflow.steps[index];
         let started_at = Utc::now();
         let clock = Instant::now();
-        let result = match &step.action {
-            CompiledAction::Delay { until } => {
-                let due = match until {
-                    DelaySpec::For(d) => started_at + chrono::Duration::from_std(*d).unwrap_or(chrono::Duration::zero()),
-                    DelaySpec::Until(t) => *t,
-                };
-                Ok(StepOutcome::Delay(due))
-            }
-            _ => {
-                let work = panic_as_error(run_step(&job, &env, step, &outputs));
-                let bounded = tokio::time::timeout_at(deadline, tokio::time::timeout(env.step_timeout, work));
-                // A step in flight stops when the lease becomes doubtful: another node
-                // may start the same step any moment.
-                let outcome = tokio::select! {
-                    biased;
-                    r = bounded => Some(r),
-                    _ = lease.wait_for(|s| !s.healthy || s.generation != generation) => None,
-                };
-                let Some(outcome) = outcome else {
-                    if lease.borrow().generation != generation {
-                        return (job, RunEnd::Abandoned);
-                    }
-                    let error = format!("step {:?} was stopped: this node's lease heartbeat is late", step.id);
-                    return (job, RunEnd::Failed { error, retryable: true, retry_after: None });
-                };
-                match outcome {
-                    Err(_) => Err(StepError::retryable(format!("the execution timed out after {} ms", timeout.as_millis()))),
-                    Ok(Err(_)) => Err(StepError::retryable(format!("the step timed out after {} ms", env.step_timeout.as_millis()))),
-                    Ok(Ok(Ok(r))) => r.map(StepOutcome::Output),
-                    Ok(Ok(Err(what))) => {
-                        tracing::error!(execution_id = %job.execution_id, step = %step.id, panic = %what, "step panicked");
-                        Err(StepError::new(format!("step panicked: {what}")))
-                    }
+        let result = {
+            let work = panic_as_error(run_step(&job, &env, step, &outputs, started_at));
+            let bounded = tokio::time::timeout_at(deadline, tokio::time::timeout(env.step_timeout, work));
+            // A step in flight stops when the lease becomes doubtful: another node
+            // may start the same step any moment.
+            let outcome = tokio::select! {
+                biased;
+                r = bounded => Some(r),
+                _ = lease.wait_for(|s| !s.healthy || s.generation != generation) => None,
+            };
+            let Some(outcome) = outcome else {
+                if lease.borrow().generation != generation {
+                    return (job, RunEnd::Abandoned);
+                }
+                let error = format!("step {:?} was stopped: this node's lease heartbeat is late", step.id);
+                return (job, RunEnd::Failed { error, retryable: true, retry_after: None });
+            };
+            match outcome {
+                Err(_) => Err(StepError::retryable(format!("the execution timed out after {} ms", timeout.as_millis()))),
+                Ok(Err(_)) => Err(StepError::retryable(format!("the step timed out after {} ms", env.step_timeout.as_millis()))),
+                Ok(Ok(Ok(r))) => r,
+                Ok(Ok(Err(what))) => {
+                    tracing::error!(execution_id = %job.execution_id, step = %step.id, panic = %what, "step panicked");
+                    Err(StepError::new(format!("step panicked: {what}")))
                 }
             }
         };
@@ -253,68 +244,63 @@ pub async fn run(mut job: Job, env: Arc<ExecEnv>) -> (Job, RunEnd) {
     (job, RunEnd::Succeeded)
 }
 
-enum StepOutcome {
-    Output(Value),
-    Delay(DateTime<Utc>),
+/// Runs one step's action, its effects going through this execution's `StepEffects`.
+async fn run_step(
+    job: &Job,
+    env: &ExecEnv,
+    step: &CompiledStep,
+    outputs: &Map<String, Value>,
+    started_at: DateTime<Utc>,
+) -> Result<StepOutcome, StepError> {
+    let input = StepInput { templates: TemplateContext { event: &job.event, steps: outputs }, started_at };
+    step.action.run(&input, &StepEffects { job, env, step_id: &step.id }).await
 }
 
-async fn run_step(job: &Job, env: &ExecEnv, step: &CompiledStep, outputs: &Map<String, Value>) -> Result<Value, StepError> {
-    let ctx = TemplateContext { event: &job.event, steps: outputs };
-    let command = |kind: CommandKind, payload: Value| Command {
-        // Stable across attempts, so a client can drop repeats.
-        command_id: CommandId::new(job.execution_id, &step.id).to_string(),
-        chatbot_id: env.chatbot.id,
-        conversation_id: job.conversation_id.to_string(),
-        kind,
-        payload,
-        execution_id: job.execution_id,
-    };
-    match &step.action {
-        CompiledAction::Webhook { url, body, headers, timeout } => {
-            let request = actions::webhook::Request {
-                url: url.render_string(&ctx)?,
-                body: match body {
-                    Some(b) => b.render(&ctx)?,
-                    None => job.event.as_ref().clone(),
-                },
-                headers: headers
-                    .iter()
-                    .map(|(k, v)| Ok((k.clone(), v.render_string(&ctx)?)))
-                    .collect::<Result<Vec<_>, StepError>>()?,
-                timeout: *timeout,
-                idempotency_key: format!("{}:{}", job.execution_id, step.id),
-                execution_id: job.execution_id,
-                event_id: job.event.get("id").and_then(Value::as_str).unwrap_or_default().to_string(),
-                attempt: job.attempt,
-                lease_epoch: job.epoch,
-            };
-            actions::webhook::call(&env.http, &env.chatbot.webhook_secret, request).await
-        }
-        CompiledAction::Reply { text } => {
-            let payload = serde_json::json!({ "text": text.render_string(&ctx)? });
-            send_command(env, job, command(CommandKind::Reply, payload)).await
-        }
-        CompiledAction::Tag { tags } => {
-            let tags = tags.iter().map(|t| t.render_string(&ctx)).collect::<Result<Vec<_>, _>>()?;
-            send_command(env, job, command(CommandKind::Tag, serde_json::json!({ "tags": tags }))).await
-        }
-        CompiledAction::Handoff { queue } => {
-            let payload = serde_json::json!({ "queue": queue.render_string(&ctx)? });
-            send_command(env, job, command(CommandKind::Handoff, payload)).await
-        }
-        CompiledAction::Notify { message } => {
-            let message = message.render_string(&ctx)?;
-            actions::notify::send(&env.http, env.notify_url.as_deref(), &env.chatbot, job.execution_id, &message).await
-        }
-        // `run` handles delays itself and never gets here with one.
-        CompiledAction::Delay { .. } => Err(StepError::new("a delay step cannot run as an action")),
+/// What a step of this execution does to the world: webhooks signed with the
+/// chatbot's secret, commands through the journal and the outbox, notifications.
+struct StepEffects<'a> {
+    job: &'a Job,
+    env: &'a ExecEnv,
+    step_id: &'a str,
+}
+
+impl Effects for StepEffects<'_> {
+    async fn call_webhook(&self, call: WebhookCall) -> Result<Value, StepError> {
+        let job = self.job;
+        let request = actions::webhook::Request {
+            url: call.url,
+            body: call.body,
+            headers: call.headers,
+            timeout: call.timeout,
+            // The same on every attempt, so a receiver can drop repeats.
+            idempotency_key: format!("{}:{}", job.execution_id, self.step_id),
+            execution_id: job.execution_id,
+            event_id: job.event.get("id").and_then(Value::as_str).unwrap_or_default().to_string(),
+            attempt: job.attempt,
+            lease_epoch: job.epoch,
+        };
+        actions::webhook::call(&self.env.http, &self.env.chatbot.webhook_secret, request).await
     }
-}
 
-fn send_command<'a>(env: &'a ExecEnv, job: &Job, command: Command) -> impl std::future::Future<Output = Result<Value, StepError>> + 'a {
-    let (epoch, attempt) = (job.epoch, job.attempt);
-    let route = actions::command::Route { lane: &env.lane, outbox: &env.outbox, store: &env.store, ack_timeout: env.ack_timeout };
-    actions::command::send(route, Arc::new(command), env.chatbot.account_id, epoch, attempt)
+    async fn send_command(&self, kind: CommandKind, payload: Value) -> Result<Value, StepError> {
+        let (job, env) = (self.job, self.env);
+        let command = Command {
+            // Stable across attempts, so a client can drop repeats.
+            command_id: CommandId::new(job.execution_id, self.step_id).to_string(),
+            chatbot_id: env.chatbot.id,
+            conversation_id: job.conversation_id.to_string(),
+            kind,
+            payload,
+            execution_id: job.execution_id,
+        };
+        let route = actions::command::Route { lane: &env.lane, outbox: &env.outbox, store: &env.store, ack_timeout: env.ack_timeout };
+        actions::command::send(route, Arc::new(command), env.chatbot.account_id, job.epoch, job.attempt).await
+    }
+
+    async fn notify(&self, message: String) -> Result<Value, StepError> {
+        let env = self.env;
+        actions::notify::send(&env.http, env.notify_url.as_deref(), &env.chatbot, self.job.execution_id, &message).await
+    }
 }
 
 /// Runs a step's future and turns a panic inside it into its message: a panic that

@@ -219,7 +219,7 @@ fn register_all() {
     for kind in ["transient", "permanent"] {
         metrics::counter!(DB_ERRORS, "kind" => kind).absolute(0);
     }
-    for action in crate::workflow::Step::ACTIONS {
+    for &action in crate::workflow::Step::ACTIONS {
         for outcome in ["succeeded", "failed"] {
             metrics::counter!(STEPS, "action" => action, "outcome" => outcome).absolute(0);
         }

@@ -13,7 +13,7 @@ use super::condition::CompiledCondition;
 use super::model::{
     ImageFilter, IntentFilter, KeywordFilter, SentimentFilter, Trigger, WorkflowSpec,
 };
-use super::steps::CompiledStep;
+use super::actions::CompiledStep;
 use super::validate::{check, ValidationError};
 
 #[derive(Debug, Clone)]
@@ -260,7 +260,9 @@ fn image_mismatch(filter: &ImageFilter, doc: &Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workflow::steps::{CompiledAction, DelaySpec, DEFAULT_WEBHOOK_TIMEOUT};
+    use crate::workflow::actions::delay::DelaySpec;
+    use crate::workflow::actions::webhook::DEFAULT_TIMEOUT as DEFAULT_WEBHOOK_TIMEOUT;
+    use crate::workflow::actions::CompiledAction;
     use std::time::Duration;
     use serde_json::json;
 
@@ -296,36 +298,26 @@ mod tests {
             ["webhook", "webhook", "reply", "tag", "handoff", "delay", "delay", "notify"]
         );
         match &wf.steps[0].action {
-            CompiledAction::Webhook {
-                timeout,
-                headers,
-                body,
-                ..
-            } => {
-                assert_eq!(*timeout, DEFAULT_WEBHOOK_TIMEOUT);
-                assert_eq!(headers[0].0, "X-Kind");
-                assert!(!body.as_ref().unwrap().is_literal());
+            CompiledAction::Webhook(w) => {
+                assert_eq!(w.timeout, DEFAULT_WEBHOOK_TIMEOUT);
+                assert_eq!(w.headers[0].0, "X-Kind");
+                assert!(!w.body.as_ref().unwrap().is_literal());
             }
             other => panic!("unexpected {other:?}"),
         }
         match &wf.steps[1].action {
-            CompiledAction::Webhook { timeout, body, .. } => {
-                assert_eq!(*timeout, Duration::from_millis(250));
-                assert!(body.is_none());
+            CompiledAction::Webhook(w) => {
+                assert_eq!(w.timeout, Duration::from_millis(250));
+                assert!(w.body.is_none());
             }
             other => panic!("unexpected {other:?}"),
         }
         match &wf.steps[5].action {
-            CompiledAction::Delay { until } => {
-                assert_eq!(*until, DelaySpec::For(Duration::from_secs(5400)))
-            }
+            CompiledAction::Delay(d) => assert_eq!(d.until, DelaySpec::For(Duration::from_secs(5400))),
             other => panic!("unexpected {other:?}"),
         }
         match &wf.steps[6].action {
-            CompiledAction::Delay { until } => assert_eq!(
-                *until,
-                DelaySpec::Until("2026-11-25T10:00:00Z".parse().unwrap())
-            ),
+            CompiledAction::Delay(d) => assert_eq!(d.until, DelaySpec::Until("2026-11-25T10:00:00Z".parse().unwrap())),
             other => panic!("unexpected {other:?}"),
         }
         assert_eq!(wf.steps[2].id, "say");

@@ -1,21 +1,23 @@
 //! Workflows: the model users write, its validation, templates and conditions, and
 //! the compiled form the chatbot supervisor and executors run.
 //!
-//! One direction: `model` holds what users send (plain serde data); `validate` decides
-//! what is acceptable, names the field when it is not (`error`), and parses templates,
-//! conditions and durations into the runnable `steps` on the way; `parse` turns bytes
+//! One direction: `model` holds what users send (plain serde data; each step's fields
+//! are its action's, in `actions`, one file per action with its validation, compiled
+//! form and effect); `validate` decides what is acceptable, names the field when it is
+//! not (`error`), and parses templates, conditions and durations on the way; `parse` turns bytes
 //! into validated models; `compiled` assembles a validated workflow ready to match and
 //! run, so matching and running an event does no parsing. No actors, no database, no
-//! network here: the actions that act on the world live beside the executor
-//! (`chatbot::actions`).
+//! network here: an action's effect goes through `actions::Effects`, which the executor
+//! implements beside the code that calls out (`chatbot::actions`).
 
+pub mod actions;
 pub mod compiled;
 pub mod condition;
 pub mod duration;
 pub mod error;
+pub mod fields;
 pub mod model;
 pub mod parse;
-pub mod steps;
 pub mod template;
 pub mod validate;
 
@@ -28,7 +30,7 @@ pub use model::{
     WorkflowSpec,
 };
 pub use parse::{parse_one, parse_workflows};
-pub use steps::{CompiledAction, CompiledStep, DelaySpec, DEFAULT_WEBHOOK_TIMEOUT};
+pub use actions::{CompiledAction, CompiledStep, Effects, StepError, StepInput, StepOutcome, WebhookCall};
 pub use template::{
     lookup, FieldPath, JsonTemplate, JsonTemplateError, PathSegment, Reference, Template,
     TemplateContext, TemplateError,

@@ -7,9 +7,10 @@
 //! templates, compiled regexes, the trigger index) lives in `compiled.rs` and in
 //! `chatbot::triggers`.
 
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::collections::BTreeMap;
+pub use super::actions::Step;
+use super::fields::present_value;
 
 fn default_true() -> bool {
     true
@@ -23,11 +24,6 @@ fn is_false(b: &bool) -> bool {
     !*b
 }
 
-/// `Option<Value>` would read an explicit `"value": null` as "no value"; a condition
-/// like `{"op": "eq", "value": null}` must keep the null it compares against.
-pub(super) fn present_value<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
-    Value::deserialize(d).map(Some)
-}
 
 /// One workflow of one chatbot.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
@@ -186,75 +182,4 @@ pub struct RetryPolicy {
     pub max_backoff_ms: Option<u64>,
     #[serde(default = "default_true", skip_serializing_if = "is_true")]
     pub jitter: bool,
-}
-
-/// One step of a workflow, tagged by `action`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
-#[serde(tag = "action", rename_all = "lowercase", deny_unknown_fields)]
-pub enum Step {
-    Webhook {
-        id: String,
-        url: String,
-        #[serde(
-            default,
-            deserialize_with = "present_value",
-            skip_serializing_if = "Option::is_none"
-        )]
-        body: Option<Value>,
-        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-        headers: BTreeMap<String, String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        timeout_ms: Option<u64>,
-    },
-    Reply {
-        id: String,
-        text: String,
-    },
-    Tag {
-        id: String,
-        tags: Vec<String>,
-    },
-    Handoff {
-        id: String,
-        queue: String,
-    },
-    Delay {
-        id: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        duration: Option<String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        until: Option<String>,
-    },
-    Notify {
-        id: String,
-        message: String,
-    },
-}
-
-impl Step {
-    /// Every value `action` may take, in documentation order.
-    pub const ACTIONS: [&'static str; 6] =
-        ["webhook", "reply", "tag", "handoff", "delay", "notify"];
-
-    pub fn id(&self) -> &str {
-        match self {
-            Step::Webhook { id, .. }
-            | Step::Reply { id, .. }
-            | Step::Tag { id, .. }
-            | Step::Handoff { id, .. }
-            | Step::Delay { id, .. }
-            | Step::Notify { id, .. } => id,
-        }
-    }
-
-    pub fn action(&self) -> &'static str {
-        match self {
-            Step::Webhook { .. } => "webhook",
-            Step::Reply { .. } => "reply",
-            Step::Tag { .. } => "tag",
-            Step::Handoff { .. } => "handoff",
-            Step::Delay { .. } => "delay",
-            Step::Notify { .. } => "notify",
-        }
-    }
 }

@@ -2,12 +2,11 @@
 //! [`WorkflowSpec`]s, with errors that name the field path users see in their
 //! document. Reads the model, then validates it: model → parse/validate → compiled.
 
-use serde::Deserialize;
 use serde_json::Value;
-use std::collections::BTreeMap;
 
 use super::error::ValidationError;
-use super::model::{present_value, WorkflowSpec};
+use super::fields::{format_path, serde_message};
+use super::model::WorkflowSpec;
 use super::validate::validate;
 
 /// Parses one workflow or a list of workflows from JSON or YAML and validates each.
@@ -91,32 +90,6 @@ pub fn parse_one(doc: &Value) -> Result<WorkflowSpec, ValidationError> {
     Ok(spec)
 }
 
-/// serde quotes names with backticks (`unknown field \`x\``); everything else users
-/// see from botflow uses double quotes.
-fn serde_message(message: &str) -> String {
-    message.replace('`', "\"")
-}
-
-fn format_path(path: &serde_path_to_error::Path) -> String {
-    use serde_path_to_error::Segment;
-    let mut out = String::new();
-    for segment in path {
-        match segment {
-            Segment::Seq { index } => {
-                out.push_str(&format!("[{index}]"));
-            }
-            Segment::Map { key } => {
-                if !out.is_empty() {
-                    out.push('.');
-                }
-                out.push_str(key);
-            }
-            Segment::Enum { .. } | Segment::Unknown => {}
-        }
-    }
-    out
-}
-
 /// For an error located at `steps[i]`, deserialises that step again as its variant
 /// alone (without the tag) so the error names the field inside the step.
 fn refine_step_error(doc: &Value, field: &str) -> Option<ValidationError> {
@@ -130,15 +103,7 @@ fn refine_step_error(doc: &Value, field: &str) -> Option<ValidationError> {
     let mut fields = step.clone();
     fields.remove("action");
     let fields = Value::Object(fields);
-    let result = match action {
-        "webhook" => variant_error::<WebhookFields>(&fields),
-        "reply" => variant_error::<ReplyFields>(&fields),
-        "tag" => variant_error::<TagFields>(&fields),
-        "handoff" => variant_error::<HandoffFields>(&fields),
-        "delay" => variant_error::<DelayFields>(&fields),
-        "notify" => variant_error::<NotifyFields>(&fields),
-        _ => None,
-    }?;
+    let result = super::actions::locate_error(action, &fields)?;
     let (inner_path, message) = result;
     let field = if inner_path.is_empty() {
         format!("steps[{index}]")
@@ -148,74 +113,6 @@ fn refine_step_error(doc: &Value, field: &str) -> Option<ValidationError> {
     Some(ValidationError::new(field, message))
 }
 
-fn variant_error<T: serde::de::DeserializeOwned>(fields: &Value) -> Option<(String, String)> {
-    match serde_path_to_error::deserialize::<_, T>(fields) {
-        Ok(_) => None,
-        Err(err) => Some((
-            format_path(err.path()),
-            serde_message(&err.into_inner().to_string()),
-        )),
-    }
-}
-
-// Mirrors of the `Step` variants, used only to locate a deserialisation error inside
-// a step (see `refine_step_error`); a test keeps them in step with `Step`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-struct WebhookFields {
-    id: String,
-    url: String,
-    #[serde(default, deserialize_with = "present_value")]
-    body: Option<Value>,
-    #[serde(default)]
-    headers: BTreeMap<String, String>,
-    #[serde(default)]
-    timeout_ms: Option<u64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-struct ReplyFields {
-    id: String,
-    text: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-struct TagFields {
-    id: String,
-    tags: Vec<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-struct HandoffFields {
-    id: String,
-    queue: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-struct DelayFields {
-    id: String,
-    #[serde(default)]
-    duration: Option<String>,
-    #[serde(default)]
-    until: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-struct NotifyFields {
-    id: String,
-    message: String,
-}
 
 #[cfg(test)]
 mod tests {
@@ -436,25 +333,18 @@ steps:
         assert!(err.message.contains("utf-8"), "{err}");
     }
 
-    /// The mirrors used to locate errors inside steps must accept every field the
-    /// real variants have, or errors would be blamed on valid fields.
+    /// Every action is found by its name when an error is located inside a step, and
+    /// its spec alone accepts every field a valid step has (or errors would be blamed on
+    /// valid fields).
     #[test]
-    fn step_mirrors_accept_every_variant_field() {
+    fn every_action_locates_errors_inside_its_steps() {
         let spec = parse_one_json(&full_spec()).unwrap();
         let mut seen = std::collections::BTreeSet::new();
         for step in &spec.steps {
             seen.insert(step.action());
             let mut fields = serde_json::to_value(step).unwrap();
             fields.as_object_mut().unwrap().remove("action");
-            let refined = match step.action() {
-                "webhook" => variant_error::<WebhookFields>(&fields),
-                "reply" => variant_error::<ReplyFields>(&fields),
-                "tag" => variant_error::<TagFields>(&fields),
-                "handoff" => variant_error::<HandoffFields>(&fields),
-                "delay" => variant_error::<DelayFields>(&fields),
-                "notify" => variant_error::<NotifyFields>(&fields),
-                other => panic!("no mirror for {other}"),
-            };
+            let refined = crate::workflow::actions::locate_error(step.action(), &fields);
             assert_eq!(refined, None, "{}", step.action());
         }
         assert_eq!(seen.len(), Step::ACTIONS.len());

@@ -2,24 +2,23 @@
 //! [`ValidationError`], which names the exact field that breaks one.
 //!
 //! Checking yields the parsed pieces (`check`): conditions and step templates are
-//! parsed here once into the runnable step forms of `steps`, and
+//! parsed here once into the runnable step forms (each action checks and compiles its
+//! own fields, in `actions`), and
 //! [`super::CompiledWorkflow::compile`] keeps the result, so the rules that accept a
 //! workflow and the code that runs it cannot drift apart. Validation never calls into
 //! the compiled workflow; the compiled workflow is built from what it returns.
 
-use chrono::{DateTime, Utc};
 use std::collections::HashSet;
-use std::time::Duration;
 
 use super::condition::CompiledCondition;
 pub use super::error::ValidationError;
-use super::duration::parse_duration;
 use super::model::{
     ImageFilter, IntentFilter, KeywordFilter, RetryPolicy, SentimentFilter, Step, Trigger,
     WorkflowSpec,
 };
-use super::steps::{CompiledAction, CompiledStep, DelaySpec, DEFAULT_WEBHOOK_TIMEOUT};
-use super::template::{is_name_char, push_key, JsonTemplate, Reference, Template};
+use super::actions::{CompiledStep, Scope, StepField};
+use super::fields::is_token_char;
+use super::template::is_name_char;
 use crate::event::EventType;
 
 pub const MAX_NAME_CHARS: usize = 200;
@@ -28,18 +27,10 @@ pub const MAX_KEYWORD_CHARS: usize = 100;
 pub const MAX_STEPS: usize = 50;
 /// A step's id becomes part of its commands' ids, which bound it the same way.
 pub const MAX_STEP_ID_CHARS: usize = crate::wire::MAX_STEP_ID_CHARS;
-pub const MAX_WEBHOOK_TIMEOUT_MS: u64 = 300_000;
-pub const MAX_REPLY_CHARS: usize = 4096;
-pub const MAX_TAGS: usize = 20;
-pub const MAX_DELAY: Duration = Duration::from_secs(30 * 86_400);
 pub const MAX_RETRY_ATTEMPTS: u32 = 100;
 pub const MAX_INITIAL_BACKOFF_MS: u64 = 3_600_000;
 pub const MAX_BACKOFF_MS: u64 = 86_400_000;
 pub const SENTIMENT_LABELS: [&str; 3] = ["positive", "neutral", "negative"];
-
-/// Headers the HTTP client derives from the request itself; letting a workflow set
-/// them would produce malformed or misrouted requests.
-const RESERVED_HEADERS: [&str; 4] = ["host", "content-length", "transfer-encoding", "connection"];
 
 /// Checks every rule and reports the first problem, in document order.
 pub fn validate(spec: &WorkflowSpec) -> Result<(), ValidationError> {
@@ -283,43 +274,6 @@ fn check_image(filter: &ImageFilter) -> Result<(), ValidationError> {
     Ok(())
 }
 
-/// RFC 9110 `tchar`: what header names and mime type parts are made of.
-fn is_token_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c)
-}
-
-/// Step ids a template may refer to, and every id (to tell "later" from "unknown").
-struct Scope<'a> {
-    earlier: &'a HashSet<&'a str>,
-    all: &'a HashSet<&'a str>,
-}
-
-impl Scope<'_> {
-    fn check_references(&self, field: &str, template: &Template) -> Result<(), ValidationError> {
-        for reference in template.references() {
-            if let Reference::Step { id, .. } = reference {
-                if self.earlier.contains(id.as_str()) {
-                    continue;
-                }
-                let message = if self.all.contains(id.as_str()) {
-                    format!("template refers to step \"{id}\" which does not run before this step")
-                } else {
-                    format!("template refers to unknown step \"{id}\"")
-                };
-                return Err(err(field, message));
-            }
-        }
-        Ok(())
-    }
-
-    fn template(&self, field: &str, text: &str) -> Result<Template, ValidationError> {
-        let template =
-            Template::parse(text).map_err(|e| err(field, format!("invalid template: {e}")))?;
-        self.check_references(field, &template)?;
-        Ok(template)
-    }
-}
-
 fn check_steps(steps: &[Step]) -> Result<Vec<CompiledStep>, ValidationError> {
     if steps.is_empty() {
         return Err(err("steps", "must have at least one step"));
@@ -343,7 +297,7 @@ fn check_steps(steps: &[Step]) -> Result<Vec<CompiledStep>, ValidationError> {
             earlier: &earlier,
             all: &all,
         };
-        let action = check_action(i, step, &scope)?;
+        let action = step.compile(&StepField(i), &scope)?;
         compiled.push(CompiledStep {
             id: id.to_string(),
             action,
@@ -372,202 +326,6 @@ fn check_step_id(i: usize, id: &str, earlier: &HashSet<&str>) -> Result<(), Vali
     }
     if earlier.contains(id) {
         return Err(err(field, format!("duplicate step id \"{id}\"")));
-    }
-    Ok(())
-}
-
-fn check_action(
-    i: usize,
-    step: &Step,
-    scope: &Scope<'_>,
-) -> Result<CompiledAction, ValidationError> {
-    let f = |name: &str| format!("steps[{i}].{name}");
-    Ok(match step {
-        Step::Webhook {
-            url,
-            body,
-            headers,
-            timeout_ms,
-            ..
-        } => {
-            let url_field = f("url");
-            let url = scope.template(&url_field, url)?;
-            check_url(&url_field, &url)?;
-            let body = match body {
-                None => None,
-                Some(value) => {
-                    let body = JsonTemplate::compile(value).map_err(|e| {
-                        err(
-                            format!("{}{}", f("body"), e.path),
-                            format!("invalid template: {}", e.error),
-                        )
-                    })?;
-                    for (path, template) in body.templates() {
-                        scope.check_references(&format!("{}{path}", f("body")), template)?;
-                    }
-                    Some(body)
-                }
-            };
-            let mut compiled_headers = Vec::with_capacity(headers.len());
-            for (name, value) in headers {
-                let mut field = format!("steps[{i}].headers");
-                push_key(&mut field, name);
-                if name.is_empty() || !name.chars().all(is_token_char) {
-                    return Err(err(field, format!("invalid header name \"{name}\"")));
-                }
-                if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
-                    return Err(err(
-                        field,
-                        format!(
-                            "header \"{name}\" is set by the http client and cannot be overridden"
-                        ),
-                    ));
-                }
-                if value.chars().any(|c| c.is_control() && c != '\t') {
-                    return Err(err(field, "must not contain control characters"));
-                }
-                compiled_headers.push((name.clone(), scope.template(&field, value)?));
-            }
-            let timeout = match timeout_ms {
-                None => DEFAULT_WEBHOOK_TIMEOUT,
-                Some(ms) if (1..=MAX_WEBHOOK_TIMEOUT_MS).contains(ms) => Duration::from_millis(*ms),
-                Some(_) => {
-                    return Err(err(
-                        f("timeout_ms"),
-                        format!("must be within 1..{MAX_WEBHOOK_TIMEOUT_MS}"),
-                    ))
-                }
-            };
-            CompiledAction::Webhook {
-                url,
-                body,
-                headers: compiled_headers,
-                timeout,
-            }
-        }
-        Step::Reply { text, .. } => {
-            let field = f("text");
-            if text.trim().is_empty() {
-                return Err(err(field, "must not be empty"));
-            }
-            if text.chars().count() > MAX_REPLY_CHARS {
-                return Err(err(
-                    field,
-                    format!("must be at most {MAX_REPLY_CHARS} characters"),
-                ));
-            }
-            CompiledAction::Reply {
-                text: scope.template(&field, text)?,
-            }
-        }
-        Step::Tag { tags, .. } => {
-            if tags.is_empty() {
-                return Err(err(f("tags"), "must have at least one tag"));
-            }
-            if tags.len() > MAX_TAGS {
-                return Err(err(f("tags"), format!("must have at most {MAX_TAGS} tags")));
-            }
-            let mut compiled = Vec::with_capacity(tags.len());
-            for (j, tag) in tags.iter().enumerate() {
-                let field = format!("steps[{i}].tags[{j}]");
-                if tag.trim().is_empty() {
-                    return Err(err(field, "must not be blank"));
-                }
-                compiled.push(scope.template(&field, tag)?);
-            }
-            CompiledAction::Tag { tags: compiled }
-        }
-        Step::Handoff { queue, .. } => {
-            let field = f("queue");
-            if queue.trim().is_empty() {
-                return Err(err(field, "must not be empty"));
-            }
-            CompiledAction::Handoff {
-                queue: scope.template(&field, queue)?,
-            }
-        }
-        Step::Delay {
-            duration, until, ..
-        } => {
-            let until = match (duration, until) {
-                (None, None) => {
-                    return Err(err(
-                        format!("steps[{i}]"),
-                        "a delay needs duration or until",
-                    ))
-                }
-                (Some(_), Some(_)) => {
-                    return Err(err(f("until"), "give either duration or until, not both"))
-                }
-                (Some(duration), None) => {
-                    let parsed = parse_duration(duration).map_err(|m| err(f("duration"), m))?;
-                    if parsed > MAX_DELAY {
-                        return Err(err(f("duration"), "must be at most 30 days"));
-                    }
-                    DelaySpec::For(parsed)
-                }
-                (None, Some(until)) => {
-                    let at = DateTime::parse_from_rfc3339(until).map_err(|e| {
-                        err(
-                            f("until"),
-                            format!(
-                                "must be an RFC 3339 timestamp such as 2026-11-25T10:00:00Z ({e})"
-                            ),
-                        )
-                    })?;
-                    DelaySpec::Until(at.with_timezone(&Utc))
-                }
-            };
-            CompiledAction::Delay { until }
-        }
-        Step::Notify { message, .. } => {
-            let field = f("message");
-            if message.trim().is_empty() {
-                return Err(err(field, "must not be empty"));
-            }
-            CompiledAction::Notify {
-                message: scope.template(&field, message)?,
-            }
-        }
-    })
-}
-
-/// A webhook URL must be absolute http(s) with a host. Templates may fill the path,
-/// query or fragment but not the scheme, host or port: the destination of a request
-/// must not be chosen by event data.
-fn check_url(field: &str, template: &Template) -> Result<(), ValidationError> {
-    let probe = if template.is_literal() {
-        template.source().to_string()
-    } else {
-        let prefix = template.literal_prefix();
-        let authority_is_literal = prefix
-            .find("://")
-            .is_some_and(|at| prefix[at + 3..].contains(['/', '?', '#']));
-        if !authority_is_literal {
-            return Err(err(
-                field,
-                "templates may only fill the path, query or fragment of a url, not its scheme or host",
-            ));
-        }
-        template.with_placeholders("x")
-    };
-    let url = url::Url::parse(&probe).map_err(|e| {
-        err(
-            field,
-            format!("must be an absolute http or https url ({e})"),
-        )
-    })?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err(err(
-            field,
-            format!(
-                "scheme \"{}\" is not allowed (expected http or https)",
-                url.scheme()
-            ),
-        ));
-    }
-    if url.host_str().is_none_or(|host| host.is_empty()) {
-        return Err(err(field, "must have a host"));
     }
     Ok(())
 }
