@@ -98,12 +98,9 @@ impl JournalLane {
         let store = self.store.clone();
         let node = self.node;
         let fut = async move {
-            let conn = match conn {
-                Some(c) if !c.client.is_closed() => c,
-                _ => match LaneConn::open(&store).await {
-                    Ok(c) => Arc::new(c),
-                    Err(e) => return (batch, None, Err(Failure::NotWritten(e))),
-                },
+            let conn = match LaneConn::reuse_or_open(conn, &store).await {
+                Ok(c) => c,
+                Err(e) => return (batch, None, Err(Failure::NotWritten(e))),
             };
             let started = Instant::now();
             let res = match tokio::time::timeout(WRITE_TIMEOUT, write(&conn, node, &batch)).await {
@@ -179,13 +176,9 @@ impl JournalLane {
         let store = self.store.clone();
         let node = self.node;
         let fut = async move {
-            let conn = match conn {
-                Some(c) if !c.client.is_closed() => c,
-                _ => match LaneConn::open(&store).await {
-                    Ok(c) => Arc::new(c),
-                    // Not the batch's fault: try it again later, whole.
-                    Err(_) => return Err(batch),
-                },
+            let Ok(conn) = LaneConn::reuse_or_open(conn, &store).await else {
+                // Not the batch's fault: try it again later, whole.
+                return Err(batch);
             };
             let mut done = Vec::new();
             let mut failed = Vec::new();

@@ -9,6 +9,7 @@ use crate::store::outbox::COMMANDS_CHANNEL;
 use crate::store::{Store, StoreError};
 use chrono::{DateTime, Utc};
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -179,6 +180,14 @@ pub(super) struct LaneConn {
 }
 
 impl LaneConn {
+    /// The lane's connection while it is open, else a new one.
+    pub(super) async fn reuse_or_open(conn: Option<Arc<LaneConn>>, store: &Store) -> Result<Arc<LaneConn>, StoreError> {
+        match conn {
+            Some(c) if !c.client.is_closed() => Ok(c),
+            _ => LaneConn::open(store).await.map(Arc::new),
+        }
+    }
+
     pub(super) async fn open(store: &Store) -> Result<LaneConn, StoreError> {
         let client = store.dedicated().await?;
         // The server gives up on a write the lane has given up on too.
