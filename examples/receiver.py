@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 """A webhook receiver for the worked example: prints every request botflow sends,
-checks its signature when BOTFLOW_WEBHOOK_SECRET is set (`botflow chatbots secret ID`),
-and answers with a ticket number the workflow uses in its reply.
+checks its signature with the chatbot's secret (`botflow chatbots secret ID`), and
+answers with a ticket number the workflow uses in its reply.
+
+The secret comes from BOTFLOW_WEBHOOK_SECRET, or else from the file named by
+BOTFLOW_WEBHOOK_SECRET_FILE (default var/webhook.secret), read at each request, so the
+receiver can be started before the chatbot exists.
 
     python3 examples/receiver.py [PORT]     (default 8099)
 """
@@ -14,14 +18,25 @@ import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 tickets = itertools.count(1001)
-secret = os.environ.get("BOTFLOW_WEBHOOK_SECRET", "")
+secret_file = os.environ.get("BOTFLOW_WEBHOOK_SECRET_FILE", "var/webhook.secret")
+
+
+def current_secret():
+    if os.environ.get("BOTFLOW_WEBHOOK_SECRET"):
+        return os.environ["BOTFLOW_WEBHOOK_SECRET"]
+    try:
+        with open(secret_file) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         signature = self.headers.get("X-Botflow-Signature", "")
-        verdict = "not checked (set BOTFLOW_WEBHOOK_SECRET)"
+        secret = current_secret()
+        verdict = f"not checked (no secret in {secret_file})"
         if secret:
             ts = self.headers.get("X-Botflow-Timestamp", "")
             mac = hmac.new(secret.encode(), f"{ts}.".encode() + body, hashlib.sha256).hexdigest()

@@ -5,7 +5,9 @@
 //! 1. the file is read as a plain TOML table and the environment overrides are merged in;
 //! 2. every key is checked against the table of defaults (`Config::default()` serialised),
 //!    which names unknown keys and values of the wrong type;
-//! 3. the checked table is deserialised and `validate()` checks values and ranges.
+//! 3. the checked table (less what pass 2 refused, whose defaults stand in) is
+//!    deserialised and `validate()` checks values and ranges; the problems of every pass
+//!    are reported together.
 //!
 //! Static facts live here; what operators tune while the daemon runs (rate limits per
 //! chatbot) lives in PostgreSQL.
@@ -401,15 +403,22 @@ impl Config {
         let defaults = toml::Table::try_from(Config::default()).expect("defaults serialise");
         let mut problems = Vec::new();
         apply_env(&mut table, &defaults, env, &mut problems);
-        check_table(&table, &defaults, "", &mut problems);
+        // Keys that are unknown or of the wrong type are named and left out, so the
+        // values of the rest are checked in the same run (their defaults stand in).
+        check_table(&mut table, &defaults, "", &mut problems);
+        let config: Config = match toml::Value::Table(table).try_into() {
+            Ok(c) => c,
+            Err(e) => {
+                problems.push(ConfigProblem { key: String::new(), message: e.to_string() });
+                return Err(fail(problems));
+            }
+        };
+        if let Err(more) = config.validate() {
+            problems.extend(more);
+        }
         if !problems.is_empty() {
             return Err(fail(problems));
         }
-        let config: Config = match toml::Value::Table(table).try_into() {
-            Ok(c) => c,
-            Err(e) => return Err(fail(vec![ConfigProblem { key: String::new(), message: e.to_string() }])),
-        };
-        config.validate().map_err(fail)?;
         Ok(config)
     }
 
@@ -695,26 +704,37 @@ fn type_name(v: &toml::Value) -> &'static str {
 }
 
 /// Names every key that the defaults do not have and every value of the wrong type.
-fn check_table(table: &toml::Table, defaults: &toml::Table, prefix: &str, problems: &mut Vec<ConfigProblem>) {
-    for (key, value) in table {
+/// Names every unknown key and every value of the wrong type, and removes them from
+/// `table` (the defaults take their place, so the other values can still be checked).
+fn check_table(table: &mut toml::Table, defaults: &toml::Table, prefix: &str, problems: &mut Vec<ConfigProblem>) {
+    let mut refused = Vec::new();
+    for (key, value) in table.iter_mut() {
         let full = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
         let Some(default) = defaults.get(key) else {
             let known: Vec<&str> = defaults.keys().map(String::as_str).collect();
             problems.push(ConfigProblem { key: full, message: format!("unknown key (known here: {})", known.join(", ")) });
+            refused.push(key.clone());
             continue;
         };
         match (default, value) {
             (toml::Value::Table(d), toml::Value::Table(t)) => check_table(t, d, &full, problems),
             (toml::Value::Integer(_), toml::Value::Integer(i)) if *i < 0 => {
-                problems.push(ConfigProblem { key: full, message: format!("must not be negative, got {i}") })
+                problems.push(ConfigProblem { key: full, message: format!("must not be negative, got {i}") });
+                refused.push(key.clone());
             }
             (toml::Value::Float(_), toml::Value::Integer(_)) => {}
-            (d, v) if std::mem::discriminant(d) == std::mem::discriminant(v) => {}
-            (d, v) => problems.push(ConfigProblem {
-                key: full,
-                message: format!("expected {}, found {}", type_name(d), type_name(v)),
-            }),
+            (d, v) if std::mem::discriminant(d) == std::mem::discriminant(&*v) => {}
+            (d, v) => {
+                problems.push(ConfigProblem {
+                    key: full,
+                    message: format!("expected {}, found {}", type_name(d), type_name(v)),
+                });
+                refused.push(key.clone());
+            }
         }
+    }
+    for key in refused {
+        table.remove(&key);
     }
 }
 
@@ -765,10 +785,9 @@ mod tests {
         )
         .unwrap_err();
         let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
-        assert!(keys.contains(&"data_dirr"), "{err}");
-        assert!(keys.contains(&"ingest.max_in_flight"), "{err}");
-        assert!(keys.contains(&"bogus"), "{err}");
-        // type errors stop before range checks; fix the types and ranges are reported together
+        // Unknown keys, wrong types and values out of range, in one run.
+        assert_eq!(keys, vec!["bogus", "data_dirr", "ingest.max_in_flight", "database.pool_size", "ingest.max_frame_bytes"], "{err}");
+        assert!(err.to_string().contains("5 problems"), "{err}");
         let err = load("[ingest]\nmax_frame_bytes = 10\n[database]\npool_size = 0\n[log]\nformat = \"xml\"\n", &[]).unwrap_err();
         let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(keys, vec!["database.pool_size", "ingest.max_frame_bytes", "log.format"], "{err}");

@@ -18,7 +18,7 @@
 
 use crate::chatbot::limits::{Limits, Usage};
 use crate::chatbot::supervisor::{
-    ChatbotSupervisor, GetUsage, LimitsChanged, Reload, StopIfIdle, SupervisorDeps, SupervisorEvents, WakeUp,
+    ApplyLimits, ChatbotSupervisor, GetUsage, LimitsChanged, Reload, StopIfIdle, SupervisorDeps, SupervisorEvents, WakeUp,
 };
 use crate::event::Event;
 use crate::store::accounts::{self, ChatbotRecord, Scope};
@@ -423,6 +423,30 @@ impl Handler<ChatbotUsage> for Router {
         Box::pin(async move {
             match addr {
                 Some(a) => a.send(GetUsage).await.ok(),
+                None => None,
+            }
+        })
+    }
+}
+
+/// Asked by the admin API after it saved a chatbot's limits: applies them to the
+/// chatbot's supervisor on this node now, and answers the usage under them (`None`:
+/// idle; a supervisor that starts later reads the saved limits).
+#[derive(Message)]
+#[rtype(result = "Option<(Limits, Usage)>")]
+pub struct ApplyChatbotLimits(pub Uuid, pub Limits);
+
+impl Handler<ApplyChatbotLimits> for Router {
+    type Result = ResponseFuture<Option<(Limits, Usage)>>;
+
+    fn handle(&mut self, msg: ApplyChatbotLimits, _ctx: &mut Context<Self>) -> Self::Result {
+        let addr = match self.slots.get(&msg.0) {
+            Some(Slot::Ready { addr, .. }) => Some(addr.clone()),
+            _ => None,
+        };
+        Box::pin(async move {
+            match addr {
+                Some(a) => a.send(ApplyLimits(msg.1)).await.ok(),
                 None => None,
             }
         })

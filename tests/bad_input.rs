@@ -656,6 +656,9 @@ async fn a_row_the_database_refuses_costs_only_its_own_event() {
     assert_eq!(rows(&w.db, bot, "poison").await + rows(&w.db, bot, "bad-value").await, 0);
     let metrics = w.daemon.metrics().await;
     assert!(metrics.contains(r#"botflow_db_errors_total{kind="permanent"}"#), "the refusal is counted");
+    let logs = common::logs();
+    assert!(logs.contains("journal write failed permanently; writing row by row"), "{logs}");
+    assert!(logs.contains("an event's executions cannot be recorded") && logs.contains("this row is refused"), "{logs}");
     // The chatbot goes on: a later event is acked and recorded as usual.
     w.db.batch_execute("DROP TRIGGER refuse_poison ON executions").await.unwrap();
     served(&mut w.other, &w.db, bot, "after").await;

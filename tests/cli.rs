@@ -324,6 +324,98 @@ fn terminate_and_read_log(d: &mut Serve) -> (std::process::ExitStatus, String) {
 }
 
 #[test]
+fn a_daemon_restarted_on_its_database_logs_no_postgresql_notices_at_info() {
+    let dir = TempDir::new("restart-notices");
+    let sock = dir.path().join("var/botflow.sock");
+    for round in ["first start", "restart"] {
+        let _ = std::fs::remove_file(&sock);
+        let mut d = serve_logging(dir.path(), &[]);
+        wait_for("the daemon's socket", || sock.exists());
+        let (status, log) = terminate_and_read_log(&mut d);
+        assert!(status.success(), "{round}: {log}");
+        assert!(log.contains("botflow is ready"), "{round}: {log}");
+        // The restart migrates a database that has its schema table already:
+        // PostgreSQL says so in a NOTICE, which is chatter kept for debug level.
+        assert!(!log.contains("NOTICE"), "{round}: {log}");
+    }
+    let _ = std::fs::remove_file(&sock);
+    let mut d = serve_logging(dir.path(), &[("RUST_LOG", "debug")]);
+    wait_for("the daemon's socket", || sock.exists());
+    let (_, log) = terminate_and_read_log(&mut d);
+    assert!(log.contains("NOTICE"), "at debug level the notice is there: {log}");
+}
+
+/// The example receiver of the README finds the chatbot's secret in
+/// `var/webhook.secret` whenever it was written, so it can be started first.
+#[test]
+fn the_example_receiver_reads_the_secret_written_after_it_started() {
+    use std::io::{BufRead, BufReader};
+    let dir = TempDir::new("receiver");
+    std::fs::create_dir_all(dir.path().join("var")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    /// Stops the receiver however the test ends.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/receiver.py"))
+        .arg(port.to_string())
+        .current_dir(dir.path())
+        .env_remove("BOTFLOW_WEBHOOK_SECRET")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 runs the example receiver");
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let _child = Kill(child);
+    assert!(out.next().unwrap().unwrap().contains(&format!("127.0.0.1:{port}")));
+    let post = |secret: &str| {
+        let body = br#"{"conversation":"c-100"}"#;
+        let ts = "1700000000";
+        let signature = botflow::chatbot::actions::webhook::sign(secret, 1_700_000_000, body);
+        // It says it listens just before it binds: try for a while.
+        let start = Instant::now();
+        let mut s = loop {
+            match std::net::TcpStream::connect(("127.0.0.1", port)) {
+                Ok(s) => break s,
+                Err(e) if start.elapsed() < Duration::from_secs(10) => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("the receiver does not listen on {port}: {e}"),
+            }
+        };
+        use std::io::{Read, Write};
+        write!(
+            s,
+            "POST /hooks/refund HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+             X-Botflow-Timestamp: {ts}\r\nX-Botflow-Signature: {signature}\r\nIdempotency-Key: e:ticket\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        s.write_all(body).unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.") && answer.contains("T-10"), "{answer}");
+    };
+    post("s3cret");
+    let line = out.next().unwrap().unwrap();
+    assert!(line.contains("not checked (no secret in var/webhook.secret)"), "{line}");
+    let _ = out.next(); // the body
+    std::fs::write(dir.path().join("var/webhook.secret"), "s3cret\n").unwrap();
+    post("s3cret");
+    let line = out.next().unwrap().unwrap();
+    assert!(line.contains("signature valid"), "{line}");
+    let _ = out.next();
+    post("another");
+    let line = out.next().unwrap().unwrap();
+    assert!(line.contains("signature INVALID"), "{line}");
+}
+
+#[test]
 fn logs_can_be_json() {
     let dir = TempDir::new("jsonlog");
     let mut d = serve_logging(dir.path(), &[("BOTFLOW_LOG__FORMAT", "json")]);
@@ -554,8 +646,14 @@ async fn workflow_execution_and_analytics_commands_work_over_the_api() {
     let listed = rows(&table);
     assert_eq!(listed.iter().map(|r| r[0].clone()).collect::<Vec<_>>(), [dead.clone(), succeeded.clone()], "newest first: {table}");
     assert_eq!(listed[0][3], "dead", "{table}");
+    // The workflow by its name and version ("bad" died, "ok" succeeded), not its id;
+    // `--json` keeps the id.
+    let lines: Vec<&str> = table.lines().skip(1).collect();
+    assert!(lines[0].contains(" bad v1 ") && lines[1].contains(" ok v"), "{table}");
+    assert!(!table.contains(&bad_wf) && !table.contains(&ok_wf), "{table}");
     let only_dead = cli.json_lines(&["executions", "list", "--chatbot", &bot, "--status", "dead"]).await;
     assert_eq!(only_dead.len(), 1);
+    assert_eq!(only_dead[0]["workflow_name"], "bad", "{}", only_dead[0]);
     assert_eq!((only_dead[0]["id"].as_str(), only_dead[0]["status"].as_str()), (Some(dead.as_str()), Some("dead")));
     assert!(only_dead[0]["error"].as_str().unwrap().contains("500"), "{}", only_dead[0]);
     let by_workflow = cli.json_lines(&["executions", "list", "--chatbot", &bot, "--workflow", &ok_wf]).await;
@@ -580,6 +678,8 @@ async fn workflow_execution_and_analytics_commands_work_over_the_api() {
     assert!(err.contains("400") && err.contains("status \"exploded\" is not one of"), "{err}");
     let err = cli.fails(&["executions", "list", "--chatbot", &uuid::Uuid::new_v4().to_string()]).await;
     assert!(err.contains("not found"), "{err}");
+    let err = cli.fails(&["executions", "list", "--chatbot", "nope"]).await;
+    assert!(err.contains("'--chatbot <CHATBOT>'") && err.contains("expected an id, a UUID such as"), "{err}");
     let err = cli.fails(&["executions", "list", "--chatbot", &bot, "--since", "yesterday"]).await;
     assert!(err.contains("--since"), "{err}");
 
@@ -650,7 +750,10 @@ async fn dlq_commands_list_show_replay_and_discard_over_the_api() {
     let table = cli.ok(&["dlq", "list"]).await;
     let listed = rows(&table);
     assert_eq!(listed.iter().map(|r| r[0].clone()).collect::<Vec<_>>(), ids, "operators see every account's: {table}");
-    assert!(listed.iter().all(|r| r[3] == "open" && r[4] == bot && r[5] == workflow), "{table}");
+    // The workflow by its name and version; `--json` keeps the id.
+    assert!(listed.iter().all(|r| r[3] == "open" && r[4] == bot && table.lines().skip(1).all(|l| l.contains(" w v1 "))), "{table}");
+    assert!(!table.contains(&workflow), "{table}");
+    assert!(letters.iter().all(|l| l["workflow_id"] == workflow.as_str() && l["workflow_name"] == "w"), "{letters:?}");
     let o = cli.run(&["dlq", "list", "--chatbot", &bot, "--limit", "3"]).await;
     assert_eq!(rows(&stdout(&o)).len(), 3);
     let cursor = stderr(&o).lines().find_map(|l| l.strip_prefix("more: --cursor ")).map(str::to_string).expect("a cursor on stderr");

@@ -210,6 +210,11 @@ async fn the_limits_api_checks_roles_ownership_and_values() {
     let (s, v) = api.call(reqwest::Method::GET, &op, &path, None).await;
     assert_eq!(s, 200);
     assert_eq!(v["usage"]["events_available"], 399, "burst 400, one event used: {v}");
+    // The answer to a change shows the usage under the new limits, not the old ones.
+    let (s, v) = api.call(reqwest::Method::PUT, &op, &path, Some(json!({"events_per_second": 1, "burst": 100}))).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["limits"]["burst"], 100, "{v}");
+    assert_eq!(v["usage"]["events_available"], 99, "burst 100, one event used: {v}");
 }
 
 #[actix_rt::test]

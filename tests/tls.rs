@@ -180,6 +180,8 @@ async fn a_renewed_certificate_is_served_without_a_restart_and_a_broken_one_is_n
     })
     .await;
     assert_eq!(metric(&d.metrics().await, "botflow_tls_cert_reload_failing"), 1.0);
+    let logs = common::logs();
+    assert!(logs.contains("the TLS certificate files changed but do not load; serving the previous certificate"), "{logs}");
 
     // The key follows: the new certificate is served.
     std::fs::copy(&renewal.key, &c.key).unwrap();

@@ -6,7 +6,7 @@ use super::auth::OwnedChatbot;
 use super::error::{ApiError, Errors};
 use super::AdminState;
 use crate::chatbot::limits::{Limits, Usage};
-use crate::router::ChatbotUsage;
+use crate::router::{ApplyChatbotLimits, ChatbotUsage};
 use crate::store::limits::{self, Change, Overrides};
 use actix_web::{get, put, web, HttpResponse};
 use serde::Serialize;
@@ -64,5 +64,8 @@ pub async fn put(
     overrides.validate().map_err(|(field, message)| ApiError::invalid(field, format!("{field} {message}")))?;
     let by = format!("key {}", bot.caller.principal.key_id);
     limits::set(&state.store, bot.id, overrides, &by).await?;
+    // Applied here before answering, so the usage shown is under the new limits (other
+    // nodes apply them when the change is announced).
+    let _ = state.router.send(ApplyChatbotLimits(bot.id, state.limit_defaults.resolve(&overrides))).await;
     Ok(HttpResponse::Ok().json(view(&state, bot.id).await?))
 }

@@ -79,6 +79,13 @@ pub struct LimitsChanged;
 #[rtype(result = "(Limits, Usage)")]
 pub struct GetUsage;
 
+/// Sent by the Router for the admin API on this node: these limits were just saved;
+/// apply them now (the NOTIFY that tells every node comes a moment later and finds them
+/// applied). Answers the usage under them.
+#[derive(Message)]
+#[rtype(result = "(Limits, Usage)")]
+pub struct ApplyLimits(pub Limits);
+
 /// Sent by the Router (from the scheduler): executions of this chatbot are due at
 /// `due_at`, free or held by a dead node. Claim them then.
 #[derive(Message)]
@@ -721,10 +728,13 @@ impl Handler<LimitsChanged> for ChatbotSupervisor {
             match res {
                 Ok(overrides) => {
                     let limits = act.deps.limit_defaults.resolve(&overrides);
-                    tracing::info!(%chatbot_id, ?limits, "rate limits changed");
-                    metrics::counter!(m::LIMIT_CHANGES).increment(1);
-                    act.limiters.update(limits);
-                    act.pump(ctx);
+                    // The admin API of this node may have applied them already.
+                    if act.limiters.limits() != limits {
+                        tracing::info!(%chatbot_id, ?limits, "rate limits changed");
+                        metrics::counter!(m::LIMIT_CHANGES).increment(1);
+                        act.limiters.update(limits);
+                        act.pump(ctx);
+                    }
                 }
                 Err(error) => {
                     tracing::warn!(%error, %chatbot_id, "cannot read changed rate limits; retrying");
@@ -739,6 +749,21 @@ impl Handler<GetUsage> for ChatbotSupervisor {
     type Result = MessageResult<GetUsage>;
 
     fn handle(&mut self, _msg: GetUsage, _ctx: &mut Context<Self>) -> Self::Result {
+        let usage = self.limiters.usage(self.running.len() as u32, self.held() as u32);
+        MessageResult((self.limiters.limits(), usage))
+    }
+}
+
+impl Handler<ApplyLimits> for ChatbotSupervisor {
+    type Result = MessageResult<ApplyLimits>;
+
+    fn handle(&mut self, msg: ApplyLimits, ctx: &mut Context<Self>) -> Self::Result {
+        if self.limiters.limits() != msg.0 {
+            tracing::info!(chatbot_id = %self.chatbot.id, limits = ?msg.0, "rate limits changed");
+            metrics::counter!(m::LIMIT_CHANGES).increment(1);
+            self.limiters.update(msg.0);
+            self.pump(ctx);
+        }
         let usage = self.limiters.usage(self.running.len() as u32, self.held() as u32);
         MessageResult((self.limiters.limits(), usage))
     }

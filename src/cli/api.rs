@@ -150,6 +150,17 @@ pub fn with_query(path: &str, params: &[(&str, Option<String>)]) -> String {
 }
 
 /// A time for the query string: RFC 3339 in UTC.
+/// A workflow as people read it: its name and version (the id when the name is
+/// unknown), and with `with_id` the id after it; `--json` keeps every field.
+pub fn workflow_cell(v: &Value, with_id: bool) -> String {
+    let version = cell(&v["workflow_version"]);
+    match v["workflow_name"].as_str() {
+        Some(name) if with_id => format!("{name} v{version} ({})", cell(&v["workflow_id"])),
+        Some(name) => format!("{name} v{version}"),
+        None => format!("{} v{version}", cell(&v["workflow_id"])),
+    }
+}
+
 pub fn rfc3339(t: Option<chrono::DateTime<chrono::Utc>>) -> Option<String> {
     t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
 }

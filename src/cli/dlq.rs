@@ -3,7 +3,7 @@
 //! replay or discard one, or every open letter of a chatbot that a filter matches. The
 //! API records which key replayed or discarded a letter.
 
-use super::api::{block_on, call_and_print, cell, print_fields, print_json_lines, rfc3339, time_cell, Api, ApiArgs, Table};
+use super::api::{block_on, call_and_print, cell, print_fields, print_json_lines, rfc3339, time_cell, workflow_cell, Api, ApiArgs, Table};
 use super::executions::attempts_table;
 use crate::config::Config;
 use anyhow::bail;
@@ -20,6 +20,7 @@ pub enum DlqCmd {
     List(ListArgs),
     /// One dead letter: its event, last error and every attempt
     Show {
+        #[arg(value_parser = crate::cli::id_arg)]
         id: Uuid,
         #[command(flatten)]
         api: ApiArgs,
@@ -36,9 +37,9 @@ pub enum DlqCmd {
 
 #[derive(Args, Debug)]
 pub struct ListArgs {
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::id_arg)]
     chatbot: Option<Uuid>,
-    #[arg(long, value_name = "WID")]
+    #[arg(long, value_parser = crate::cli::id_arg, value_name = "WID")]
     workflow: Option<Uuid>,
     /// open, replayed, discarded or all [default: open]
     #[arg(long)]
@@ -71,14 +72,14 @@ pub struct ListArgs {
 #[derive(Args, Debug)]
 pub struct ActArgs {
     /// The dead letter
-    #[arg(required_unless_present = "matching", conflicts_with = "matching")]
+    #[arg(value_parser = crate::cli::id_arg, required_unless_present = "matching", conflicts_with = "matching")]
     id: Option<Uuid>,
     /// Act on every open letter of --chatbot that the filters match (none: all of them)
     #[arg(long, requires = "chatbot")]
     matching: bool,
-    #[arg(long, requires = "matching")]
+    #[arg(long, value_parser = crate::cli::id_arg, requires = "matching")]
     chatbot: Option<Uuid>,
-    #[arg(long, value_name = "WID", requires = "matching")]
+    #[arg(long, value_parser = crate::cli::id_arg, value_name = "WID", requires = "matching")]
     workflow: Option<Uuid>,
     /// Text in the last error, case-insensitive, taken literally
     #[arg(long, value_name = "TEXT", requires = "matching")]
@@ -137,7 +138,7 @@ fn list(config: &Config, a: ListArgs) -> anyhow::Result<()> {
                 time_cell(&dl["created_at"]),
                 state(dl).into(),
                 cell(&dl["chatbot_id"]),
-                format!("{} v{}", cell(&dl["workflow_id"]), cell(&dl["workflow_version"])),
+                workflow_cell(dl, false),
                 cell(&dl["attempts"]),
                 cell(&dl["last_error"]),
             ]);
@@ -170,7 +171,7 @@ fn show(dl: &Value) {
         ("state", state),
         ("execution", cell(&dl["execution_id"])),
         ("chatbot", cell(&dl["chatbot_id"])),
-        ("workflow", format!("{} v{}", cell(&dl["workflow_id"]), cell(&dl["workflow_version"]))),
+        ("workflow", workflow_cell(dl, true)),
         ("died", format!("{} after attempt {}", time_cell(&dl["created_at"]), cell(&dl["attempts"]))),
         ("last error", cell(&dl["last_error"])),
         ("event", cell(&dl["event"])),

@@ -4,7 +4,8 @@
 //! attempts is shared with `dlq show`, whose history has the same shape.
 
 use super::api::{
-    block_on, call_and_print, cell, duration_cell, print_fields, print_json_lines, rfc3339, seconds_between, time_cell, Api, ApiArgs, Table,
+    block_on, call_and_print, cell, duration_cell, print_fields, print_json_lines, rfc3339, seconds_between, time_cell, workflow_cell, Api, ApiArgs,
+    Table,
 };
 use crate::config::Config;
 use chrono::{DateTime, Utc};
@@ -20,7 +21,7 @@ pub enum ExecutionsCmd {
     List(ListArgs),
     /// One execution with every attempt of every step
     Show {
-        #[arg(value_name = "EID")]
+        #[arg(value_parser = crate::cli::id_arg, value_name = "EID")]
         execution: Uuid,
         #[command(flatten)]
         api: ApiArgs,
@@ -29,10 +30,10 @@ pub enum ExecutionsCmd {
 
 #[derive(Args, Debug)]
 pub struct ListArgs {
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::id_arg)]
     chatbot: Uuid,
     /// Only this workflow's
-    #[arg(long, value_name = "WID")]
+    #[arg(long, value_parser = crate::cli::id_arg, value_name = "WID")]
     workflow: Option<Uuid>,
     /// queued, running, retrying, waiting, succeeded, failed, dead or cancelled
     #[arg(long)]
@@ -100,7 +101,7 @@ fn list(config: &Config, a: ListArgs) -> anyhow::Result<()> {
                 cell(&e["status"]),
                 cell(&e["attempt"]),
                 duration_cell(e["duration_ms"].as_f64().map(|ms| ms / 1000.0)),
-                format!("{} v{}", cell(&e["workflow_id"]), cell(&e["workflow_version"])),
+                workflow_cell(e, false),
                 cell(&e["event_id"]),
                 cell(&e["conversation_id"]),
                 cell(&e["error"]),
@@ -117,7 +118,7 @@ fn show(e: &Value) {
         ("execution", cell(&e["id"])),
         ("status", format!("{} (attempt {})", cell(&e["status"]), cell(&e["attempt"]))),
         ("chatbot", cell(&e["chatbot_id"])),
-        ("workflow", format!("{} v{}", cell(&e["workflow_id"]), cell(&e["workflow_version"]))),
+        ("workflow", workflow_cell(e, true)),
         ("event", format!("{} ({}), conversation {}", cell(&e["event_id"]), cell(&e["event_type"]), cell(&e["conversation_id"]))),
         ("created", time_cell(&e["created_at"])),
         ("started", time_cell(&e["started_at"])),

@@ -10,14 +10,14 @@ use serde_json::{json, Value};
 pub enum LimitsCmd {
     /// The limits in force, the chatbot's own values, current usage and recent changes
     Get {
-        #[arg(long)]
+        #[arg(long, value_parser = crate::cli::id_arg)]
         chatbot: uuid::Uuid,
         #[command(flatten)]
         api: ApiArgs,
     },
     /// Set the chatbot's own values; the others keep theirs (use --reset for defaults)
     Set {
-        #[arg(long)]
+        #[arg(long, value_parser = crate::cli::id_arg)]
         chatbot: uuid::Uuid,
         #[arg(long)]
         events_per_second: Option<u32>,

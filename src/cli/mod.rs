@@ -79,7 +79,7 @@ pub enum AccountsCmd {
 pub enum KeysCmd {
     /// Create an API key; prints the key (shown only this once)
     Create {
-        #[arg(long)]
+        #[arg(long, value_parser = crate::cli::id_arg)]
         account: uuid::Uuid,
         /// ingest (send events), admin (manage the account's workflows) or operator (everything)
         #[arg(long)]
@@ -91,10 +91,19 @@ pub enum KeysCmd {
 pub enum ChatbotsCmd {
     /// Create a chatbot; prints its id
     Create {
-        #[arg(long)]
+        #[arg(long, value_parser = crate::cli::id_arg)]
         account: uuid::Uuid,
         name: String,
     },
     /// Print the secret that signs the chatbot's webhook requests
-    Secret { chatbot: uuid::Uuid },
+    Secret {
+        #[arg(value_parser = crate::cli::id_arg)]
+        chatbot: uuid::Uuid,
+    },
+}
+
+/// Reads an id argument (a chatbot, workflow, account, execution or dead letter id),
+/// saying what is expected instead of the UUID parser's character position.
+pub fn id_arg(s: &str) -> Result<uuid::Uuid, String> {
+    uuid::Uuid::parse_str(s).map_err(|_| "expected an id, a UUID such as 0195f0c4-8a1e-7cc2-9a4b-1f2e3d4c5b6a".to_string())
 }

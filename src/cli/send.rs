@@ -31,7 +31,7 @@ pub struct SendArgs {
     #[arg(long, env = "BOTFLOW_TOKEN", hide_env_values = true)]
     pub token: String,
     /// Receive the commands (replies, tags, handoffs) of this chatbot; repeatable
-    #[arg(long, value_name = "CHATBOT_ID")]
+    #[arg(long, value_parser = crate::cli::id_arg, value_name = "CHATBOT_ID")]
     pub subscribe: Vec<uuid::Uuid>,
     /// After the last answer, keep printing commands this long [default: 2000 with --subscribe, else 0]
     #[arg(long, value_name = "MS")]

@@ -26,7 +26,7 @@ pub enum WorkflowsCmd {
     /// their ids. Writes to the configured database, or goes through the admin API when
     /// --admin or BOTFLOW_ADMIN_URL is given
     Apply {
-        #[arg(long)]
+        #[arg(long, value_parser = crate::cli::id_arg)]
         chatbot: Uuid,
         /// The file, or - for stdin
         file: PathBuf,
@@ -35,7 +35,7 @@ pub enum WorkflowsCmd {
     },
     /// List the chatbot's workflows, oldest first (every page)
     List {
-        #[arg(long)]
+        #[arg(long, value_parser = crate::cli::id_arg)]
         chatbot: Uuid,
         #[command(flatten)]
         api: ApiArgs,
@@ -46,12 +46,12 @@ pub enum WorkflowsCmd {
     Versions(WorkflowRef),
     /// Copy a workflow to another chatbot; prints the copy's id
     Copy {
-        #[arg(long)]
+        #[arg(long, value_parser = crate::cli::id_arg)]
         chatbot: Uuid,
-        #[arg(value_name = "WID")]
+        #[arg(value_parser = crate::cli::id_arg, value_name = "WID")]
         workflow: Uuid,
         /// The chatbot that gets the copy
-        #[arg(long, value_name = "CHATBOT")]
+        #[arg(long, value_parser = crate::cli::id_arg, value_name = "CHATBOT")]
         to: Uuid,
         /// The copy's name [default: the original's]
         #[arg(long)]
@@ -68,13 +68,13 @@ pub enum WorkflowsCmd {
     /// Would a workflow match an event? Prints "match", or "no match: " and the first
     /// check that failed; exits 0 either way
     DryRun {
-        #[arg(long)]
+        #[arg(long, value_parser = crate::cli::id_arg)]
         chatbot: Uuid,
         /// A workflow file (JSON or YAML, one workflow), or - for stdin
         #[arg(long, value_name = "FILE", required_unless_present = "workflow_id", conflicts_with = "workflow_id")]
         file: Option<PathBuf>,
         /// A saved workflow of the chatbot
-        #[arg(long, value_name = "WID")]
+        #[arg(long, value_parser = crate::cli::id_arg, value_name = "WID")]
         workflow_id: Option<Uuid>,
         /// The event as it would arrive (JSON or YAML: at least "type", usually "data"), or - for stdin
         #[arg(long, value_name = "FILE")]
@@ -87,9 +87,9 @@ pub enum WorkflowsCmd {
 /// One workflow of a chatbot, on the admin API.
 #[derive(Args, Debug)]
 pub struct WorkflowRef {
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::id_arg)]
     chatbot: Uuid,
-    #[arg(value_name = "WID")]
+    #[arg(value_parser = crate::cli::id_arg, value_name = "WID")]
     workflow: Uuid,
     #[command(flatten)]
     api: ApiArgs,

@@ -15,6 +15,8 @@ pub struct DeadLetter {
     pub execution_id: Uuid,
     pub chatbot_id: Uuid,
     pub workflow_id: Uuid,
+    /// The workflow's name now (`null` if it cannot be read).
+    pub workflow_name: Option<String>,
     pub workflow_version: i32,
     pub event: serde_json::Value,
     pub last_error: Option<String>,
@@ -39,8 +41,11 @@ impl DeadLetter {
     }
 }
 
+/// The workflow's name is its current one (`workflow_id` inside the subquery is the
+/// outer row's: `workflows` has no such column).
 const COLUMNS: &str = "id, execution_id, chatbot_id, workflow_id, workflow_version, event, last_error, attempts, history,
-                       created_at, replayed_at, replayed_by, discarded_at, discarded_by";
+                       created_at, replayed_at, replayed_by, discarded_at, discarded_by,
+                       (SELECT w.name FROM workflows w WHERE w.id = workflow_id) AS workflow_name";
 
 fn from_row(r: &tokio_postgres::Row) -> DeadLetter {
     DeadLetter {
@@ -58,6 +63,7 @@ fn from_row(r: &tokio_postgres::Row) -> DeadLetter {
         replayed_by: r.get(11),
         discarded_at: r.get(12),
         discarded_by: r.get(13),
+        workflow_name: r.get(14),
     }
 }
 

@@ -39,6 +39,8 @@ pub struct ExecutionSummary {
     pub id: Uuid,
     pub chatbot_id: Uuid,
     pub workflow_id: Uuid,
+    /// The workflow's name now (`null` if it cannot be read).
+    pub workflow_name: Option<String>,
     pub workflow_version: i32,
     pub event_id: String,
     pub event_type: String,
@@ -82,8 +84,11 @@ pub struct ExecutionDetail {
     pub dead_letter_id: Option<Uuid>,
 }
 
+/// The columns of a summary. The workflow's name is its current one (`workflow_id`
+/// inside the subquery is the outer row's: `workflows` has no such column).
 const SUMMARY: &str = "id, chatbot_id, workflow_id, workflow_version, event_id, event_type, conversation_id, status,
-                       attempt, created_at, started_at, finished_at, duration_ms, error";
+                       attempt, created_at, started_at, finished_at, duration_ms, error,
+                       (SELECT w.name FROM workflows w WHERE w.id = workflow_id) AS workflow_name";
 
 fn summary(r: &tokio_postgres::Row) -> ExecutionSummary {
     ExecutionSummary {
@@ -101,6 +106,7 @@ fn summary(r: &tokio_postgres::Row) -> ExecutionSummary {
         finished_at: r.get(11),
         duration_ms: r.get(12),
         error: r.get(13),
+        workflow_name: r.get(14),
     }
 }
 
@@ -171,7 +177,7 @@ pub async fn get(store: &Store, id: Uuid) -> StoreResult<Option<ExecutionDetail>
         .query_opt(
             &format!(
                 "SELECT {SUMMARY}, event, outputs,
-                        (SELECT d.id FROM dead_letters d WHERE d.execution_id = e.id ORDER BY d.created_at DESC LIMIT 1)
+                        (SELECT d.id FROM dead_letters d WHERE d.execution_id = e.id ORDER BY d.created_at DESC LIMIT 1) AS dead_letter_id
                  FROM executions e WHERE id = $1"
             ),
             &[&id],
@@ -202,10 +208,10 @@ pub async fn get(store: &Store, id: Uuid) -> StoreResult<Option<ExecutionDetail>
         .collect();
     Ok(Some(ExecutionDetail {
         summary: summary(&row),
-        event: row.get(14),
-        outputs: row.get(15),
+        event: row.get("event"),
+        outputs: row.get("outputs"),
         steps,
-        dead_letter_id: row.get(16),
+        dead_letter_id: row.get("dead_letter_id"),
     }))
 }
 

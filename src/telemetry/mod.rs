@@ -25,36 +25,62 @@ pub fn init_logging(format: &str, level: &str) {
     };
 }
 
-/// actix-http logs a request it cannot parse (a bad header, say) at ERROR, although the
-/// client is at fault and got its 400: logs of a daemon facing the internet would fill
-/// with errors no operator can act on. Below debug level those lines are dropped.
+/// Lines that are noise below debug level, dropped unless the operator asked for debug:
+/// - actix-http logs a request it cannot parse (a bad header, say) at ERROR, although
+///   the client is at fault and got its 400: logs of a daemon facing the internet would
+///   fill with errors no operator can act on;
+/// - tokio-postgres logs every notice the server sends at INFO (`NOTICE: relation
+///   "botflow_schema_history" already exists, skipping` on each restart): PostgreSQL's
+///   chatter, not the daemon's news.
 struct QuietClientFaults {
     enabled: bool,
 }
 
+/// The message of an event and, for one bridged from the `log` crate, its real target.
+#[derive(Default)]
+struct Fields {
+    message: String,
+    log_target: String,
+}
+
+impl Visit for Fields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        match field.name() {
+            "message" => self.message = value.to_string(),
+            "log.target" => self.log_target = value.to_string(),
+            _ => {}
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        match field.name() {
+            "message" => self.message = format!("{value:?}"),
+            "log.target" => self.log_target = format!("{value:?}"),
+            _ => {}
+        }
+    }
+}
+
 impl QuietClientFaults {
-    fn is_client_fault(event: &Event<'_>) -> bool {
+    fn is_noise(event: &Event<'_>) -> bool {
         let meta = event.metadata();
-        if *meta.level() != Level::ERROR || !meta.target().starts_with("actix_http::h1") {
+        let client_fault = *meta.level() == Level::ERROR && meta.target().starts_with("actix_http::h1");
+        let notice_level = *meta.level() == Level::INFO;
+        if !client_fault && !notice_level {
             return false;
         }
-        struct Message(bool);
-        impl Visit for Message {
-            fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-                if field.name() == "message" {
-                    self.0 = format!("{value:?}").starts_with("stream error: request parse error");
-                }
-            }
+        let mut f = Fields::default();
+        event.record(&mut f);
+        if client_fault {
+            return f.message.starts_with("stream error: request parse error");
         }
-        let mut m = Message(false);
-        event.record(&mut m);
-        m.0
+        meta.target().starts_with("tokio_postgres") || f.log_target.starts_with("tokio_postgres")
     }
 }
 
 impl<S: Subscriber> Layer<S> for QuietClientFaults {
     fn event_enabled(&self, event: &Event<'_>, _: Context<'_, S>) -> bool {
-        !(self.enabled && Self::is_client_fault(event))
+        !(self.enabled && Self::is_noise(event))
     }
 }
 
@@ -105,5 +131,18 @@ mod tests {
         assert!(info.contains("(not actix)"), "{info}");
         let debug = logged("debug", emit);
         assert!(debug.contains("invalid Header"), "at debug level everything is kept: {debug}");
+    }
+
+    #[test]
+    fn postgresql_notices_are_kept_for_debug_level() {
+        let emit = || {
+            tracing::info!(target: "tokio_postgres::connection", "NOTICE: relation \"botflow_schema_history\" already exists, skipping");
+            tracing::info!(target: "botflow::app", "botflow is ready");
+            tracing::warn!(target: "tokio_postgres::connection", "a warning of the client itself");
+        };
+        let info = logged("info", emit);
+        assert!(!info.contains("already exists"), "{info}");
+        assert!(info.contains("botflow is ready") && info.contains("a warning of the client itself"), "{info}");
+        assert!(logged("debug", emit).contains("already exists, skipping"));
     }
 }

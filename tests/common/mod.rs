@@ -32,6 +32,42 @@ where
     }
 }
 
+/// What the daemons of this test process logged, as text: a test that provokes an error
+/// on purpose asserts on it, and a green run prints none of it. With `RUST_LOG` set the
+/// logs go to stderr instead, as the daemon writes them (for a developer chasing a
+/// failure), and `logs()` stays empty.
+static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+struct LogSink;
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn init_logs() {
+    match std::env::var("RUST_LOG") {
+        Ok(level) => botflow::telemetry::init_logging("text", &level),
+        Err(_) => {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+                .with_writer(|| LogSink)
+                .with_ansi(false)
+                .try_init();
+        }
+    }
+}
+
+/// Everything logged so far (warnings and errors), one line each.
+pub fn logs() -> String {
+    String::from_utf8_lossy(&LOGS.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+}
+
 /// A directory under /tmp removed on drop (the embedded server runs as the postgres
 /// user, which must be able to reach it).
 pub struct TempDir(pub PathBuf);
@@ -203,7 +239,7 @@ impl TestDaemon {
         config.limits.burst = 1_000_000;
         config.limits.executions_per_second = 1_000_000;
         (opts.tweak)(&mut config);
-        botflow::telemetry::init_logging("text", &std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()));
+        init_logs();
         let app = App::start(&config, pg.clone()).await.expect("the daemon starts");
         let store = app.store.clone();
         TestDaemon { app: Some(app), store, pg, dir, config }
