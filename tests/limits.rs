@@ -214,7 +214,10 @@ async fn the_limits_api_checks_roles_ownership_and_values() {
     let (s, v) = api.call(reqwest::Method::PUT, &op, &path, Some(json!({"events_per_second": 1, "burst": 100}))).await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["limits"]["burst"], 100, "{v}");
-    assert_eq!(v["usage"]["events_available"], 99, "burst 100, one event used: {v}");
+    // Under the new burst of 100, not the old 400. (Each look at the usage takes a cell
+    // of its own, one a second comes back: a few may be gone.)
+    let available = v["usage"]["events_available"].as_u64().unwrap();
+    assert!((95..=99).contains(&available), "burst 100, one event used: {v}");
 }
 
 #[actix_rt::test]

@@ -15,7 +15,9 @@
 //! - `latency`: ack latency p50/p99/max at a fixed offered rate of events that each
 //!   create an execution;
 //! - `history` (`history.rs`): the admin API's history pages and analytics over
-//!   1,000,000 executions of one chatbot.
+//!   1,000,000 executions of one chatbot;
+//! - `limit` (`limit.rs`): the figures above as ratios to limits measured in the same
+//!   run (a parse-and-ack server, PostgreSQL's batched write), alternating, medians.
 //!
 //! The daemon runs on the actix system of the main thread with its usual threads; the
 //! clients run on a separate tokio runtime. With `database.url` empty a private
@@ -23,6 +25,7 @@
 //! on), and removed afterwards.
 
 mod history;
+mod limit;
 
 use crate::app::App;
 use crate::cli::database::Database;
@@ -42,7 +45,10 @@ use uuid::Uuid;
 pub struct BenchArgs {
     /// Which measurements to run: all (nomatch, executions, durable, latency), or one of
     /// them, or scale (the cost of limits and metrics with 1 and 10,000 chatbots), or
-    /// history (admin API pages and analytics over 1,000,000 executions)
+    /// history (admin API pages and analytics over 1,000,000 executions), or limit (each
+    /// figure as a ratio to a limit measured in the same run: parse-and-ack on the same
+    /// socket, PostgreSQL's batched write; three alternating rounds, medians; then the
+    /// ack latency at half the capacity found)
     #[arg(long, default_value = "all")]
     pub scenario: String,
     /// Client connections
@@ -278,6 +284,13 @@ async fn bench(app: &crate::app::RunningApp, config: &Config, args: &BenchArgs) 
         args.chatbots,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
+
+    if args.scenario == "limit" {
+        let bots = limit::Bots { nomatch: nomatch_bots[0], exec: exec_bots.clone(), durable: durable_bots.clone() };
+        let report = limit::bench(store, &target, &clients, args, bots).await;
+        clients.shutdown_background();
+        return report;
+    }
 
     if want("nomatch") {
         let (t, a) = (target.clone(), args.clone());
