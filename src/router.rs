@@ -306,6 +306,27 @@ fn by_chatbot(events: Vec<Event>) -> Vec<(Uuid, Vec<Event>)> {
     groups
 }
 
+impl Router {
+    /// Asks a chatbot's running supervisor; `None` when none runs (or it is gone).
+    fn ask_running<M>(&self, chatbot_id: Uuid, msg: M) -> ResponseFuture<Option<M::Result>>
+    where
+        M: Message + Send + 'static,
+        M::Result: Send,
+        ChatbotSupervisor: Handler<M>,
+    {
+        let addr = match self.slots.get(&chatbot_id) {
+            Some(Slot::Ready { addr, .. }) => Some(addr.clone()),
+            _ => None,
+        };
+        Box::pin(async move {
+            match addr {
+                Some(a) => a.send(msg).await.ok(),
+                None => None,
+            }
+        })
+    }
+}
+
 /// Passes a workflow change to the slot's supervisor, now or when it stays.
 fn reload(slot: &mut Slot) {
     match slot {
@@ -416,16 +437,7 @@ impl Handler<ChatbotUsage> for Router {
     type Result = ResponseFuture<Option<(Limits, Usage)>>;
 
     fn handle(&mut self, msg: ChatbotUsage, _ctx: &mut Context<Self>) -> Self::Result {
-        let addr = match self.slots.get(&msg.0) {
-            Some(Slot::Ready { addr, .. }) => Some(addr.clone()),
-            _ => None,
-        };
-        Box::pin(async move {
-            match addr {
-                Some(a) => a.send(GetUsage).await.ok(),
-                None => None,
-            }
-        })
+        self.ask_running(msg.0, GetUsage)
     }
 }
 
@@ -440,16 +452,7 @@ impl Handler<ApplyChatbotLimits> for Router {
     type Result = ResponseFuture<Option<(Limits, Usage)>>;
 
     fn handle(&mut self, msg: ApplyChatbotLimits, _ctx: &mut Context<Self>) -> Self::Result {
-        let addr = match self.slots.get(&msg.0) {
-            Some(Slot::Ready { addr, .. }) => Some(addr.clone()),
-            _ => None,
-        };
-        Box::pin(async move {
-            match addr {
-                Some(a) => a.send(ApplyLimits(msg.1)).await.ok(),
-                None => None,
-            }
-        })
+        self.ask_running(msg.0, ApplyLimits(msg.1))
     }
 }
 

@@ -16,10 +16,10 @@
 //! Limit and daemon runs alternate, three rounds; each ratio is the median of its
 //! three. Then the ack latency is measured at half the executions capacity just found.
 
-use super::{blast, event_line, finished_count, paced, run_on, Target};
+use super::{blast, event_line, paced, run_executions, run_on, Target};
 use crate::store::Store;
 use serde_json::json;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
@@ -93,25 +93,18 @@ async fn measure(
         // Event ids never repeat across rounds: a repeated id would be a duplicate.
         let offset = 5_000_000_000_000 + round as u64 * 100_000_000_000;
 
-        let (t, n) = (echo.clone(), args.nomatch_events);
-        let bot = bots.nomatch;
-        let r = run_on(clients, async move {
-            blast(&t, 1, n, &[bot], 0, move |i, bot, buf| {
-                event_line(buf, offset + i, bot, "message.received", r#"{"text":"hello there, how are you today?"}"#);
+        // The same events, over one connection, to the limit server and to the daemon.
+        let no_match = |to: &Target| {
+            let (t, n, bot) = (to.clone(), args.nomatch_events, bots.nomatch);
+            run_on(clients, async move {
+                blast(&t, 1, n, &[bot], 0, move |i, bot, buf| {
+                    event_line(buf, offset + i, bot, "message.received", r#"{"text":"hello there, how are you today?"}"#);
+                })
+                .await
             })
-            .await
-        })
-        .await?;
-        nomatch.limit.push(r.per_second());
-        let (t, n) = (target.clone(), args.nomatch_events);
-        let r = run_on(clients, async move {
-            blast(&t, 1, n, &[bot], 0, move |i, bot, buf| {
-                event_line(buf, offset + i, bot, "message.received", r#"{"text":"hello there, how are you today?"}"#);
-            })
-            .await
-        })
-        .await?;
-        nomatch.daemon.push(r.per_second());
+        };
+        nomatch.limit.push(no_match(&echo).await?.per_second());
+        nomatch.daemon.push(no_match(target).await?.per_second());
 
         let write_limit = batched_write(store, args.execution_events).await?;
         for pair in [&mut committed, &mut completed, &mut hot, &mut durable] {
@@ -183,9 +176,7 @@ async fn measure(
     Ok(serde_json::Value::Object(report))
 }
 
-/// Sends `events` events over `conns` connections to `bots` (`commands` commands back
-/// per event, acked by the clients) and answers executions committed/s (acked) and
-/// completed/s (final status committed).
+/// Executions committed/s and completed/s of `events` events of `kind` to `bots`.
 #[allow(clippy::too_many_arguments)]
 async fn executions(
     store: &Store,
@@ -198,20 +189,11 @@ async fn executions(
     kind: &'static str,
     commands: u64,
 ) -> anyhow::Result<(f64, f64)> {
-    let before = finished_count(store).await?;
-    let (t, b) = (target.clone(), bots.to_vec());
-    let started = Instant::now();
-    let r = run_on(clients, async move {
-        blast(&t, conns, events, &b, commands, move |i, bot, buf| event_line(buf, offset + i, bot, kind, "{}")).await
+    let r = run_executions(store, target, clients, conns, events, bots, commands, move |i, bot, buf| {
+        event_line(buf, offset + i, bot, kind, "{}")
     })
     .await?;
-    let acked = r.answered - r.nacked;
-    let mut done = finished_count(store).await? - before;
-    while done < acked as i64 && started.elapsed() < Duration::from_secs(600) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        done = finished_count(store).await? - before;
-    }
-    Ok((acked as f64 / r.elapsed.as_secs_f64(), done as f64 / started.elapsed().as_secs_f64()))
+    Ok((r.committed_per_second(), r.completed_per_second()))
 }
 
 /// PostgreSQL's own rate for what the journal does per execution: an insert at accept

@@ -313,70 +313,41 @@ async fn bench(app: &crate::app::RunningApp, config: &Config, args: &BenchArgs) 
     }
 
     if want("executions") {
-        let before = finished_count(store).await?;
-        let (t, a) = (target.clone(), args.clone());
-        let bots = exec_bots.clone();
-        let started = Instant::now();
-        let r = run_on(&clients, async move {
-            blast(&t, a.connections, a.execution_events, &bots, 0, move |i, bot, buf| {
-                event_line(buf, i, bot, "x.bench", "{}");
-            })
-            .await
+        let r = run_executions(store, &target, &clients, args.connections, args.execution_events, &exec_bots, 0, |i, bot, buf| {
+            event_line(buf, i, bot, "x.bench", "{}");
         })
         .await?;
-        let acked = r.answered - r.nacked;
-        // Completed: final status and step rows committed.
-        let mut done = finished_count(store).await? - before;
-        while done < acked as i64 && started.elapsed() < Duration::from_secs(600) {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            done = finished_count(store).await? - before;
-        }
-        let completed_in = started.elapsed();
         eprintln!(
             "executions:  {:>10.0} committed/s (acked; {} in {:.2} s, {} nacked)",
-            acked as f64 / r.elapsed.as_secs_f64(),
-            acked,
-            r.elapsed.as_secs_f64(),
+            r.committed_per_second(),
+            r.acked,
+            r.acked_in.as_secs_f64(),
             r.nacked
         );
         eprintln!(
             "             {:>10.0} completed/s (final status and step row committed; {} in {:.2} s)",
-            done as f64 / completed_in.as_secs_f64(),
-            done,
-            completed_in.as_secs_f64()
+            r.completed_per_second(),
+            r.done,
+            r.done_in.as_secs_f64()
         );
-        report.insert("executions_committed_per_second".into(), json!((acked as f64 / r.elapsed.as_secs_f64()).round()));
-        report.insert("executions_completed_per_second".into(), json!((done as f64 / completed_in.as_secs_f64()).round()));
+        report.insert("executions_committed_per_second".into(), json!(r.committed_per_second().round()));
+        report.insert("executions_completed_per_second".into(), json!(r.completed_per_second().round()));
     }
 
     if want("durable") {
-        let before = finished_count(store).await?;
-        let (t, a) = (target.clone(), args.clone());
-        let bots = durable_bots.clone();
-        let started = Instant::now();
-        let r = run_on(&clients, async move {
-            blast(&t, a.connections, a.durable_events, &bots, 2, move |i, bot, buf| {
-                event_line(buf, 2_000_000_000_000 + i, bot, "x.durable", "{}");
-            })
-            .await
+        let r = run_executions(store, &target, &clients, args.connections, args.durable_events, &durable_bots, 2, |i, bot, buf| {
+            event_line(buf, 2_000_000_000_000 + i, bot, "x.durable", "{}");
         })
         .await?;
-        let acked = r.answered - r.nacked;
-        let mut done = finished_count(store).await? - before;
-        while done < acked as i64 && started.elapsed() < Duration::from_secs(600) {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            done = finished_count(store).await? - before;
-        }
-        let completed_in = started.elapsed();
         eprintln!(
             "durable:     {:>10.0} executions/s completed (reply, delay 0, reply; every command acked by the client, \
              every step committed; {} in {:.2} s, {} nacked)",
-            done as f64 / completed_in.as_secs_f64(),
-            done,
-            completed_in.as_secs_f64(),
+            r.completed_per_second(),
+            r.done,
+            r.done_in.as_secs_f64(),
             r.nacked
         );
-        report.insert("durable_executions_per_second".into(), json!((done as f64 / completed_in.as_secs_f64()).round()));
+        report.insert("durable_executions_per_second".into(), json!(r.completed_per_second().round()));
     }
 
     if args.scenario == "scale-run" {
@@ -434,6 +405,55 @@ async fn bench(app: &crate::app::RunningApp, config: &Config, args: &BenchArgs) 
     }
     clients.shutdown_background();
     Ok(serde_json::Value::Object(report))
+}
+
+/// A run of events that each start one execution.
+struct ExecRun {
+    /// Events acked: their executions are committed.
+    acked: u64,
+    nacked: u64,
+    /// From the first event to the last answer.
+    acked_in: Duration,
+    /// Executions whose final status (and step rows) are committed.
+    done: i64,
+    /// From the first event to the last completion.
+    done_in: Duration,
+}
+
+impl ExecRun {
+    fn committed_per_second(&self) -> f64 {
+        self.acked as f64 / self.acked_in.as_secs_f64()
+    }
+
+    fn completed_per_second(&self) -> f64 {
+        self.done as f64 / self.done_in.as_secs_f64()
+    }
+}
+
+/// Sends `events` events to `bots` over `conns` connections (`commands` commands back
+/// per event, which the clients ack) and waits until every acked one has completed.
+#[allow(clippy::too_many_arguments)]
+async fn run_executions(
+    store: &Store,
+    target: &Target,
+    clients: &tokio::runtime::Runtime,
+    conns: usize,
+    events: u64,
+    bots: &[Uuid],
+    commands: u64,
+    make: impl Fn(u64, Uuid, &mut Vec<u8>) + Send + Sync + 'static,
+) -> anyhow::Result<ExecRun> {
+    let before = finished_count(store).await?;
+    let (t, b) = (target.clone(), bots.to_vec());
+    let started = Instant::now();
+    let r = run_on(clients, async move { blast(&t, conns, events, &b, commands, make).await }).await?;
+    let acked = r.answered - r.nacked;
+    let mut done = finished_count(store).await? - before;
+    while done < acked as i64 && started.elapsed() < Duration::from_secs(600) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        done = finished_count(store).await? - before;
+    }
+    Ok(ExecRun { acked, nacked: r.nacked, acked_in: r.elapsed, done, done_in: started.elapsed() })
 }
 
 /// Chatbots in bulk, with one statement.
