@@ -110,15 +110,22 @@ async fn measure(
         for pair in [&mut committed, &mut completed, &mut hot, &mut durable] {
             pair.limit.push(write_limit);
         }
-        let (c, d) = executions(store, target, clients, args.connections, args.execution_events, &bots.exec, offset, "x.bench", 0).await?;
-        committed.daemon.push(c);
-        completed.daemon.push(d);
-        let one = [bots.exec[round % bots.exec.len()]];
-        let (_, d) = executions(store, target, clients, args.connections, args.execution_events, &one, offset + 50_000_000_000, "x.bench", 0)
-            .await?;
-        hot.daemon.push(d);
-        let (_, d) = executions(store, target, clients, args.connections, args.durable_events, &bots.durable, offset, "x.durable", 2).await?;
-        durable.daemon.push(d);
+        // Events of `kind` with this round's ids, to `bots`, `commands` commands back each.
+        let run = |events: u64, bots: Vec<Uuid>, offset: u64, kind: &'static str, commands: u64| {
+            let conns = args.connections;
+            async move {
+                run_executions(store, target, clients, conns, events, &bots, commands, move |i, bot, buf| {
+                    event_line(buf, offset + i, bot, kind, "{}")
+                })
+                .await
+            }
+        };
+        let r = run(args.execution_events, bots.exec.clone(), offset, "x.bench", 0).await?;
+        committed.daemon.push(r.committed_per_second());
+        completed.daemon.push(r.completed_per_second());
+        let one = vec![bots.exec[round % bots.exec.len()]];
+        hot.daemon.push(run(args.execution_events, one, offset + 50_000_000_000, "x.bench", 0).await?.completed_per_second());
+        durable.daemon.push(run(args.durable_events, bots.durable.clone(), offset, "x.durable", 2).await?.completed_per_second());
         eprintln!(
             "  round {}: parse-and-ack {:.0}/s, daemon no-match {:.0}/s; batched write {:.0} rows/s, daemon {:.0} committed/s, \
              {:.0} completed/s, hot chatbot {:.0}/s, durable {:.0}/s",
@@ -174,26 +181,6 @@ async fn measure(
     );
     report.insert("latency".into(), json!({"rate": rate, "p50_ms": ms(0.5), "p99_ms": ms(0.99), "max_ms": h.max() as f64 / 1000.0}));
     Ok(serde_json::Value::Object(report))
-}
-
-/// Executions committed/s and completed/s of `events` events of `kind` to `bots`.
-#[allow(clippy::too_many_arguments)]
-async fn executions(
-    store: &Store,
-    target: &Target,
-    clients: &tokio::runtime::Runtime,
-    conns: usize,
-    events: u64,
-    bots: &[Uuid],
-    offset: u64,
-    kind: &'static str,
-    commands: u64,
-) -> anyhow::Result<(f64, f64)> {
-    let r = run_executions(store, target, clients, conns, events, bots, commands, move |i, bot, buf| {
-        event_line(buf, offset + i, bot, kind, "{}")
-    })
-    .await?;
-    Ok((r.committed_per_second(), r.completed_per_second()))
 }
 
 /// PostgreSQL's own rate for what the journal does per execution: an insert at accept
