@@ -15,7 +15,8 @@
 //! subscribers; an ack a node was not waiting for is recorded in the table and
 //! announced, so the node whose step waits for it goes on at once. Announcements
 //! missed while the listener was disconnected are made up for when it is back: the
-//! commands still pending for the chatbots subscribed here are written again.
+//! commands still pending for the chatbots subscribed here are written again, and the
+//! steps waiting here for commands acked meanwhile go on.
 
 use crate::store::accounts::Scope;
 use crate::store::journal::{Journal, RecordProgress};
@@ -103,7 +104,9 @@ pub struct RemoteAck {
 
 /// From the change listener after it (re)connected: announcements sent while it was
 /// away are lost, so the commands still pending for the chatbots subscribed here are
-/// written to their subscribers again (clients drop the ones they already have).
+/// written to their subscribers again (clients drop the ones they already have), and
+/// the commands waited for here that were acked through another node meanwhile let
+/// their steps go on.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct RedeliverPending;
@@ -208,6 +211,7 @@ impl Handler<Subscribe> for Outbox {
 impl Handler<RedeliverPending> for Outbox {
     type Result = ();
     fn handle(&mut self, _: RedeliverPending, ctx: &mut Context<Self>) {
+        self.accept_missed_acks(ctx);
         let chatbots: Vec<Uuid> = self.subscribers.keys().copied().collect();
         if chatbots.is_empty() {
             return;
@@ -390,6 +394,22 @@ impl Handler<ClientAck> for Outbox {
 }
 
 impl Outbox {
+    /// Reads which of the commands waited for here were acked in the table (their
+    /// announcements were missed) and wakes their steps.
+    fn accept_missed_acks(&mut self, ctx: &mut Context<Self>) {
+        let ids: Vec<String> = self.waiting.keys().cloned().collect();
+        if ids.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        let read = async move { tokio::time::timeout(ANNOUNCED_TIMEOUT, table::acked_among(&store, &ids)).await };
+        ctx.spawn(read.into_actor(self).map(|read, act, _| match read {
+            Ok(Ok(acked)) => acked.into_iter().for_each(|id| act.accept_ack(id)),
+            Ok(Err(error)) => tracing::warn!(%error, "cannot read the acks missed while the change listener was away"),
+            Err(_) => tracing::warn!("reading the acks missed while the change listener was away timed out"),
+        }));
+    }
+
     /// Records the ack of a command this node waits for and wakes its step.
     fn accept_ack(&mut self, command_id: String) {
         if let Some(w) = self.waiting.remove(&command_id) {

@@ -381,6 +381,63 @@ async fn a_command_announced_while_a_listener_is_away_reaches_its_clients_when_i
 }
 
 #[actix_rt::test]
+async fn an_ack_announced_while_the_steps_daemon_is_not_listening_lets_the_step_go_on_when_it_is_back() {
+    let (_a, b, t, mut sender, db) = two_daemons().await;
+    let bot = t.chatbots[0];
+    let mut chat = Client::tcp(b.tcp()).await.hello(&t.key, &[bot]).await;
+    send(&mut sender, "e1", bot).await;
+    let (cmd, _) = chat.recv_until(|v| v["op"] == "command").await;
+    let id = cmd["command_id"].as_str().unwrap().to_string();
+    // Keep every change listener away while B's client acks: A, whose step waits for
+    // the ack (for two minutes), never hears B's announcement of it.
+    let cutter = cut_listeners_until_stopped(&b).await;
+    chat.send(&json!({"op": "ack", "command_id": id})).await;
+    eventually("B records the ack", || async {
+        let status: String = db.query_one("SELECT status FROM outbox WHERE command_id = $1", &[&id]).await.unwrap().get(0);
+        status == "acked"
+    })
+    .await;
+    let (_, status, _, _) = execution(&db, "e1").await;
+    assert_ne!(status, "succeeded", "A cannot have heard the ack");
+    cutter.stop().await;
+    // Back, A reads which of the commands it waits for were acked meanwhile.
+    wait_status(&db, "e1", &["succeeded"]).await;
+}
+
+/// Terminates the daemons' change listeners over and over (they come back after half
+/// a second) until stopped.
+struct ListenerCutter {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ListenerCutter {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap();
+    }
+}
+
+async fn cut_listeners_until_stopped(daemon: &TestDaemon) -> ListenerCutter {
+    let db = daemon.db().await;
+    let cut = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+               WHERE datname = current_database() AND query LIKE 'LISTEN%'";
+    let first: i64 = db.query_one(cut, &[]).await.unwrap().get(0);
+    assert_eq!(first, 2, "one listener per daemon");
+    let (stop, mut stopped) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        loop {
+            db.execute(cut, &[]).await.unwrap();
+            tokio::select! {
+                _ = &mut stopped => return,
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+    });
+    ListenerCutter { stop, task }
+}
+
+#[actix_rt::test]
 async fn an_ack_through_another_daemon_before_the_commands_row_commits_reaches_the_step_for_its_account_only() {
     let (a, b, t, mut chat_a, db) = two_daemons().await;
     let other = tenant(&a.store, "other", 1).await;

@@ -100,6 +100,15 @@ pub async fn is_acked(store: &Store, command_id: &str) -> bool {
     )
 }
 
+/// Which of these commands a client acked (through any node).
+pub async fn acked_among(store: &Store, command_ids: &[String]) -> Result<Vec<String>, StoreError> {
+    let client = store.pool().get().await?;
+    let rows = client
+        .query("SELECT command_id FROM outbox WHERE command_id = ANY($1) AND status = 'acked'", &[&command_ids])
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// Records the ack of a command this node was not waiting for (it went out before a
 /// restart, or another node runs its step) and announces it to the other nodes at
 /// commit: when it acked the row, and when there is no row yet (the node that runs the
