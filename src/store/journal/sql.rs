@@ -171,12 +171,41 @@ FROM executions e WHERE e.id = ANY($1) AND e.status = 'dead'
 -- A retried write (its first try's outcome lost) must not add a second letter.
 ON CONFLICT (execution_id) WHERE replayed_at IS NULL AND discarded_at IS NULL DO NOTHING";
 
-/// A lane's own connection with its statements prepared.
+/// A lane's own connection, and the types of its statements' parameters.
 pub(super) struct LaneConn {
     pub(super) client: tokio_postgres::Client,
-    write: tokio_postgres::Statement,
-    existing: tokio_postgres::Statement,
-    dead_letter: tokio_postgres::Statement,
+    write: Planned,
+    existing: Planned,
+    dead_letter: Planned,
+}
+
+/// A statement sent unnamed on each call, so that PostgreSQL plans it for that call's
+/// arrays: a cached generic plan, made while the tables were small (a sequential scan
+/// of executions), would stay for the connection's life. Only these statements are
+/// planned each time; the foreign-key checks they fire keep their cached plans (setting
+/// `plan_cache_mode = force_custom_plan` on the connection planned those once per row,
+/// a fifth of PostgreSQL's CPU on the executions path). Prepared once for the types of
+/// its parameters; one round trip a call, as a prepared statement takes.
+struct Planned {
+    sql: &'static str,
+    types: Vec<tokio_postgres::types::Type>,
+}
+
+impl Planned {
+    async fn prepare(client: &tokio_postgres::Client, sql: &'static str) -> Result<Planned, tokio_postgres::Error> {
+        // Only its parameter types are kept; dropping the statement closes it.
+        let types = client.prepare(sql).await?.params().to_vec();
+        Ok(Planned { sql, types })
+    }
+
+    async fn query(
+        &self,
+        client: &tokio_postgres::Client,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+        let typed: Vec<_> = params.iter().copied().zip(self.types.iter().cloned()).collect();
+        client.query_typed(self.sql, &typed).await
+    }
 }
 
 impl LaneConn {
@@ -191,17 +220,10 @@ impl LaneConn {
     pub(super) async fn open(store: &Store) -> Result<LaneConn, StoreError> {
         let client = store.dedicated().await?;
         // The server gives up on a write the lane has given up on too.
-        // Plans are made for each write: a generic plan fixed while the tables were
-        // small (a sequential scan of executions) would stay for the connection's life.
-        client
-            .batch_execute(&format!(
-                "SET statement_timeout = {}; SET plan_cache_mode = force_custom_plan",
-                WRITE_TIMEOUT.as_millis()
-            ))
-            .await?;
-        let write = client.prepare(&WRITE_SQL).await?;
-        let existing = client.prepare(EXISTING_SQL).await?;
-        let dead_letter = client.prepare(DEAD_LETTER_SQL).await?;
+        client.batch_execute(&format!("SET statement_timeout = {}", WRITE_TIMEOUT.as_millis())).await?;
+        let write = Planned::prepare(&client, WRITE_SQL.as_str()).await?;
+        let existing = Planned::prepare(&client, EXISTING_SQL).await?;
+        let dead_letter = Planned::prepare(&client, DEAD_LETTER_SQL).await?;
         Ok(LaneConn { client, write, existing, dead_letter })
     }
 }
@@ -339,12 +361,12 @@ pub(super) async fn write(conn: &LaneConn, node: Uuid, batch: &Batch) -> Result<
         &c_status,
     ];
     let rows = if dead.is_empty() {
-        conn.client.query(&conn.write, &params).await?
+        conn.write.query(&conn.client, &params).await?
     } else {
         // Dead letters read the step rows this same write adds, so they follow it in
         // one transaction.
         conn.client.batch_execute("BEGIN").await?;
-        let rows = match conn.client.query(&conn.write, &params).await {
+        let rows = match conn.write.query(&conn.client, &params).await {
             Ok(rows) => rows,
             Err(e) => {
                 let _ = conn.client.batch_execute("ROLLBACK").await;
@@ -357,7 +379,7 @@ pub(super) async fn write(conn: &LaneConn, node: Uuid, batch: &Batch) -> Result<
             .map(|r| r.get::<_, Uuid>(1))
             .filter(|id| dead.contains(id))
             .collect();
-        if let Err(e) = conn.client.execute(&conn.dead_letter, &[&dead_written]).await {
+        if let Err(e) = conn.dead_letter.query(&conn.client, &[&dead_written]).await {
             let _ = conn.client.batch_execute("ROLLBACK").await;
             return Err(e.into());
         }
@@ -382,7 +404,7 @@ pub(super) async fn write(conn: &LaneConn, node: Uuid, batch: &Batch) -> Result<
                 planned.push(ids[i]);
             }
         }
-        for r in conn.client.query(&conn.existing, &[&wf, &ev, &planned, &node]).await? {
+        for r in conn.existing.query(&conn.client, &[&wf, &ev, &planned, &node]).await? {
             let (id, planned): (Uuid, Uuid) = (r.get(0), r.get(1));
             written.existing.insert(planned, id);
             // Ours from an earlier try, but claimed since by another node: not ours to run.
