@@ -119,7 +119,7 @@ WITH ins AS (
     INSERT INTO outbox (command_id, chatbot_id, conversation_id, kind, payload, execution_id, status, acked_at)
     SELECT c.command_id, c.chatbot_id, c.conversation_id, c.kind, c.payload::jsonb, c.execution_id, c.status,
            CASE WHEN c.status = 'acked' THEN now() END
-    FROM unnest($34::text[], $35::uuid[], $36::text[], $37::text[], $38::text[], $39::uuid[], $40::int8[], $43::text[])
+    FROM unnest($34::text[], $35::uuid[], $36::text[], $37::text[], $38::text[], $39::uuid[], $40::int8[], $42::text[])
          AS c(command_id, chatbot_id, conversation_id, kind, payload, execution_id, epoch, status)
     WHERE EXISTS (SELECT 1 FROM executions e
                   WHERE e.id = c.execution_id AND e.lease_owner = $10 AND e.lease_epoch = c.epoch)
@@ -137,11 +137,12 @@ WITH ins AS (
 ), expired AS (
     -- An execution that ended keeps no command waiting for a client. (Not the ones
     -- acked in this batch, nor the ones `cmds` wrote: those carry their status.)
+    -- One look-up per ended execution in the small index of pending commands.
     UPDATE outbox o SET status = 'expired'
-    WHERE o.execution_id = ANY($42::uuid[]) AND o.status = 'pending'
+    FROM upd
+    WHERE upd.status IN ('succeeded', 'failed', 'dead') AND o.execution_id = upd.id AND o.status = 'pending'
       AND o.command_id <> ALL($41::text[])
       AND o.command_id NOT IN (SELECT command_id FROM cmds)
-      AND o.execution_id IN (SELECT id FROM upd)
 )
 SELECT true, id FROM ins
 UNION ALL
@@ -171,41 +172,21 @@ FROM executions e WHERE e.id = ANY($1) AND e.status = 'dead'
 -- A retried write (its first try's outcome lost) must not add a second letter.
 ON CONFLICT (execution_id) WHERE replayed_at IS NULL AND discarded_at IS NULL DO NOTHING";
 
-/// A lane's own connection, and the types of its statements' parameters.
+/// A lane's own connection with its statements prepared.
+///
+/// Each statement keeps one plan for the connection's life, made once and pinned to
+/// the shape every write wants whatever the tables' sizes: nested loops over the
+/// batch's arrays with an index look-up per row (`enable_seqscan`, `enable_hashjoin`
+/// and `enable_mergejoin` off for this connection, so a plan made while the tables
+/// were small cannot be a scan of `executions` that stays as they grow). Planning each
+/// write instead (custom plans) cost a few milliseconds a write, most of a small
+/// write's time, and with `plan_cache_mode = force_custom_plan` on the connection the
+/// foreign-key checks were planned again for every row.
 pub(super) struct LaneConn {
     pub(super) client: tokio_postgres::Client,
-    write: Planned,
-    existing: Planned,
-    dead_letter: Planned,
-}
-
-/// A statement sent unnamed on each call, so that PostgreSQL plans it for that call's
-/// arrays: a cached generic plan, made while the tables were small (a sequential scan
-/// of executions), would stay for the connection's life. Only these statements are
-/// planned each time; the foreign-key checks they fire keep their cached plans (setting
-/// `plan_cache_mode = force_custom_plan` on the connection planned those once per row,
-/// a fifth of PostgreSQL's CPU on the executions path). Prepared once for the types of
-/// its parameters; one round trip a call, as a prepared statement takes.
-struct Planned {
-    sql: &'static str,
-    types: Vec<tokio_postgres::types::Type>,
-}
-
-impl Planned {
-    async fn prepare(client: &tokio_postgres::Client, sql: &'static str) -> Result<Planned, tokio_postgres::Error> {
-        // Only its parameter types are kept; dropping the statement closes it.
-        let types = client.prepare(sql).await?.params().to_vec();
-        Ok(Planned { sql, types })
-    }
-
-    async fn query(
-        &self,
-        client: &tokio_postgres::Client,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
-        let typed: Vec<_> = params.iter().copied().zip(self.types.iter().cloned()).collect();
-        client.query_typed(self.sql, &typed).await
-    }
+    write: tokio_postgres::Statement,
+    existing: tokio_postgres::Statement,
+    dead_letter: tokio_postgres::Statement,
 }
 
 impl LaneConn {
@@ -220,10 +201,16 @@ impl LaneConn {
     pub(super) async fn open(store: &Store) -> Result<LaneConn, StoreError> {
         let client = store.dedicated().await?;
         // The server gives up on a write the lane has given up on too.
-        client.batch_execute(&format!("SET statement_timeout = {}", WRITE_TIMEOUT.as_millis())).await?;
-        let write = Planned::prepare(&client, WRITE_SQL.as_str()).await?;
-        let existing = Planned::prepare(&client, EXISTING_SQL).await?;
-        let dead_letter = Planned::prepare(&client, DEAD_LETTER_SQL).await?;
+        client
+            .batch_execute(&format!(
+                "SET statement_timeout = {}; SET plan_cache_mode = force_generic_plan;
+                 SET enable_seqscan = off; SET enable_hashjoin = off; SET enable_mergejoin = off",
+                WRITE_TIMEOUT.as_millis()
+            ))
+            .await?;
+        let write = client.prepare(&WRITE_SQL).await?;
+        let existing = client.prepare(EXISTING_SQL).await?;
+        let dead_letter = client.prepare(DEAD_LETTER_SQL).await?;
         Ok(LaneConn { client, write, existing, dead_letter })
     }
 }
@@ -353,20 +340,19 @@ pub(super) async fn write(conn: &LaneConn, node: Uuid, batch: &Batch) -> Result<
         })
         .collect();
 
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 43] = [
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 42] = [
         &ids, &chatbots, &workflows, &versions, &event_ids, &types, &docs, &conversations, &doc_of, &node, &leased,
         &u_id, &u_epoch, &u_status, &u_attempt, &u_step, &u_outputs, &u_run_after, &u_started, &u_finished, &u_error,
         &u_release, &s_exec, &s_epoch, &s_index, &s_attempt, &s_id, &s_action, &s_status, &s_started, &s_finished,
-        &s_output, &s_error, &c_id, &c_chatbot, &c_conv, &c_kind, &c_payload, &c_exec, &c_epoch, &acked, &finals,
-        &c_status,
+        &s_output, &s_error, &c_id, &c_chatbot, &c_conv, &c_kind, &c_payload, &c_exec, &c_epoch, &acked, &c_status,
     ];
     let rows = if dead.is_empty() {
-        conn.write.query(&conn.client, &params).await?
+        conn.client.query(&conn.write, &params).await?
     } else {
         // Dead letters read the step rows this same write adds, so they follow it in
         // one transaction.
         conn.client.batch_execute("BEGIN").await?;
-        let rows = match conn.write.query(&conn.client, &params).await {
+        let rows = match conn.client.query(&conn.write, &params).await {
             Ok(rows) => rows,
             Err(e) => {
                 let _ = conn.client.batch_execute("ROLLBACK").await;
@@ -379,7 +365,7 @@ pub(super) async fn write(conn: &LaneConn, node: Uuid, batch: &Batch) -> Result<
             .map(|r| r.get::<_, Uuid>(1))
             .filter(|id| dead.contains(id))
             .collect();
-        if let Err(e) = conn.dead_letter.query(&conn.client, &[&dead_written]).await {
+        if let Err(e) = conn.client.execute(&conn.dead_letter, &[&dead_written]).await {
             let _ = conn.client.batch_execute("ROLLBACK").await;
             return Err(e.into());
         }
@@ -404,7 +390,7 @@ pub(super) async fn write(conn: &LaneConn, node: Uuid, batch: &Batch) -> Result<
                 planned.push(ids[i]);
             }
         }
-        for r in conn.existing.query(&conn.client, &[&wf, &ev, &planned, &node]).await? {
+        for r in conn.client.query(&conn.existing, &[&wf, &ev, &planned, &node]).await? {
             let (id, planned): (Uuid, Uuid) = (r.get(0), r.get(1));
             written.existing.insert(planned, id);
             // Ours from an earlier try, but claimed since by another node: not ours to run.
