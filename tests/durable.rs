@@ -71,6 +71,41 @@ async fn send(c: &mut Client, id: &str, bot: Uuid) {
 }
 
 #[actix_rt::test]
+async fn event_data_in_a_webhook_url_fills_one_segment_or_query_value_and_cannot_move_the_request() {
+    let receiver = Receiver::start().await;
+    let url = receiver.url("/tpl/{{event.data.p}}?q={{event.data.p}}");
+    let workflow = json!({
+        "name": "tpl",
+        "trigger": {"event": "x.go"},
+        "steps": [{"id": "call", "action": "webhook", "url": url, "timeout_ms": 2000}],
+        "retry": {"max_attempts": 3, "initial_backoff_ms": 50, "jitter": false},
+    });
+    let (_daemon, t, mut c, db) = setup(|_| {}, workflow).await;
+    let bot = t.chatbots[0];
+    // What a chat's end user may type: path traversal, a query, a fragment, an encoded
+    // slash, spaces and non-ASCII.
+    c.send(&event("e1", bot, "x.go", json!({"p": "../../v1/chatbots?x=#frag %2F é"}))).await;
+    let (a, _) = c.recv_until(|v| v["id"] == "e1").await;
+    assert_eq!(a["op"], "ack", "{a}");
+    wait_status(&db, "e1", &["succeeded"]).await;
+    let encoded = "..%2F..%2Fv1%2Fchatbots%3Fx%3D%23frag%20%252F%20%C3%A9";
+    let got = receiver.received();
+    assert_eq!(got.len(), 1, "one request: {got:?}");
+    assert_eq!(got[0].path, format!("/tpl/{encoded}?q={encoded}"));
+
+    // A value that is a whole `..` segment would move the request up the path: the step
+    // fails at once (no retry helps), naming the template, and nothing is sent.
+    c.send(&event("e2", bot, "x.go", json!({"p": ".."}))).await;
+    let (a, _) = c.recv_until(|v| v["id"] == "e2").await;
+    assert_eq!(a["op"], "ack", "{a}");
+    let (_, _, attempt, error) = wait_status(&db, "e2", &["failed"]).await;
+    assert_eq!(attempt, 1);
+    let error = error.unwrap_or_default();
+    assert!(error.contains("{{event.data.p}}") && error.contains("path segment \"..\""), "{error}");
+    assert_eq!(receiver.received().len(), 1, "no request for e2");
+}
+
+#[actix_rt::test]
 async fn a_webhook_answering_500_500_200_succeeds_on_attempt_3_after_the_policy_waits() {
     let receiver = Receiver::start().await;
     receiver.on("/hook", Behaviour::Script(vec![Reply::new(500, "{}"), Reply::new(500, "{}"), Reply::new(200, r#"{"ok":1}"#)]));

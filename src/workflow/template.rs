@@ -188,6 +188,10 @@ pub enum TemplateError {
     },
     #[error("template {{{{{reference}}}}}: step \"{step}\" has no output")]
     MissingStepOutput { reference: String, step: String },
+    #[error("template {{{{{reference}}}}}: its value makes the url path segment \"{segment}\", which would move along the path")]
+    DotSegment { reference: String, segment: String },
+    #[error("template {{{{{reference}}}}}: a template may not fill a url's scheme or host")]
+    InAuthority { reference: String },
 }
 
 /// What templates render against: the event document and the outputs of the steps
@@ -314,16 +318,26 @@ impl Template {
         for part in &self.parts {
             match part {
                 Part::Literal(text) => out.push_str(text),
-                Part::Expr(reference) => match ctx.resolve(reference)? {
-                    Value::String(s) => out.push_str(s),
-                    other => {
-                        // Writing into a String cannot fail.
-                        let _ = write!(out, "{other}");
-                    }
-                },
+                Part::Expr(reference) => out.push_str(&value_text(ctx.resolve(reference)?)),
             }
         }
         Ok(out)
+    }
+
+    /// Renders a URL: each value is percent-encoded for where it lands (a path
+    /// segment, a query or a fragment), so that event data fills one segment or one
+    /// query value and cannot add segments, a query, a fragment or a different path
+    /// (`../`). A value that makes a whole segment `.` or `..` is refused: URL parsers
+    /// resolve those (even encoded) before the request is sent.
+    pub fn render_url(&self, ctx: &TemplateContext<'_>) -> Result<String, TemplateError> {
+        let mut url = UrlWriter::default();
+        for part in &self.parts {
+            match part {
+                Part::Literal(text) => text.chars().try_for_each(|c| url.literal(c))?,
+                Part::Expr(reference) => url.value(reference, &value_text(ctx.resolve(reference)?))?,
+            }
+        }
+        url.finish()
     }
 
     /// Renders to a JSON value: a template that is exactly one `{{expr}}` keeps the
@@ -333,6 +347,97 @@ impl Template {
             [Part::Expr(reference)] => ctx.resolve(reference).cloned(),
             _ => self.render_string(ctx).map(Value::String),
         }
+    }
+}
+
+/// A value as template text: strings as they are, other JSON values as compact JSON.
+fn value_text(value: &Value) -> std::borrow::Cow<'_, str> {
+    match value {
+        Value::String(s) => std::borrow::Cow::Borrowed(s),
+        other => std::borrow::Cow::Owned(other.to_string()),
+    }
+}
+
+/// What a value placed in a URL keeps as it is: RFC 3986's unreserved characters.
+/// Everything else (`/ ? # & = + %`, spaces, non-ASCII) is percent-encoded.
+const URL_VALUE: &percent_encoding::AsciiSet =
+    &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+
+#[derive(Default, Clone, Copy, PartialEq)]
+enum UrlPart {
+    /// The scheme and host, up to the first `/`, `?` or `#` after `://`.
+    #[default]
+    Authority,
+    Path,
+    Query,
+    Fragment,
+}
+
+/// Builds a rendered URL, knowing where each character lands.
+#[derive(Default)]
+struct UrlWriter {
+    out: String,
+    part: UrlPart,
+    /// `://` has been written: the next `/`, `?` or `#` ends the host.
+    host_started: bool,
+    /// Where the current path segment starts in `out`, and the last value in it.
+    segment_start: usize,
+    segment_value: Option<String>,
+}
+
+impl UrlWriter {
+    fn literal(&mut self, c: char) -> Result<(), TemplateError> {
+        let next = match c {
+            '/' => UrlPart::Path,
+            '?' => UrlPart::Query,
+            '#' => UrlPart::Fragment,
+            _ => self.part,
+        };
+        match self.part {
+            UrlPart::Authority if self.host_started => self.part = next,
+            UrlPart::Authority => self.host_started = c == '/' && self.out.ends_with(":/"),
+            UrlPart::Path if next != UrlPart::Path || c == '/' => {
+                self.end_segment()?;
+                self.part = next;
+            }
+            UrlPart::Query if c == '#' => self.part = UrlPart::Fragment,
+            _ => {}
+        }
+        self.out.push(c);
+        if self.part == UrlPart::Path && c == '/' {
+            self.segment_start = self.out.len();
+        }
+        Ok(())
+    }
+
+    fn value(&mut self, reference: &Reference, text: &str) -> Result<(), TemplateError> {
+        if self.part == UrlPart::Authority {
+            return Err(TemplateError::InAuthority { reference: reference.to_string() });
+        }
+        self.out.extend(percent_encoding::utf8_percent_encode(text, URL_VALUE));
+        if self.part == UrlPart::Path {
+            self.segment_value = Some(reference.to_string());
+        }
+        Ok(())
+    }
+
+    /// A segment a value helped make may not be a dot segment (`.`, `..`, or those
+    /// with `%2e` for a dot: URL parsers read them all alike).
+    fn end_segment(&mut self) -> Result<(), TemplateError> {
+        if let Some(reference) = self.segment_value.take() {
+            let segment = &self.out[self.segment_start..];
+            if matches!(segment.to_ascii_lowercase().replace("%2e", ".").as_str(), "." | "..") {
+                return Err(TemplateError::DotSegment { reference, segment: segment.to_string() });
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<String, TemplateError> {
+        if self.part == UrlPart::Path {
+            self.end_segment()?;
+        }
+        Ok(self.out)
     }
 }
 
@@ -698,5 +803,45 @@ mod tests {
         assert!(matches!(err.error, TemplateError::Invalid { .. }));
         let err = JsonTemplate::compile(&json!("{{")).unwrap_err();
         assert_eq!(err.path, "");
+    }
+
+    fn render_url(text: &str, data: Value) -> Result<String, TemplateError> {
+        let event = json!({"id": "e", "data": data});
+        let steps = Map::new();
+        Template::parse(text).unwrap().render_url(&TemplateContext { event: &event, steps: &steps })
+    }
+
+    #[test]
+    fn url_values_fill_one_path_segment_or_one_query_value() {
+        let p = "../../v1/chatbots?x=#frag";
+        assert_eq!(
+            render_url("http://h:8/tpl/{{event.data.p}}?q={{event.data.p}}&r=1#{{event.data.p}}", json!({"p": p})).unwrap(),
+            "http://h:8/tpl/..%2F..%2Fv1%2Fchatbots%3Fx%3D%23frag?q=..%2F..%2Fv1%2Fchatbots%3Fx%3D%23frag&r=1#..%2F..%2Fv1%2Fchatbots%3Fx%3D%23frag"
+        );
+        let url = render_url("https://h/a/{{event.data.p}}/b?k={{event.data.p}}", json!({"p": "%2F a+b&c=d é"})).unwrap();
+        assert_eq!(url, "https://h/a/%252F%20a%2Bb%26c%3Dd%20%C3%A9/b?k=%252F%20a%2Bb%26c%3Dd%20%C3%A9");
+        // What a URL parser (and so the HTTP client) makes of it: the same path and query.
+        let parsed = url::Url::parse(&url).unwrap();
+        assert_eq!(parsed.path(), "/a/%252F%20a%2Bb%26c%3Dd%20%C3%A9/b");
+        assert_eq!(parsed.query_pairs().collect::<Vec<_>>(), vec![("k".into(), "%2F a+b&c=d é".into())]);
+        // Unreserved characters and numbers stay readable.
+        assert_eq!(render_url("http://h/f/{{event.data.f}}.{{event.data.n}}", json!({"f": "report_v1-a~b", "n": 7})).unwrap(), "http://h/f/report_v1-a~b.7");
+    }
+
+    #[test]
+    fn a_url_value_that_makes_a_dot_segment_is_refused() {
+        for (template, data, segment) in [
+            ("http://h/a/{{event.data.p}}/b", json!({"p": ".."}), ".."),
+            ("http://h/a/{{event.data.p}}", json!({"p": "."}), "."),
+            ("http://h/a/{{event.data.p}}{{event.data.p}}?x", json!({"p": "."}), ".."),
+            ("http://h/a/%2E{{event.data.p}}#f", json!({"p": "."}), "%2E."),
+        ] {
+            let err = render_url(template, data).unwrap_err();
+            assert_eq!(err, TemplateError::DotSegment { reference: "event.data.p".into(), segment: segment.into() }, "{template}");
+            assert!(err.to_string().contains(&format!("path segment \"{segment}\"")), "{err}");
+        }
+        // Dots inside a longer segment, or in the query, are plain text.
+        assert_eq!(render_url("http://h/a/{{event.data.p}}x?q={{event.data.p}}", json!({"p": ".."})).unwrap(), "http://h/a/..x?q=..");
+        assert!(matches!(render_url("http://{{event.data.p}}/", json!({"p": "evil"})), Err(TemplateError::InAuthority { .. })));
     }
 }

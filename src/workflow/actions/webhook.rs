@@ -90,7 +90,8 @@ impl Compiled {
     pub(crate) async fn run<E: Effects>(&self, input: &StepInput<'_>, fx: &E) -> Result<StepOutcome, StepError> {
         let ctx = &input.templates;
         let call = WebhookCall {
-            url: self.url.render_string(ctx)?,
+            // Event data fills a segment or a query value, never more of the URL.
+            url: self.url.render_url(ctx)?,
             body: match &self.body {
                 Some(b) => b.render(ctx)?,
                 None => ctx.event.clone(),
