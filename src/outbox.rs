@@ -416,7 +416,7 @@ impl Outbox {
             // The ack is queued on the lane (after the command's own row) before the
             // step goes on, so the step's later writes (which expire commands left
             // pending) come after it.
-            self.journal.lane_for(w.command.chatbot_id).do_send(RecordProgress {
+            self.journal.lane_of(w.command.execution_id).do_send(RecordProgress {
                 acked_commands: vec![command_id],
                 ..Default::default()
             });

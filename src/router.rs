@@ -37,6 +37,8 @@ use uuid::Uuid;
 #[rtype(result = "()")]
 pub struct RouteEvents {
     pub scope: Scope,
+    /// The connection (or request) the events came from; see `SupervisorEvents::source`.
+    pub source: u64,
     pub events: Vec<Event>,
     pub received_at: Instant,
     pub reply_to: Recipient<EventOutcomes>,
@@ -67,6 +69,7 @@ pub struct BusySupervisors;
 /// supervisor starts or stops).
 struct Held {
     scope: Scope,
+    source: u64,
     events: Vec<Event>,
     received_at: Instant,
     answers: Arc<BatchAnswers>,
@@ -142,6 +145,7 @@ impl Router {
                 *last_event = Instant::now();
                 if held.scope.allows(record.account_id) {
                     addr.do_send(SupervisorEvents {
+                        source: held.source,
                         events: held.events,
                         received_at: held.received_at,
                         answers: held.answers,
@@ -375,20 +379,20 @@ impl Handler<RouteEvents> for Router {
     type Result = ();
 
     fn handle(&mut self, msg: RouteEvents, ctx: &mut Context<Self>) {
-        let RouteEvents { scope, events, received_at, reply_to } = msg;
+        let RouteEvents { scope, source, events, received_at, reply_to } = msg;
         // Most batches carry one chatbot: forward the vector as is.
         let first = events.first().map(|e| e.chatbot_id);
         if let Some(first) = first {
             if events.iter().all(|e| e.chatbot_id == first) {
                 let answers = BatchAnswers::new(reply_to, 1);
-                self.route(first, Held { scope, events, received_at, answers }, ctx);
+                self.route(first, Held { scope, source, events, received_at, answers }, ctx);
                 return;
             }
         }
         let groups = by_chatbot(events);
         let answers = BatchAnswers::new(reply_to, groups.len());
         for (chatbot_id, events) in groups {
-            self.route(chatbot_id, Held { scope, events, received_at, answers: answers.clone() }, ctx);
+            self.route(chatbot_id, Held { scope, source, events, received_at, answers: answers.clone() }, ctx);
         }
     }
 }

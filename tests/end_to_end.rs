@@ -173,3 +173,57 @@ async fn events_flow_end_to_end_over_unix_and_tcp() {
         .get(0);
     assert_eq!(out, json!({"status": 200, "response": {"ticket": "T-42"}}));
 }
+
+#[actix_rt::test]
+async fn one_busy_chatbot_over_eight_connections_keeps_each_connections_ack_order_and_counts_every_execution_once() {
+    let daemon = TestDaemon::start().await;
+    let t = tenant(&daemon.store, "busy", 1).await;
+    let bot = t.chatbots[0];
+    apply(&daemon.store, bot, json!([{"name": "tag", "trigger": {"event": "x.busy"},
+                                      "steps": [{"id": "d", "action": "delay", "duration": "0s"}]}]))
+    .await;
+    const CONNECTIONS: usize = 8;
+    const EVENTS: usize = 150;
+    let mut tasks = Vec::new();
+    for c in 0..CONNECTIONS {
+        let mut client = Client::unix(&daemon.unix()).await.hello(&t.key, &[]).await;
+        tasks.push(tokio::spawn(async move {
+            let sent: Vec<String> = (0..EVENTS).map(|i| format!("c{c}-e{i}")).collect();
+            for id in &sent {
+                client.send(&event(id, bot, "x.busy", json!({}))).await;
+            }
+            let mut acked = Vec::new();
+            while acked.len() < EVENTS {
+                let v = client.recv().await;
+                if v["op"] == "ack" || v["op"] == "nack" {
+                    assert_eq!(v["op"], "ack", "{v}");
+                    acked.push(v["id"].as_str().unwrap().to_string());
+                }
+            }
+            // One connection's events of one chatbot are acked in the order sent.
+            assert_eq!(acked, sent, "connection {c}");
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let db = daemon.db().await;
+    let total = (CONNECTIONS * EVENTS) as i64;
+    eventually("every execution succeeds", || async {
+        let n: i64 = db.query_one("SELECT count(*) FROM executions WHERE chatbot_id = $1 AND status = 'succeeded'", &[&bot]).await.unwrap().get(0);
+        n == total
+    })
+    .await;
+    let rows: i64 = db.query_one("SELECT count(*) FROM executions WHERE chatbot_id = $1", &[&bot]).await.unwrap().get(0);
+    assert_eq!(rows, total, "one execution per event");
+    // The rollups analytics reads add up, whichever lanes wrote them.
+    let r = db
+        .query_one(
+            "SELECT sum(created)::int8, sum(succeeded)::int8, count(DISTINCT shard) FROM execution_stats WHERE chatbot_id = $1",
+            &[&bot],
+        )
+        .await
+        .unwrap();
+    assert_eq!((r.get::<_, i64>(0), r.get::<_, i64>(1)), (total, total));
+    assert!(r.get::<_, i64>(2) > 1, "the busy chatbot's connections were spread over the journal's lanes");
+}

@@ -288,6 +288,8 @@ pub async fn ingest(
         let collector = Collector { waiting, results, remaining: events.len(), done: Some(tx) }.start();
         state.router.do_send(RouteEvents {
             scope,
+            // Each request is a source of its own: its events keep their order.
+            source: rand::random(),
             events,
             received_at: Instant::now(),
             reply_to: collector.recipient(),

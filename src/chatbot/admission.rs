@@ -65,6 +65,7 @@ pub fn plan(
     conversation_id: &str,
     room: &mut usize,
     generation: u64,
+    new_id: impl Fn() -> Uuid,
 ) -> (Vec<PlannedExecution>, Vec<Job>) {
     let doc = Arc::new(doc);
     let conversation_id: Arc<str> = Arc::from(conversation_id);
@@ -73,7 +74,7 @@ pub fn plan(
     let mut jobs = Vec::with_capacity(matched.len());
     for &i in matched {
         let workflow = index.workflow(i).clone();
-        let execution_id = Uuid::now_v7();
+        let execution_id = new_id();
         let leased = *room > 0;
         planned.push(PlannedExecution { execution_id, workflow_id: workflow.id, workflow_version: workflow.version, leased });
         if leased {
@@ -145,7 +146,7 @@ mod tests {
         assert_eq!(doc["data"]["text"], "my money back, a refund");
         assert!(doc.get("op").is_none());
         let mut room = 1;
-        let (planned, jobs) = plan(&index, &matched, doc, "c-9", &mut room, 7);
+        let (planned, jobs) = plan(&index, &matched, doc, "c-9", &mut room, 7, Uuid::now_v7);
         assert_eq!(room, 0);
         assert_eq!(planned.iter().map(|p| p.leased).collect::<Vec<_>>(), [true, false]);
         assert_eq!(jobs.len(), 1);

@@ -13,7 +13,7 @@ use super::actions;
 use super::deps::SupervisorDeps;
 use crate::outbox::Outbox;
 use crate::store::accounts::ChatbotRecord;
-use crate::store::journal::{ExecutionUpdate, JournalLane, LeaseLost, RecordProgress, Status, StepRecord};
+use crate::store::journal::{ExecutionUpdate, Journal, LeaseLost, RecordProgress, Status, StepRecord};
 use crate::store::leases::LeaseHealth;
 use crate::telemetry::metrics as m;
 use crate::wire::{Command, CommandId, CommandKind};
@@ -34,7 +34,7 @@ pub struct ExecEnv {
     pub outbox: Addr<Outbox>,
     pub chatbot: Arc<ChatbotRecord>,
     pub notify_url: Option<String>,
-    pub lane: Addr<JournalLane>,
+    pub journal: Journal,
     pub lease_lost: Recipient<LeaseLost>,
     pub health: LeaseHealth,
     pub step_timeout: Duration,
@@ -43,14 +43,14 @@ pub struct ExecEnv {
 }
 
 impl ExecEnv {
-    pub fn new(deps: &SupervisorDeps, chatbot: Arc<ChatbotRecord>, lane: Addr<JournalLane>, lease_lost: Recipient<LeaseLost>) -> ExecEnv {
+    pub fn new(deps: &SupervisorDeps, chatbot: Arc<ChatbotRecord>, lease_lost: Recipient<LeaseLost>) -> ExecEnv {
         ExecEnv {
             store: deps.store.clone(),
             http: deps.http.clone(),
             outbox: deps.outbox.clone(),
             chatbot,
             notify_url: deps.notify_url.clone(),
-            lane,
+            journal: deps.journal.clone(),
             lease_lost,
             health: deps.health.clone(),
             step_timeout: deps.step_timeout,
@@ -61,7 +61,7 @@ impl ExecEnv {
 
     /// Sends updates to the journal, asking to hear if the lease is gone.
     fn record(&self, update: ExecutionUpdate) {
-        self.lane.do_send(RecordProgress {
+        self.journal.lane_of(update.id).do_send(RecordProgress {
             updates: vec![update],
             lease_lost: Some(self.lease_lost.clone()),
             ..Default::default()
@@ -293,7 +293,8 @@ impl Effects for StepEffects<'_> {
             payload,
             execution_id: job.execution_id,
         };
-        let route = actions::command::Route { lane: &env.lane, outbox: &env.outbox, store: &env.store, ack_timeout: env.ack_timeout };
+        let lane = env.journal.lane_of(job.execution_id);
+        let route = actions::command::Route { lane: &lane, outbox: &env.outbox, store: &env.store, ack_timeout: env.ack_timeout };
         actions::command::send(route, Arc::new(command), env.chatbot.account_id, job.epoch, job.attempt).await
     }
 

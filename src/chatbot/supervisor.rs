@@ -33,7 +33,7 @@ use crate::event::Event;
 use crate::notify::{Kind, Report};
 use crate::store::accounts::ChatbotRecord;
 use crate::store::journal::{
-    ExecutionsCommitted, JournalLane, LeaseLost, PendingEvent, RecordExecutions, RecordProgress,
+    ExecutionsCommitted, LeaseLost, PendingEvent, RecordExecutions, RecordProgress,
     Status,
 };
 use crate::store::leases::{self, Claimed};
@@ -59,6 +59,9 @@ const HOLD_WAIT_MAX: Duration = Duration::from_secs(30);
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct SupervisorEvents {
+    /// Where the events came from (a connection, a request): one source's events for
+    /// this chatbot share a journal lane, so their acks keep their order.
+    pub source: u64,
     pub events: Vec<Event>,
     pub received_at: Instant,
     pub answers: Arc<BatchAnswers>,
@@ -121,7 +124,6 @@ pub struct ChatbotSupervisor {
     chatbot: Arc<ChatbotRecord>,
     deps: Arc<SupervisorDeps>,
     env: Arc<ExecEnv>,
-    lane: Addr<JournalLane>,
     index: Arc<TriggerIndex>,
     state: LoadState,
     reload_generation: u64,
@@ -150,12 +152,10 @@ pub struct ChatbotSupervisor {
 
 impl ChatbotSupervisor {
     pub fn new(chatbot: Arc<ChatbotRecord>, deps: Arc<SupervisorDeps>, me: Addr<ChatbotSupervisor>) -> ChatbotSupervisor {
-        let lane = deps.journal.lane_for(chatbot.id);
-        let env = Arc::new(ExecEnv::new(&deps, chatbot.clone(), lane.clone(), me.recipient()));
+        let env = Arc::new(ExecEnv::new(&deps, chatbot.clone(), me.recipient()));
         let limit_defaults = deps.limit_defaults;
         let watched = deps.watchlist.contains(&chatbot.id).then(|| m::Watched::new(chatbot.id));
         ChatbotSupervisor {
-            lane,
             chatbot,
             deps,
             env,
@@ -256,12 +256,12 @@ impl ChatbotSupervisor {
             u.finished_at = Some(Utc::now());
             u.error = Some(error.clone());
             self.report_failure(&job, Status::Dead, &error);
-            self.lane.do_send(RecordProgress { updates: vec![u], lease_lost: Some(ctx.address().recipient()), ..Default::default() });
+            self.deps.journal.lane_of(id).do_send(RecordProgress { updates: vec![u], lease_lost: Some(ctx.address().recipient()), ..Default::default() });
             return;
         }
         let mut mark = job.update(Status::Running);
         mark.started_at = Some(Utc::now());
-        self.lane.do_send(RecordProgress { updates: vec![mark], lease_lost: Some(ctx.address().recipient()), ..Default::default() });
+        self.deps.journal.lane_of(id).do_send(RecordProgress { updates: vec![mark], lease_lost: Some(ctx.address().recipient()), ..Default::default() });
         let started = Instant::now();
         let epoch = job.epoch;
         let fut = executor::run(job, self.env.clone());
@@ -318,7 +318,7 @@ impl ChatbotSupervisor {
         if let (Some(w), true) = (&self.watched, update.status.is_final()) {
             w.execution(update.status.as_str());
         }
-        self.lane.do_send(RecordProgress { updates: vec![update], lease_lost: Some(ctx.address().recipient()), ..Default::default() });
+        self.deps.journal.lane_of(update.id).do_send(RecordProgress { updates: vec![update], lease_lost: Some(ctx.address().recipient()), ..Default::default() });
     }
 
     /// A short wait keeps the lease and a timer here; a long one gives the lease up
@@ -426,7 +426,7 @@ impl ChatbotSupervisor {
                             steps: Vec::new(),
                         };
                         u.started_at = u.finished_at;
-                        act.lane.do_send(RecordProgress { updates: vec![u], ..Default::default() });
+                        act.deps.journal.lane_of(u.id).do_send(RecordProgress { updates: vec![u], ..Default::default() });
                     }
                     act.ready.extend(jobs);
                 }
@@ -571,7 +571,7 @@ impl Handler<SupervisorEvents> for ChatbotSupervisor {
     type Result = ();
 
     fn handle(&mut self, msg: SupervisorEvents, ctx: &mut Context<Self>) {
-        let SupervisorEvents { events, received_at, answers: batch } = msg;
+        let SupervisorEvents { source, events, received_at, answers: batch } = msg;
         let reply_to = batch.reply_to().clone();
         let received = events.len() as u64;
         if !matches!(self.state, LoadState::Ready) {
@@ -587,6 +587,7 @@ impl Handler<SupervisorEvents> for ChatbotSupervisor {
         let index = self.index.clone();
         let mut room = self.deps.queue_capacity.saturating_sub(self.held());
         let generation = self.generation();
+        let lane = self.deps.journal.lane_for(self.chatbot.id, source);
         for event in events {
             if let Err(wait) = if self.deps.limit_defaults.enabled() { self.limiters.check_event() } else { Ok(()) } {
                 limited += 1;
@@ -602,7 +603,8 @@ impl Handler<SupervisorEvents> for ChatbotSupervisor {
                 }
             };
             matches += self.matched.len() as u64;
-            let (planned, jobs) = admission::plan(&index, &self.matched, doc, &event.conversation_id, &mut room, generation);
+            let new_id = || self.deps.journal.new_execution_id(lane);
+            let (planned, jobs) = admission::plan(&index, &self.matched, doc, &event.conversation_id, &mut room, generation, new_id);
             // Past the memory bound, executions wait in PostgreSQL, unleased.
             self.backlog |= jobs.len() < planned.len();
             for job in jobs {
@@ -624,7 +626,7 @@ impl Handler<SupervisorEvents> for ChatbotSupervisor {
         }
         batch.add(answers);
         if !pending.is_empty() {
-            self.lane.do_send(RecordExecutions { events: pending, supervisor: ctx.address().recipient() });
+            self.deps.journal.lane(lane).do_send(RecordExecutions { events: pending, supervisor: ctx.address().recipient() });
         }
     }
 }

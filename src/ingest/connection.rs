@@ -391,6 +391,7 @@ impl Connection {
             hot.connection_in_flight.record(self.unanswered as f64);
             self.deps.router.do_send(RouteEvents {
                 scope,
+                source: self.id,
                 events,
                 received_at: Instant::now(),
                 reply_to: ctx.address().recipient(),

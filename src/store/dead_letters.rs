@@ -179,19 +179,20 @@ WITH dl AS (
     WHERE d.id = dl.id
     RETURNING d.id, d.chatbot_id
 ), stats AS (
-    UPDATE execution_stats s SET dead = s.dead - c.n
-    FROM (SELECT chatbot_id, workflow_id, date_trunc('minute', created_at) AS minute, count(*) AS n
-          FROM ex GROUP BY 1, 2, 3) c
-    WHERE s.chatbot_id = c.chatbot_id AND s.workflow_id = c.workflow_id AND s.minute = c.minute
+    -- The rollups are sums over shards: the correction goes to shard -1, which no
+    -- journal lane writes, so it never waits for a lane's commit.
+    INSERT INTO execution_stats (chatbot_id, workflow_id, minute, shard, dead)
+    SELECT chatbot_id, workflow_id, date_trunc('minute', created_at), -1, -count(*) FROM ex GROUP BY 1, 2, 3
+    ON CONFLICT (chatbot_id, workflow_id, minute, shard) DO UPDATE SET dead = execution_stats.dead + EXCLUDED.dead
 ), durations AS (
-    UPDATE execution_durations s SET count = s.count - c.n
-    FROM (SELECT chatbot_id, workflow_id, date_trunc('minute', created_at) AS minute,
-                 CASE WHEN duration_ms < 1 THEN 0
-                      ELSE least(191, floor(8 * log(duration_ms) / log(2.0::float8))::int + 1) END AS bucket,
-                 count(*) AS n
-          FROM ex WHERE duration_ms IS NOT NULL GROUP BY 1, 2, 3, 4) c
-    WHERE s.chatbot_id = c.chatbot_id AND s.workflow_id = c.workflow_id AND s.minute = c.minute
-      AND s.bucket = c.bucket
+    INSERT INTO execution_durations (chatbot_id, workflow_id, minute, bucket, shard, count)
+    SELECT chatbot_id, workflow_id, date_trunc('minute', created_at),
+           CASE WHEN duration_ms < 1 THEN 0
+                ELSE least(191, floor(8 * log(duration_ms) / log(2.0::float8))::int + 1) END,
+           -1, -count(*)
+    FROM ex WHERE duration_ms IS NOT NULL GROUP BY 1, 2, 3, 4
+    ON CONFLICT (chatbot_id, workflow_id, minute, bucket, shard) DO UPDATE
+        SET count = execution_durations.count + EXCLUDED.count
 ), woken AS (
     SELECT pg_notify($3, chatbot_id::text) FROM (SELECT DISTINCT chatbot_id FROM marked) m
 )

@@ -97,13 +97,14 @@ impl JournalLane {
         let conn = self.conn.clone();
         let store = self.store.clone();
         let node = self.node;
+        let shard = self.index as i16;
         let fut = async move {
             let conn = match LaneConn::reuse_or_open(conn, &store).await {
                 Ok(c) => c,
                 Err(e) => return (batch, None, Err(Failure::NotWritten(e))),
             };
             let started = Instant::now();
-            let res = match tokio::time::timeout(WRITE_TIMEOUT, write(&conn, node, &batch)).await {
+            let res = match tokio::time::timeout(WRITE_TIMEOUT, write(&conn, node, shard, &batch)).await {
                 Ok(Ok(written)) => Ok(written),
                 Ok(Err(e)) if lost_in_flight(&e) => Err(Failure::InDoubt(e)),
                 Ok(Err(e)) => Err(Failure::NotWritten(e)),
@@ -175,6 +176,7 @@ impl JournalLane {
         let conn = self.conn.clone();
         let store = self.store.clone();
         let node = self.node;
+        let shard = self.index as i16;
         let fut = async move {
             let Ok(conn) = LaneConn::reuse_or_open(conn, &store).await else {
                 // Not the batch's fault: try it again later, whole.
@@ -206,7 +208,7 @@ impl JournalLane {
                 .chain(std::iter::once(Progress { acked_commands, committed, ..Default::default() }));
             for progress in singles {
                 let single = Batch { events: Vec::new(), progress };
-                match write(&conn, node, &single).await {
+                match write(&conn, node, shard, &single).await {
                     Ok(written) => done.push((single, written)),
                     Err(error) => {
                         tracing::error!(%error, "dropping execution progress that cannot be written");
@@ -230,7 +232,7 @@ impl JournalLane {
                         events: vec![WaitingBatch { events: vec![e], supervisor: w.supervisor.clone(), in_doubt: false }],
                         progress: Progress::default(),
                     };
-                    match write(&conn, node, &single).await {
+                    match write(&conn, node, shard, &single).await {
                         Ok(written) => done.push((single, written)),
                         Err(error) => {
                             tracing::error!(%error, "an event's executions cannot be recorded");

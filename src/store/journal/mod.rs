@@ -1,10 +1,12 @@
 //! The Journal: batched writes of execution records.
 //!
 //! It is split into lanes (actors on one arbiter), each with its own connection and
-//! strictly one transaction at a time. A chatbot always writes through the same lane,
-//! so its rows are written in order (an execution's insert, then its start, then its
-//! outcome) and two lanes never touch the same rows, which rules out deadlocks between
-//! them. While a lane commits, the next batch gathers; a whole batch (new executions,
+//! strictly one transaction at a time. An execution always writes through the same
+//! lane (its id says which), so its rows are written in order (its insert, then its
+//! start, then its outcome), and two lanes never touch the same rows, which rules out
+//! deadlocks between them: the per-minute rollups are kept per lane (`shard`). The
+//! events one connection sends for one chatbot go through one lane, so their acks keep
+//! their order; a busy chatbot's connections spread over the lanes. While a lane commits, the next batch gathers; a whole batch (new executions,
 //! starts, outcomes and step records) is one statement with writable CTEs over UNNEST
 //! arrays: one round trip for hundreds of rows.
 //!
@@ -209,11 +211,31 @@ impl Journal {
         Journal { lanes: Arc::new(lanes) }
     }
 
-    /// The lane that writes this chatbot's rows.
-    pub fn lane_for(&self, chatbot_id: Uuid) -> Addr<JournalLane> {
-        let h = chatbot_id.as_u64_pair();
-        let idx = ((h.0 ^ h.1) % self.lanes.len() as u64) as usize;
-        self.lanes[idx].clone()
+    /// The lane that writes this execution's rows. Every write of an execution goes
+    /// through one lane, so they are written in order; the lane is read from the id's
+    /// last byte, which `new_execution_id` chose when the execution was planned.
+    pub fn lane_of(&self, execution_id: Uuid) -> Addr<JournalLane> {
+        self.lanes[lane_index_of(execution_id, self.lanes.len())].clone()
+    }
+
+    /// The lane for the new executions of the events one source (a connection, a
+    /// request) sends for one chatbot. Their acks then keep the order the source sent
+    /// them in, while a busy chatbot's sources spread over the lanes.
+    pub fn lane_for(&self, chatbot_id: Uuid, source: u64) -> usize {
+        let (a, b) = chatbot_id.as_u64_pair();
+        // A cheap mix, so that consecutive sources of one chatbot take different lanes.
+        let h = (a ^ b ^ source.wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_mul(0xff51_afd7_ed55_8ccd);
+        ((h >> 32) % self.lanes.len() as u64) as usize
+    }
+
+    pub fn lane(&self, index: usize) -> Addr<JournalLane> {
+        self.lanes[index % self.lanes.len()].clone()
+    }
+
+    /// A new execution id (time-ordered, UUIDv7) that `lane_of` maps to lane `index`.
+    /// Only the low bits of its random last byte are chosen.
+    pub fn new_execution_id(&self, index: usize) -> Uuid {
+        execution_id_on(Uuid::now_v7(), index, self.lanes.len())
     }
 
     /// Waits until every lane has written what it holds.
@@ -229,6 +251,42 @@ impl Journal {
             .collect();
         for w in waits {
             let _ = w.await;
+        }
+    }
+}
+
+fn lane_index_of(execution_id: Uuid, lanes: usize) -> usize {
+    execution_id.as_bytes()[15] as usize % lanes
+}
+
+/// `id` with the low bits of its last byte set so that it maps to lane `index` of `lanes`.
+fn execution_id_on(id: Uuid, index: usize, lanes: usize) -> Uuid {
+    let mut bytes = *id.as_bytes();
+    let mut last = bytes[15] as usize / lanes * lanes + index % lanes;
+    if last > 255 {
+        last -= lanes;
+    }
+    bytes[15] = last as u8;
+    Uuid::from_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_execution_id_maps_to_the_lane_it_was_made_for_and_stays_a_uuid_v7() {
+        for lanes in 1..=64 {
+            for index in 0..lanes {
+                for last in [0u8, 1, 127, 250, 254, 255] {
+                    let mut bytes = *Uuid::now_v7().as_bytes();
+                    bytes[15] = last;
+                    let id = execution_id_on(Uuid::from_bytes(bytes), index, lanes);
+                    assert_eq!(lane_index_of(id, lanes), index, "lanes {lanes}, index {index}, last byte {last}");
+                    assert_eq!(id.get_version_num(), 7);
+                    assert_eq!(id.as_bytes()[..15], bytes[..15], "only the last byte changes");
+                }
+            }
         }
     }
 }

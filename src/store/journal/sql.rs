@@ -75,9 +75,10 @@ WITH ins AS (
     SELECT * FROM upd
     WHERE status IN ('succeeded', 'failed', 'dead') AND old_status NOT IN ('succeeded', 'failed', 'dead')
 ), stats AS (
-    -- One upsert for both (one command may not update a row twice).
-    INSERT INTO execution_stats (chatbot_id, workflow_id, minute, created, succeeded, failed, dead)
-    SELECT chatbot_id, workflow_id, minute, sum(created), sum(succeeded), sum(failed), sum(dead)
+    -- One upsert for both (one command may not update a row twice), into this lane's
+    -- shard (`$43`), which no other lane writes.
+    INSERT INTO execution_stats (chatbot_id, workflow_id, minute, shard, created, succeeded, failed, dead)
+    SELECT chatbot_id, workflow_id, minute, $43, sum(created), sum(succeeded), sum(failed), sum(dead)
     FROM (
         SELECT chatbot_id, workflow_id, date_trunc('minute', now()) AS minute, 1 AS created,
                0 AS succeeded, 0 AS failed, 0 AS dead
@@ -88,19 +89,19 @@ WITH ins AS (
         FROM ended
     ) c
     GROUP BY 1, 2, 3
-    ON CONFLICT (chatbot_id, workflow_id, minute) DO UPDATE
+    ON CONFLICT (chatbot_id, workflow_id, minute, shard) DO UPDATE
         SET created = execution_stats.created + EXCLUDED.created,
             succeeded = execution_stats.succeeded + EXCLUDED.succeeded,
             failed = execution_stats.failed + EXCLUDED.failed,
             dead = execution_stats.dead + EXCLUDED.dead
 ), stats_durations AS (
-    INSERT INTO execution_durations (chatbot_id, workflow_id, minute, bucket, count)
+    INSERT INTO execution_durations (chatbot_id, workflow_id, minute, bucket, shard, count)
     SELECT chatbot_id, workflow_id, date_trunc('minute', created_at),
            CASE WHEN duration_ms < 1 THEN 0
                 ELSE least(191, floor(8 * log(duration_ms) / log(2.0::float8))::int + 1) END,
-           count(*)
+           $43, count(*)
     FROM ended WHERE duration_ms IS NOT NULL GROUP BY 1, 2, 3, 4
-    ON CONFLICT (chatbot_id, workflow_id, minute, bucket) DO UPDATE
+    ON CONFLICT (chatbot_id, workflow_id, minute, bucket, shard) DO UPDATE
         SET count = execution_durations.count + EXCLUDED.count
 ), steps AS (
     INSERT INTO execution_steps
@@ -254,7 +255,7 @@ fn storable_json(v: &serde_json::Value) -> String {
     v.to_string()
 }
 
-pub(super) async fn write(conn: &LaneConn, node: Uuid, batch: &Batch) -> Result<Written, StoreError> {
+pub(super) async fn write(conn: &LaneConn, node: Uuid, shard: i16, batch: &Batch) -> Result<Written, StoreError> {
     let n: usize = batch.events.iter().map(WaitingBatch::rows).sum();
     let mut ids = Vec::with_capacity(n);
     let mut chatbots = Vec::with_capacity(n);
@@ -340,11 +341,11 @@ pub(super) async fn write(conn: &LaneConn, node: Uuid, batch: &Batch) -> Result<
         })
         .collect();
 
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 42] = [
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 43] = [
         &ids, &chatbots, &workflows, &versions, &event_ids, &types, &docs, &conversations, &doc_of, &node, &leased,
         &u_id, &u_epoch, &u_status, &u_attempt, &u_step, &u_outputs, &u_run_after, &u_started, &u_finished, &u_error,
         &u_release, &s_exec, &s_epoch, &s_index, &s_attempt, &s_id, &s_action, &s_status, &s_started, &s_finished,
-        &s_output, &s_error, &c_id, &c_chatbot, &c_conv, &c_kind, &c_payload, &c_exec, &c_epoch, &acked, &c_status,
+        &s_output, &s_error, &c_id, &c_chatbot, &c_conv, &c_kind, &c_payload, &c_exec, &c_epoch, &acked, &c_status, &shard,
     ];
     let rows = if dead.is_empty() {
         conn.client.query(&conn.write, &params).await?
