@@ -11,6 +11,7 @@
 
 use crate::chatbot::supervisor::SupervisorDeps;
 use crate::config::Config;
+use crate::ingest::budget::ConnectionBudget;
 use crate::ingest::connection::IngestDeps;
 use crate::ingest::listener::{self, Workers};
 use crate::outbox::{Outbox, RedeliverPending, RemoteAck, RemoteCommand};
@@ -116,8 +117,14 @@ impl App {
             router: actors.router.clone(),
             outbox: actors.outbox.clone(),
             max_frame_bytes: config.ingest.max_frame_bytes,
+            max_hello_bytes: config.ingest.max_hello_bytes,
             max_in_flight: config.ingest.max_in_flight,
             handshake_timeout: Duration::from_millis(config.ingest.handshake_timeout_ms),
+            budget: ConnectionBudget::new(
+                config.ingest.max_connections,
+                config.ingest.max_connections_per_peer,
+                config.ingest.buffer_budget_bytes,
+            ),
             connections: connections.clone(),
         });
         let tcp_addr = bound.tcp.as_ref().and_then(|(l, _)| l.local_addr().ok());

@@ -71,6 +71,16 @@ pub struct IngestConfig {
     pub max_in_flight: usize,
     /// A connection that has not said `hello` within this time is closed.
     pub handshake_timeout_ms: u64,
+    /// Longest first line (the hello), in bytes: a client that has not said who it is
+    /// may not make the daemon buffer more.
+    pub max_hello_bytes: usize,
+    /// Open connections in total (both listeners); more are refused with an error line.
+    pub max_connections: usize,
+    /// Open TCP connections from one IP address.
+    pub max_connections_per_peer: usize,
+    /// Bytes all connections together may hold in lines not finished yet; a connection
+    /// whose line would take more gets an `overloaded` error and is closed.
+    pub buffer_budget_bytes: usize,
     /// Threads that run connections and chatbot supervisors; 0: one per CPU core.
     pub workers: usize,
     /// PEM certificate chain for TLS on the TCP listener; empty: plain TCP.
@@ -231,6 +241,10 @@ impl Default for IngestConfig {
             max_frame_bytes: 1024 * 1024,
             max_in_flight: 1024,
             handshake_timeout_ms: 10_000,
+            max_hello_bytes: 16 * 1024,
+            max_connections: 10_000,
+            max_connections_per_peer: 1_000,
+            buffer_budget_bytes: 256 * 1024 * 1024,
             workers: 0,
             tls_cert_file: String::new(),
             tls_key_file: String::new(),
@@ -465,6 +479,29 @@ impl Config {
         }
         if self.ingest.handshake_timeout_ms == 0 {
             bad("ingest.handshake_timeout_ms", "must be positive".into());
+        }
+        // Checked against max_frame_bytes only when that is valid itself (one problem, not two).
+        let frame = (256..=64 * 1024 * 1024).contains(&self.ingest.max_frame_bytes).then_some(self.ingest.max_frame_bytes);
+        if !(1024..=frame.unwrap_or(64 * 1024 * 1024).max(1024)).contains(&self.ingest.max_hello_bytes) {
+            bad(
+                "ingest.max_hello_bytes",
+                format!("must be within 1024..max_frame_bytes ({}), got {}", self.ingest.max_frame_bytes, self.ingest.max_hello_bytes),
+            );
+        }
+        if !(1..=1_000_000).contains(&self.ingest.max_connections) {
+            bad("ingest.max_connections", format!("must be within 1..1000000, got {}", self.ingest.max_connections));
+        }
+        if !(1..=self.ingest.max_connections.max(1)).contains(&self.ingest.max_connections_per_peer) {
+            bad(
+                "ingest.max_connections_per_peer",
+                format!("must be within 1..max_connections ({}), got {}", self.ingest.max_connections, self.ingest.max_connections_per_peer),
+            );
+        }
+        if frame.is_some_and(|frame| self.ingest.buffer_budget_bytes < frame) {
+            bad(
+                "ingest.buffer_budget_bytes",
+                format!("must be at least max_frame_bytes ({}), got {}", self.ingest.max_frame_bytes, self.ingest.buffer_budget_bytes),
+            );
         }
         if self.ingest.workers > 256 {
             bad("ingest.workers", "must be at most 256 (0 means one per core)".into());

@@ -29,10 +29,12 @@ pub enum ErrorCode {
     ProtocolError,
     Unavailable,
     Internal,
+    TooManyConnections,
+    Overloaded,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::InvalidFrame,
         ErrorCode::UnknownOp,
         ErrorCode::FrameTooLarge,
@@ -45,6 +47,8 @@ impl ErrorCode {
         ErrorCode::ProtocolError,
         ErrorCode::Unavailable,
         ErrorCode::Internal,
+        ErrorCode::TooManyConnections,
+        ErrorCode::Overloaded,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -61,6 +65,8 @@ impl ErrorCode {
             ErrorCode::ProtocolError => "protocol_error",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::Overloaded => "overloaded",
         }
     }
 }

@@ -1013,3 +1013,68 @@ async fn garbage_and_connection_storms_do_not_disturb_the_daemon() {
     let mut fresh = Client::unix(&w.daemon.unix()).await.hello(&w.t.key, &[]).await;
     served(&mut fresh, &w.db, bot, "fresh-2").await;
 }
+
+// ---------------------------------------------------------------------------
+// Connections and buffers in total
+
+#[actix_rt::test]
+async fn connections_past_the_per_address_limit_are_refused_with_a_reason_and_a_closed_one_makes_room() {
+    let w = world(options(|c| c.ingest.max_connections_per_peer = 3), 1).await;
+    let bot = w.t.chatbots[0];
+    // `world` holds one connection from 127.0.0.1 already.
+    let mut second = Client::tcp(w.daemon.tcp()).await.hello(&w.t.key, &[]).await;
+    let third = Client::tcp(w.daemon.tcp()).await.hello(&w.t.key, &[]).await;
+    let mut fourth = Client::tcp(w.daemon.tcp()).await;
+    let lines = closed_within(&mut fourth, CLOSE_WITHIN).await;
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_error(&lines[0], "too_many_connections", &["127.0.0.1", "3 connections", "ingest.max_connections_per_peer"]);
+    assert!(logs().contains("refused a connection"), "the refusal is logged");
+    // The Unix socket is not an address: it is not limited per peer.
+    let mut local = Client::unix(&w.daemon.unix()).await.hello(&w.t.key, &[]).await;
+    served(&mut local, &w.db, bot, "u1").await;
+    // The others were not disturbed, and a closed connection frees its place.
+    served(&mut second, &w.db, bot, "t1").await;
+    drop(third);
+    let start = Instant::now();
+    let mut again = loop {
+        let mut c = Client::tcp(w.daemon.tcp()).await;
+        c.send(&hello_line(&w.t.key, &[])).await;
+        if c.recv().await["op"] == "welcome" {
+            break c;
+        }
+        assert!(start.elapsed() < DEADLINE, "no new connection taken after one closed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    served(&mut again, &w.db, bot, "t2").await;
+}
+
+#[actix_rt::test]
+async fn a_line_that_takes_the_connections_over_the_buffer_budget_closes_that_connection_only() {
+    // Two unfinished lines of 40 KiB do not fit a 64 KiB budget.
+    let w = world(
+        options(|c| {
+            c.ingest.max_frame_bytes = 64 * 1024;
+            c.ingest.buffer_budget_bytes = 64 * 1024;
+        }),
+        1,
+    )
+    .await;
+    let bot = w.t.chatbots[0];
+    let mut first = Client::tcp(w.daemon.tcp()).await.hello(&w.t.key, &[]).await;
+    let mut second = Client::tcp(w.daemon.tcp()).await.hello(&w.t.key, &[]).await;
+    let half = format!("{{\"op\":\"event\",\"id\":\"big\",\"pad\":\"{}", "x".repeat(40 * 1024));
+    first.send_raw(&half).await;
+    tokio::time::sleep(Duration::from_millis(200)).await; // let the daemon read it first
+    second.send_raw(&half).await;
+    let lines = closed_within(&mut second, CLOSE_WITHIN).await;
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_error(&lines[0], "overloaded", &["ingest.buffer_budget_bytes", "send it again"]);
+    // The first connection's line was kept: finished, it is answered (an unknown field
+    // makes it invalid, which shows it was read whole).
+    first.send_raw("\"}\n").await;
+    let (v, _) = first.recv_until(|v| v["op"] == "nack").await;
+    assert_eq!(v["id"], "big", "{v}");
+    served(&mut first, &w.db, bot, "after").await;
+    let mut other = w.other;
+    served(&mut other, &w.db, bot, "other").await;
+}

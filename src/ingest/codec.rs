@@ -28,6 +28,11 @@ impl LineDecoder {
         LineDecoder { max: max_frame_bytes, discarding: false, scanned: 0 }
     }
 
+    /// Changes the longest line accepted from now on.
+    pub fn set_max(&mut self, max_frame_bytes: usize) {
+        self.max = max_frame_bytes;
+    }
+
     /// The next complete frame in `buf`, consuming it; `None` when more bytes are needed.
     /// Blank lines are skipped.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Option<Frame> {

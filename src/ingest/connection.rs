@@ -15,6 +15,7 @@
 //! is released by the writer once the answer is written to the socket, so a client
 //! that does not read its acks has at most `max_in_flight` events in the daemon.
 
+use super::budget::{ConnectionBudget, Refused, Slot};
 use super::codec::{Frame, LineDecoder};
 use super::protocol::{self, ClientFrame, FrameError, Hello, Refusal};
 use crate::event::Event;
@@ -47,8 +48,11 @@ pub struct IngestDeps {
     pub router: Addr<Router>,
     pub outbox: Addr<Outbox>,
     pub max_frame_bytes: usize,
+    pub max_hello_bytes: usize,
     pub max_in_flight: usize,
     pub handshake_timeout: Duration,
+    /// Connection caps and the buffer budget all connections share.
+    pub budget: Arc<ConnectionBudget>,
     /// Open connections, for the shutdown drain.
     pub connections: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -58,6 +62,8 @@ pub struct IngestDeps {
 enum Incoming {
     Frame(Result<ClientFrame, FrameError>),
     TooLarge,
+    /// The connection's unfinished line took all connections over the buffer budget.
+    OverBudget,
 }
 
 /// Sent by the reader: the frames of one read, in order.
@@ -194,16 +200,21 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut w: W, out: Arc<Outgoing>) {
     let _ = w.shutdown().await;
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn read_loop<R: AsyncRead + Unpin>(
     mut rd: R,
     addr: Addr<Connection>,
     window: Arc<Semaphore>,
     out: Arc<Outgoing>,
-    max_frame_bytes: usize,
+    (max_hello_bytes, max_frame_bytes): (usize, usize),
+    mut slot: Slot,
     cancel: CancellationToken,
 ) {
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
-    let mut decoder = LineDecoder::new(max_frame_bytes);
+    let mut buf = BytesMut::with_capacity(READ_CHUNK.min(max_hello_bytes + 1));
+    // Until a hello is read, a line may be only as long as a hello: a client that
+    // has not said who it is cannot make the daemon buffer more.
+    let mut decoder = LineDecoder::new(max_hello_bytes);
+    let mut hello_read = false;
     let mut error = None;
     'read: loop {
         tokio::select! {
@@ -231,6 +242,12 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 Frame::Line(line) => Incoming::Frame(protocol::decode(&line)),
                 Frame::TooLarge => Incoming::TooLarge,
             };
+            if !hello_read && matches!(item, Incoming::Frame(Ok(ClientFrame::Hello(_)))) {
+                // The hello's key is checked before any later line is used, and a
+                // wrong one closes the connection.
+                hello_read = true;
+                decoder.set_max(max_frame_bytes);
+            }
             if matches!(item, Incoming::Frame(Ok(ClientFrame::Event(_)))) {
                 match window.clone().try_acquire_owned() {
                     Ok(p) => p.forget(),
@@ -251,6 +268,12 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
             frames.push(item);
         }
+        // What is left is a line not finished yet: it counts against the budget.
+        if !slot.hold(buf.len()) {
+            frames.push(Incoming::OverBudget);
+            let _ = addr.send(Frames(frames)).await;
+            break 'read;
+        }
         if !frames.is_empty() && addr.send(Frames(frames)).await.is_err() {
             return;
         }
@@ -260,6 +283,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
 
 pub struct Connection {
     id: u64,
+    /// Refused by the connection caps: told why, then closed.
+    refused: Option<Refused>,
     peer: String,
     deps: Arc<IngestDeps>,
     principal: Option<Principal>,
@@ -278,7 +303,15 @@ pub struct Connection {
 
 impl Connection {
     /// Starts a connection actor on the current arbiter for a socket's two halves.
-    pub fn start<R, W>(reader: R, writer: W, peer: String, deps: Arc<IngestDeps>, shutdown: &CancellationToken) -> Addr<Connection>
+    /// A connection refused by the connection caps gets its error line and is closed.
+    pub fn start<R, W>(
+        reader: R,
+        writer: W,
+        peer: String,
+        slot: Result<Slot, Refused>,
+        deps: Arc<IngestDeps>,
+        shutdown: &CancellationToken,
+    ) -> Addr<Connection>
     where
         R: AsyncRead + Unpin + 'static,
         W: AsyncWrite + Unpin + 'static,
@@ -287,8 +320,13 @@ impl Connection {
         let cancel = shutdown.child_token();
         let out = Arc::new(Outgoing::new(window.clone(), cancel.clone()));
         actix_rt::spawn(write_loop(writer, out.clone()));
-        let max_frame = deps.max_frame_bytes;
+        let limits = (deps.max_hello_bytes, deps.max_frame_bytes);
+        let (slot, refused) = match slot {
+            Ok(slot) => (Some(slot), None),
+            Err(refused) => (None, Some(refused)),
+        };
         let conn = Connection {
+            refused,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             peer,
             deps,
@@ -305,7 +343,9 @@ impl Connection {
         };
         Connection::create(move |ctx| {
             ctx.set_mailbox_capacity(0);
-            actix_rt::spawn(read_loop(reader, ctx.address(), window, out, max_frame, cancel));
+            if let Some(slot) = slot {
+                actix_rt::spawn(read_loop(reader, ctx.address(), window, out, limits, slot, cancel));
+            }
             conn
         })
     }
@@ -344,10 +384,24 @@ impl Connection {
         let mut items = items.into_iter();
         while let Some(item) = items.next() {
             match item {
+                Incoming::TooLarge if self.principal.is_none() => {
+                    let message = format!("the first line must be a hello of at most {} bytes (ingest.max_hello_bytes)", self.deps.max_hello_bytes);
+                    self.fatal(ErrorCode::FrameTooLarge, &message, ctx);
+                    return;
+                }
                 Incoming::TooLarge => self.error(
                     ErrorCode::FrameTooLarge,
                     &format!("the line is longer than max_frame_bytes ({}) and was skipped", self.deps.max_frame_bytes),
                 ),
+                Incoming::OverBudget => {
+                    let message = format!(
+                        "the daemon's buffers for unfinished lines are full (ingest.buffer_budget_bytes, {} bytes); \
+                         this connection's line was dropped; send it again",
+                        self.deps.budget.buffer_bytes()
+                    );
+                    self.fatal(ErrorCode::Overloaded, &message, ctx);
+                    return;
+                }
                 Incoming::Frame(Err(e @ FrameError::InvalidFrame { op: "hello", .. })) if self.principal.is_none() => {
                     // A hello that cannot be read is as good as a wrong token. Other bad
                     // lines before it get their error and the handshake deadline applies.
@@ -497,6 +551,11 @@ impl Actor for Connection {
     fn started(&mut self, ctx: &mut Context<Self>) {
         metrics::gauge!(m::CONNECTIONS_ACTIVE).increment(1.0);
         self.deps.connections.fetch_add(1, Ordering::SeqCst);
+        if let Some(Refused(message)) = self.refused.take() {
+            tracing::warn!(peer = %self.peer, %message, "refused a connection");
+            self.fatal(ErrorCode::TooManyConnections, &message, ctx);
+            return;
+        }
         ctx.run_later(self.deps.handshake_timeout, |act, ctx| {
             if act.principal.is_none() {
                 let ms = act.deps.handshake_timeout.as_millis();

@@ -3,6 +3,7 @@
 //! the cores. Sockets are moved between threads as std sockets and registered with the
 //! target arbiter's reactor there, so their I/O is driven by the thread that uses them.
 
+use super::budget::{Refused, Slot};
 use super::connection::{Connection, IngestDeps};
 use actix::ArbiterHandle;
 use std::path::{Path, PathBuf};
@@ -82,11 +83,11 @@ enum Accepted {
 
 impl Accepted {
     /// Registers the socket with the current arbiter and starts its Connection actor.
-    fn start(self, peer: String, deps: Arc<IngestDeps>, shutdown: &CancellationToken) {
+    fn start(self, peer: String, slot: Result<Slot, Refused>, deps: Arc<IngestDeps>, shutdown: &CancellationToken) {
         let started = match self {
             Accepted::Tcp(s, None) => tokio::net::TcpStream::from_std(s).map(|s| {
                 let (r, w) = s.into_split();
-                Connection::start(r, w, peer, deps, shutdown);
+                Connection::start(r, w, peer, slot, deps, shutdown);
             }),
             // The handshake runs on the worker, not in the accept loop.
             Accepted::Tcp(s, Some(acceptor)) => tokio::net::TcpStream::from_std(s).map(|s| {
@@ -94,13 +95,13 @@ impl Accepted {
                 actix_rt::spawn(async move {
                     if let Some(tls) = crate::tls::accept(&acceptor, s, &peer, deps.handshake_timeout).await {
                         let (r, w) = tokio::io::split(tls);
-                        Connection::start(r, w, peer, deps, &shutdown);
+                        Connection::start(r, w, peer, slot, deps, &shutdown);
                     }
                 });
             }),
             Accepted::Unix(s) => tokio::net::UnixStream::from_std(s).map(|s| {
                 let (r, w) = s.into_split();
-                Connection::start(r, w, peer, deps, shutdown);
+                Connection::start(r, w, peer, slot, deps, shutdown);
             }),
         };
         if let Err(error) = started {
@@ -134,20 +135,22 @@ pub async fn serve(listener: Listener, workers: Workers, deps: Arc<IngestDeps>, 
                 match &bound {
                     Bound::Tcp(l, tls) => l.accept().await.and_then(|(s, peer)| {
                         let _ = s.set_nodelay(true);
-                        Ok((Accepted::Tcp(s.into_std()?, tls.clone()), peer.to_string()))
+                        Ok((Accepted::Tcp(s.into_std()?, tls.clone()), peer.to_string(), Some(peer.ip())))
                     }),
                     Bound::Unix(l, path) => l
                         .accept()
                         .await
-                        .and_then(|(s, _)| Ok((Accepted::Unix(s.into_std()?), format!("unix:{}", path.display())))),
+                        .and_then(|(s, _)| Ok((Accepted::Unix(s.into_std()?), format!("unix:{}", path.display()), None))),
                 }
             } => a,
         };
         match accepted {
-            Ok((socket, peer)) => {
+            Ok((socket, peer, ip)) => {
+                // Counted here, before the connection costs anything more than its socket.
+                let slot = deps.budget.admit(ip);
                 let deps = deps.clone();
                 let shutdown = shutdown.clone();
-                workers.pick().spawn_fn(move || socket.start(peer, deps, &shutdown));
+                workers.pick().spawn_fn(move || socket.start(peer, slot, deps, &shutdown));
             }
             Err(error) => {
                 // Out of file descriptors and the like: back off instead of spinning.
