@@ -125,7 +125,10 @@ pub async fn claim(store: &Store, node: Uuid, chatbot: Uuid, ttl: Duration, limi
                  WHERE chatbot_id = $2 AND status IN ('queued', 'running', 'retrying', 'waiting')
                    AND run_after <= now()
                    AND (lease_owner IS NULL
-                        OR lease_owner IN (SELECT id FROM nodes WHERE heartbeat_at < now() - make_interval(secs => $3)))
+                        -- Never from itself: right after a stall its own heartbeat looks
+                        -- old, while what it holds is still running here (it releases
+                        -- those itself once it sees the lapse).
+                        OR lease_owner IN (SELECT id FROM nodes WHERE heartbeat_at < now() - make_interval(secs => $3) AND id <> $1))
                  ORDER BY run_after, id
                  LIMIT $4
                  FOR UPDATE SKIP LOCKED
@@ -160,12 +163,16 @@ pub async fn claim(store: &Store, node: Uuid, chatbot: Uuid, ttl: Duration, limi
 }
 
 /// Gives up this node's lease on one execution (if it still holds it at `epoch`), so
-/// any node may claim it again when due.
+/// any node may claim it again when due. The node is alive and chose to stop (its
+/// heartbeat lapsed, say): a `running` execution goes back to `queued`, so that the
+/// next claim does not take it for a run interrupted by a crash and use up one of the
+/// workflow's attempts.
 pub async fn release(store: &Store, node: Uuid, execution: Uuid, epoch: i64) -> StoreResult<()> {
     let client = store.pool().get().await?;
     client
         .execute(
-            "UPDATE executions SET lease_owner = NULL WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3",
+            "UPDATE executions SET lease_owner = NULL, status = CASE WHEN status = 'running' THEN 'queued' ELSE status END
+             WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3",
             &[&execution, &node, &epoch],
         )
         .await?;
@@ -251,6 +258,12 @@ impl LeaseHealth {
         self.tx.subscribe()
     }
 
+    /// Time since the last heartbeat that succeeded was sent, by this node's clock.
+    pub fn since_last_beat(&self) -> Duration {
+        let ms = self.last_ok_ms.load(std::sync::atomic::Ordering::SeqCst);
+        (self.start + Duration::from_millis(ms)).elapsed()
+    }
+
     /// A heartbeat sent at `sent` succeeded.
     pub fn beat(&self, sent: Instant) {
         let ms = sent.saturating_duration_since(self.start).as_millis() as u64;
@@ -288,8 +301,17 @@ pub async fn keep_heartbeat(store: Store, node: Uuid, health: LeaseHealth, cance
                 Ok(away) => {
                     if away.is_none_or(|a| a >= ttl) {
                         // Away long enough to be declared dead: whatever this node held
-                        // may have been claimed by another. Start over.
-                        tracing::warn!(away_ms = away.map(|a| a.as_millis() as u64), "this node's heartbeat lapsed; abandoning its executions");
+                        // may have been claimed by another. Start over. The figures tell
+                        // a slow database (the query took long) from a stalled node or
+                        // host (the query was quick, but this node's own clock shows a
+                        // long gap since the last beat).
+                        tracing::warn!(
+                            away_ms = away.map(|a| a.as_millis() as u64),
+                            query_ms = sent.elapsed().as_millis() as u64,
+                            since_last_beat_ms = health.since_last_beat().as_millis() as u64,
+                            ttl_ms = ttl.as_millis() as u64,
+                            "this node's heartbeat lapsed; abandoning its executions"
+                        );
                         health.new_generation();
                     }
                     health.beat(sent);

@@ -34,8 +34,9 @@ pub async fn send(
     attempt: i32,
 ) -> Result<Value, StepError> {
     let acked = |delivered: usize| Ok(json!({ "command_id": command.command_id, "delivered": delivered, "acked": true }));
-    // A later attempt: the client may have acked the first one after it gave up.
-    if attempt > 1 && is_acked(store, &command.command_id).await {
+    // A later attempt, or a run resumed under a new lease (epoch 1 is an execution's
+    // first lease): the client may have acked the command sent before.
+    if (attempt > 1 || epoch > 1) && is_acked(store, &command.command_id).await {
         return acked(0);
     }
     // Written to the connections without waiting for the row's commit: the client's

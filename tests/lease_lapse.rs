@@ -1,0 +1,87 @@
+//! A node whose heartbeat lapses because PostgreSQL stalled (every server process
+//! stopped past the lease TTL, then continued): it abandons what it ran, claims it
+//! again, and the workflow's retry attempts are not used up by the stall. Alone in its
+//! test binary, since it stops the test server for everyone in the process.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use std::time::Duration;
+
+/// The test server's postmaster and every process it started.
+fn server_processes(backend: i32) -> Vec<i32> {
+    let ppid = |pid: i32| -> Option<i32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name is in parentheses and may hold spaces: read after it.
+        stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+    };
+    let postmaster = ppid(backend).expect("the backend's parent");
+    let mut pids = vec![postmaster];
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) {
+            if ppid(pid) == Some(postmaster) {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+fn signal(pids: &[i32], sig: libc::c_int) {
+    for pid in pids {
+        // SAFETY: a plain system call on processes of the test's own server.
+        unsafe { libc::kill(*pid, sig) };
+    }
+}
+
+#[actix_rt::test]
+async fn a_stall_past_the_lease_ttl_uses_no_retry_attempt_and_the_execution_succeeds_after_it() {
+    let daemon = TestDaemon::start_with(DaemonOptions {
+        tweak: Box::new(|c| {
+            c.lease.ttl_ms = 1_500;
+            c.outbox.ack_timeout_ms = 120_000;
+            c.scheduler.scan_interval_ms = 200;
+        }),
+        ..Default::default()
+    })
+    .await;
+    let t = tenant(&daemon.store, "acme", 1).await;
+    let bot = t.chatbots[0];
+    apply(&daemon.store, bot, json!([{"name": "answer", "trigger": {"event": "x.ask"},
+        "steps": [{"id": "say", "action": "reply", "text": "hello {{event.id}}"}],
+        "retry": {"max_attempts": 2, "initial_backoff_ms": 100, "jitter": false}}]))
+    .await;
+    let db = daemon.db().await;
+    let mut sender = Client::unix(&daemon.unix()).await.hello(&t.key, &[]).await;
+    sender.send(&event("e1", bot, "x.ask", json!({}))).await;
+    let (a, _) = sender.recv_until(|v| v["id"] == "e1").await;
+    assert_eq!(a["op"], "ack", "{a}");
+    // The step waits for a client's ack (none is subscribed yet).
+    eventually("the execution runs", || async {
+        let s: String = db.query_one("SELECT status FROM executions WHERE event_id = 'e1'", &[]).await.unwrap().get(0);
+        s == "running"
+    })
+    .await;
+
+    let backend: i32 = db.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let pids = server_processes(backend);
+    signal(&pids, libc::SIGSTOP);
+    tokio::time::sleep(Duration::from_millis(3_500)).await; // more than twice the TTL
+    signal(&pids, libc::SIGCONT);
+
+    eventually("the node saw its heartbeat lapse", || async { logs().contains("heartbeat lapsed") }).await;
+    assert!(logs().contains("query_ms"), "the lapse says how long the heartbeat query took");
+    // A chat service subscribes now and acks what it is sent.
+    let mut chat = Client::unix(&daemon.unix()).await.hello(&t.key, &[bot]).await;
+    let (cmd, _) = chat.recv_until(|v| v["op"] == "command").await;
+    assert_eq!(cmd["payload"]["text"], "hello e1");
+    chat.send(&json!({"op": "ack", "command_id": cmd["command_id"]})).await;
+    eventually("the execution succeeds", || async {
+        let s: String = db.query_one("SELECT status FROM executions WHERE event_id = 'e1'", &[]).await.unwrap().get(0);
+        s == "succeeded"
+    })
+    .await;
+    let r = db.query_one("SELECT attempt, error FROM executions WHERE event_id = 'e1'", &[]).await.unwrap();
+    assert_eq!(r.get::<_, i32>(0), 1, "the stall used no attempt ({:?})", r.get::<_, Option<String>>(1));
+}
