@@ -624,33 +624,76 @@ impl Config {
         }
     }
 
-    /// The effective configuration as TOML with secrets hidden (for `check-config`).
+    /// The effective configuration as TOML with secrets hidden (for `check-config`):
+    /// every URL or connection string in it, whatever its key, has its credentials
+    /// masked.
     pub fn to_redacted_toml(&self) -> String {
-        let mut c = self.clone();
-        c.database.url = redact_url(&c.database.url);
-        toml::to_string_pretty(&c).unwrap_or_default()
+        // Line by line, so the keys keep the order of the file's sections.
+        let text = toml::to_string_pretty(self).unwrap_or_default();
+        let mut out = String::with_capacity(text.len());
+        for line in text.lines() {
+            let redacted = line.split_once(" = ").and_then(|(key, _)| {
+                let value = toml::from_str::<toml::Table>(line).ok()?.into_iter().next()?.1;
+                let shown = redact_url(value.as_str()?);
+                (shown != value.as_str()?).then(|| format!("{key} = {}", toml::Value::String(shown)))
+            });
+            out.push_str(redacted.as_deref().unwrap_or(line));
+            out.push('\n');
+        }
+        out
     }
 }
 
-/// Hides a password in `postgres://user:secret@host/db` or `password=secret`.
+/// Query parameters (by a part of their name) whose values are secrets.
+const SECRET_PARAMS: [&str; 7] = ["token", "key", "secret", "pass", "sig", "auth", "credential"];
+
+/// Hides credentials in a URL (`scheme://user:secret@host/…?token=secret`: the password,
+/// or a user name that stands alone, and secret-looking query values) or in a
+/// key=value connection string (`password=secret`). Other text is returned as it is.
 pub fn redact_url(url: &str) -> String {
-    if url.is_empty() {
-        return String::new();
-    }
-    if let Some(scheme_end) = url.find("://") {
-        let rest = &url[scheme_end + 3..];
-        if let Some(at) = rest.find('@') {
-            let userinfo = &rest[..at];
-            if let Some(colon) = userinfo.find(':') {
-                return format!("{}://{}:***@{}", &url[..scheme_end], &userinfo[..colon], &rest[at + 1..]);
+    let Some(scheme_end) = url.find("://") else {
+        if !url.contains("password=") {
+            return url.to_string();
+        }
+        return url
+            .split_whitespace()
+            .map(|kv| if kv.starts_with("password=") { "password=***".to_string() } else { kv.to_string() })
+            .collect::<Vec<_>>()
+            .join(" ");
+    };
+    let (scheme, rest) = (&url[..scheme_end], &url[scheme_end + 3..]);
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            // A lone user name is often a token (`https://<token>@host`).
+            None => format!("***@{host}"),
+        },
+        None => authority.to_string(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let (query, fragment) = match query.split_once('#') {
+                Some((q, f)) => (q, Some(f)),
+                None => (query, None),
+            };
+            let query = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if SECRET_PARAMS.iter().any(|s| k.to_ascii_lowercase().contains(s)) => format!("{k}=***"),
+                    _ => kv.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join("&");
+            match fragment {
+                Some(f) => format!("{path}?{query}#{f}"),
+                None => format!("{path}?{query}"),
             }
         }
-        return url.to_string();
-    }
-    url.split_whitespace()
-        .map(|kv| if kv.starts_with("password=") { "password=***".to_string() } else { kv.to_string() })
-        .collect::<Vec<_>>()
-        .join(" ")
+        None => tail.to_string(),
+    };
+    format!("{scheme}://{authority}{tail}")
 }
 
 /// Merges `BOTFLOW_<SECTION>__<KEY>` and `BOTFLOW_<KEY>` into the table. A variable
@@ -885,5 +928,26 @@ mod tests {
     #[test]
     fn redacts_key_value_passwords() {
         assert_eq!(redact_url("host=/tmp user=a password=secret"), "host=/tmp user=a password=***");
+    }
+
+    #[test]
+    fn every_url_check_config_prints_has_its_credentials_masked() {
+        assert_eq!(
+            redact_url("https://hooks:s3cret@example.com/alert?channel=ops&token=abc&API_KEY=k#top"),
+            "https://hooks:***@example.com/alert?channel=ops&token=***&API_KEY=***#top"
+        );
+        assert_eq!(redact_url("https://ghp_abc123@example.com/x"), "https://***@example.com/x");
+        assert_eq!(redact_url("http://example.com/a@b?x=1"), "http://example.com/a@b?x=1", "an @ in the path is not userinfo");
+        assert_eq!(redact_url("var/botflow.sock"), "var/botflow.sock");
+        let c = load(
+            "[notify]\nwebhook_url = \"https://ops:hunter2@alerts.example.com/hook?token=t0ken\"\n[database]\nurl = \"postgres://u:pw@h/db\"\n",
+            &[],
+        )
+        .unwrap();
+        let shown = c.to_redacted_toml();
+        for secret in ["hunter2", "t0ken", ":pw@"] {
+            assert!(!shown.contains(secret), "{secret} shown in:\n{shown}");
+        }
+        assert!(shown.contains("https://ops:***@alerts.example.com/hook?token=***"), "{shown}");
     }
 }
