@@ -134,13 +134,17 @@ pub struct ExecutorConfig {
     pub execution_timeout_ms: u64,
     /// A chatbot supervisor with no event for this long and nothing running is stopped.
     pub idle_supervisor_seconds: u64,
+    /// Largest webhook request body, as rendered from its template (event data may
+    /// repeat a large field); a larger one fails the step without a retry.
+    pub max_request_body_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct JournalConfig {
-    /// Independent writers, each with its own connection; a chatbot always uses the
-    /// same one, so its rows are written in order.
+    /// Independent writers, each with its own connection; an execution always uses
+    /// the same one, so its rows are written in order, and the events one connection
+    /// sends for a chatbot share one, so their acks keep their order.
     pub lanes: usize,
     /// Most execution records written in one transaction.
     pub max_batch: usize,
@@ -278,6 +282,7 @@ impl Default for ExecutorConfig {
             step_timeout_ms: 60_000,
             execution_timeout_ms: 300_000,
             idle_supervisor_seconds: 300,
+            max_request_body_bytes: 1024 * 1024,
         }
     }
 }
@@ -501,6 +506,12 @@ impl Config {
             bad(
                 "ingest.buffer_budget_bytes",
                 format!("must be at least max_frame_bytes ({}), got {}", self.ingest.max_frame_bytes, self.ingest.buffer_budget_bytes),
+            );
+        }
+        if !(1024..=256 * 1024 * 1024).contains(&self.executor.max_request_body_bytes) {
+            bad(
+                "executor.max_request_body_bytes",
+                format!("must be within 1024..268435456, got {}", self.executor.max_request_body_bytes),
             );
         }
         if self.ingest.workers > 256 {

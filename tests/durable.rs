@@ -106,6 +106,31 @@ async fn event_data_in_a_webhook_url_fills_one_segment_or_query_value_and_cannot
 }
 
 #[actix_rt::test]
+async fn a_request_body_rendered_over_the_limit_fails_the_step_at_once_and_sends_nothing() {
+    let receiver = Receiver::start().await;
+    // A body that repeats one event field ten times: 10 KiB of data becomes 100 KiB.
+    let body: serde_json::Map<String, Value> = (0..10).map(|i| (format!("f{i}"), json!("{{event.data.big}}"))).collect();
+    let workflow = json!({
+        "name": "echo",
+        "trigger": {"event": "x.go"},
+        "steps": [{"id": "call", "action": "webhook", "url": receiver.url("/echo"), "body": body, "timeout_ms": 2000}],
+        "retry": {"max_attempts": 3, "initial_backoff_ms": 50, "jitter": false},
+    });
+    let (_daemon, t, mut c, db) = setup(|c| c.executor.max_request_body_bytes = 64 * 1024, workflow).await;
+    let bot = t.chatbots[0];
+    c.send(&event("small", bot, "x.go", json!({"big": "x".repeat(1024)}))).await;
+    c.send(&event("large", bot, "x.go", json!({"big": "x".repeat(10 * 1024)}))).await;
+    let (_, _, attempt, error) = wait_status(&db, "large", &["failed"]).await;
+    assert_eq!(attempt, 1, "no retry helps");
+    let error = error.unwrap_or_default();
+    assert!(error.contains("executor.max_request_body_bytes (65536)") && error.contains("nothing was sent"), "{error}");
+    wait_status(&db, "small", &["succeeded"]).await;
+    let got = receiver.received();
+    assert_eq!(got.len(), 1, "only the small event's request: {got:?}");
+    assert!(got[0].body.len() > 10 * 1024, "the small one carried its ten copies");
+}
+
+#[actix_rt::test]
 async fn a_webhook_answering_500_500_200_succeeds_on_attempt_3_after_the_policy_waits() {
     let receiver = Receiver::start().await;
     receiver.on("/hook", Behaviour::Script(vec![Reply::new(500, "{}"), Reply::new(500, "{}"), Reply::new(200, r#"{"ok":1}"#)]));

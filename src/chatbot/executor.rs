@@ -38,6 +38,7 @@ pub struct ExecEnv {
     pub lease_lost: Recipient<LeaseLost>,
     pub health: LeaseHealth,
     pub step_timeout: Duration,
+    pub max_request_body_bytes: usize,
     pub ack_timeout: Duration,
     pub execution_timeout: Duration,
 }
@@ -54,6 +55,7 @@ impl ExecEnv {
             lease_lost,
             health: deps.health.clone(),
             step_timeout: deps.step_timeout,
+            max_request_body_bytes: deps.max_request_body_bytes,
             ack_timeout: deps.ack_timeout,
             execution_timeout: deps.execution_timeout,
         }
@@ -278,6 +280,7 @@ impl Effects for StepEffects<'_> {
             event_id: job.event.get("id").and_then(Value::as_str).unwrap_or_default().to_string(),
             attempt: job.attempt,
             lease_epoch: job.epoch,
+            max_body_bytes: self.env.max_request_body_bytes,
         };
         actions::webhook::call(&self.env.http, &self.env.chatbot.webhook_secret, request).await
     }

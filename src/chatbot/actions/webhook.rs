@@ -36,6 +36,8 @@ pub struct Request {
     pub event_id: String,
     pub attempt: i32,
     pub lease_epoch: i64,
+    /// `executor.max_request_body_bytes`.
+    pub max_body_bytes: usize,
 }
 
 /// `v1=<hex>`: the signature over `"<timestamp>.<body>"`.
@@ -50,6 +52,14 @@ pub fn sign(secret: &str, timestamp: i64, body: &[u8]) -> String {
 
 pub async fn call(http: &reqwest::Client, secret: &str, req: Request) -> Result<Value, StepError> {
     let body = serde_json::to_vec(&req.body).map_err(|e| StepError::new(format!("cannot encode the body: {e}")))?;
+    if body.len() > req.max_body_bytes {
+        // The same event renders the same body: no retry helps.
+        return Err(StepError::new(format!(
+            "the rendered request body is {} bytes, over executor.max_request_body_bytes ({}); nothing was sent",
+            body.len(),
+            req.max_body_bytes
+        )));
+    }
     let timestamp = chrono::Utc::now().timestamp();
     let mut builder = http
         .post(&req.url)
