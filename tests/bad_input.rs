@@ -1078,3 +1078,40 @@ async fn a_line_that_takes_the_connections_over_the_buffer_budget_closes_that_co
     let mut other = w.other;
     served(&mut other, &w.db, bot, "other").await;
 }
+
+#[actix_rt::test]
+async fn event_data_nested_too_deep_or_with_a_lone_surrogate_is_nacked_invalid_event_naming_it() {
+    let mut w = world(options(|_| {}), 1).await;
+    let bot = w.t.chatbots[0];
+    let mut c = Client::tcp(w.daemon.tcp()).await.hello(&w.t.key, &[]).await;
+    let rejected = || async { metric(&w.daemon.metrics().await, "botflow_events_rejected_total", Some("reason=\"invalid_event\"")) };
+    let before = rejected().await;
+    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    c.send_raw(&format!(
+        "{{\"op\":\"event\",\"id\":\"deep\",\"type\":\"message.received\",\"chatbot_id\":\"{bot}\",\"conversation_id\":\"c1\",\"data\":{{\"text\":\"ping\",\"x\":{deep}}}}}\n"
+    ))
+    .await;
+    c.send_raw(&format!(
+        "{{\"op\":\"event\",\"id\":\"surrogate\",\"type\":\"message.received\",\"chatbot_id\":\"{bot}\",\"conversation_id\":\"c1\",\"data\":{{\"text\":\"ping \\ud800 there\"}}}}\n"
+    ))
+    .await;
+    c.send_raw(&format!(
+        "{{\"op\":\"event\",\"id\":\"surrogate2\",\"type\":\"message.received\",\"chatbot_id\":\"{bot}\",\"conversation_id\":\"c1\",\"data\":{{\"text\":\"ping\",\"note\":\"\\udc00\"}}}}\n"
+    ))
+    .await;
+    let (answers, _) = c.answers(3).await;
+    assert_nack(&answers["deep"], Some("deep"), "invalid_event", Some("data"));
+    assert!(answers["deep"]["error"]["message"].as_str().unwrap().contains("nested more than 128 levels"), "{}", answers["deep"]);
+    // In a field the trigger reads, that field is named; elsewhere, `data`.
+    assert_nack(&answers["surrogate"], Some("surrogate"), "invalid_event", Some("data.text"));
+    assert_nack(&answers["surrogate2"], Some("surrogate2"), "invalid_event", Some("data"));
+    for id in ["surrogate", "surrogate2"] {
+        assert!(answers[id]["error"]["message"].as_str().unwrap().contains("surrogate"), "{}", answers[id]);
+    }
+    assert_eq!(rows_any(&w.db, "deep").await + rows_any(&w.db, "surrogate").await + rows_any(&w.db, "surrogate2").await, 0);
+    assert!(rejected().await >= before + 3.0, "counted in botflow_events_rejected_total");
+    assert!(!logs().contains(" ERROR "), "no ERROR line for bad input");
+    // The connection and the others go on.
+    served(&mut c, &w.db, bot, "fine").await;
+    served(&mut w.other, &w.db, bot, "other").await;
+}

@@ -41,10 +41,15 @@ pub fn admit(index: &TriggerIndex, event: &Event, matched: &mut Vec<u32>) -> Res
     }
     let doc = match event.document() {
         Ok(d) => d,
+        // The framing read the line without looking inside `data`: what only a full
+        // parse finds (nesting past serde_json's limit, a lone UTF-16 surrogate) is the
+        // sender's error. Counted with the other nacks; logged rarely, as the sender
+        // can repeat it at any rate.
         Err(error) => {
-            // Cannot happen for a line the codec accepted; answer rather than panic.
-            tracing::error!(%error, event_id = %event.id, "accepted event does not parse");
-            return Err(Outcome::Nack(Nack::new(NackCode::Internal, "the event could not be read")));
+            let mut nack = Nack::new(NackCode::InvalidEvent, unreadable_data(&error));
+            nack.field = Some("data".into());
+            warn_rarely(&event.id, &nack.message);
+            return Err(Outcome::Nack(nack));
         }
     };
     index.match_event(&event.kind, &doc, matched);
@@ -52,6 +57,33 @@ pub fn admit(index: &TriggerIndex, event: &Event, matched: &mut Vec<u32>) -> Res
         return Err(nothing_matched());
     }
     Ok(doc)
+}
+
+/// What is wrong with an event whose JSON does not parse whole.
+fn unreadable_data(error: &serde_json::Error) -> String {
+    let text = error.to_string();
+    if text.contains("recursion limit") {
+        "field \"data\" is nested more than 128 levels deep".into()
+    } else if text.contains("surrogate") || text.contains("hex escape") {
+        format!("field \"data\" holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its pair): {text}")
+    } else {
+        format!("field \"data\" cannot be read: {text}")
+    }
+}
+
+/// A warning at most every ten seconds, with how many were not logged meanwhile.
+fn warn_rarely(event_id: &str, message: &str) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    static SKIPPED: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let last = LAST.load(Ordering::Relaxed);
+    if now >= last + 10 && LAST.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+        let skipped = SKIPPED.swap(0, Ordering::Relaxed);
+        tracing::warn!(event_id, message, not_logged_since = skipped, "nacked an event whose data cannot be read");
+    } else {
+        SKIPPED.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// The executions of one admitted event, one per matched workflow, each with a new id.

@@ -598,6 +598,9 @@ impl Handler<SupervisorEvents> for ChatbotSupervisor {
             let doc = match admission::admit(&index, &event, &mut self.matched) {
                 Ok(doc) => doc,
                 Err(outcome) => {
+                    if let Outcome::Nack(nack) = &outcome {
+                        m::hot().rejected(nack.code).increment(1);
+                    }
                     answers.push((event.id, outcome, received_at));
                     continue;
                 }

@@ -199,9 +199,11 @@ fn read_str<'a>(raw: Option<&'a RawValue>) -> Result<Option<Cow<'a, str>>, Strin
     match raw {
         None => Ok(None),
         Some(r) if r.get() == "null" => Ok(None),
-        Some(r) => serde_json::from_str::<Cow<'a, str>>(r.get())
-            .map(Some)
-            .map_err(|_| format!("must be a string, not {}", json_kind(r))),
+        Some(r) => serde_json::from_str::<Cow<'a, str>>(r.get()).map(Some).map_err(|e| match json_kind(r) {
+            // A string whose escapes are not text (a lone UTF-16 surrogate, say).
+            "a string" => format!("is not valid text (a lone UTF-16 surrogate escape such as \\ud800?): {e}"),
+            kind => format!("must be a string, not {kind}"),
+        }),
     }
 }
 
