@@ -1,7 +1,8 @@
 //! A node whose heartbeat lapses because PostgreSQL stalled (every server process
-//! stopped past the lease TTL, then continued): it abandons what it ran, claims it
-//! again, and the workflow's retry attempts are not used up by the stall. Alone in its
-//! test binary, since it stops the test server for everyone in the process.
+//! stopped past the lease TTL, then continued), or fails for longer than two thirds of
+//! the TTL: it stops or abandons what it ran, runs it again, and the workflow's retry
+//! attempts are not used up by the stall. In a test binary of their own, one at a
+//! time, since they stall the test server (or this node's row) for everyone.
 
 mod common;
 
@@ -35,8 +36,12 @@ fn signal(pids: &[i32], sig: libc::c_int) {
     }
 }
 
-#[actix_rt::test]
-async fn a_stall_past_the_lease_ttl_uses_no_retry_attempt_and_the_execution_succeeds_after_it() {
+/// The tests stall the server the whole process shares: one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A daemon with a short lease TTL, a chatbot whose workflow sends one reply (and
+/// waits for a client's ack), and an event of it acked and running.
+async fn running_reply() -> (TestDaemon, Tenant, tokio_postgres::Client) {
     let daemon = TestDaemon::start_with(DaemonOptions {
         tweak: Box::new(|c| {
             c.lease.ttl_ms = 1_500;
@@ -63,16 +68,13 @@ async fn a_stall_past_the_lease_ttl_uses_no_retry_attempt_and_the_execution_succ
         s == "running"
     })
     .await;
+    (daemon, t, db)
+}
 
-    let backend: i32 = db.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
-    let pids = server_processes(backend);
-    signal(&pids, libc::SIGSTOP);
-    tokio::time::sleep(Duration::from_millis(3_500)).await; // more than twice the TTL
-    signal(&pids, libc::SIGCONT);
-
-    eventually("the node saw its heartbeat lapse", || async { logs().contains("heartbeat lapsed") }).await;
-    assert!(logs().contains("query_ms"), "the lapse says how long the heartbeat query took");
-    // A chat service subscribes now and acks what it is sent.
+/// A chat service subscribes and acks what it is sent; the execution succeeds, and
+/// the stall used none of its attempts.
+async fn acked_and_succeeded_on_attempt_1(daemon: &TestDaemon, t: &Tenant, db: &tokio_postgres::Client) {
+    let bot = t.chatbots[0];
     let mut chat = Client::unix(&daemon.unix()).await.hello(&t.key, &[bot]).await;
     let (cmd, _) = chat.recv_until(|v| v["op"] == "command").await;
     assert_eq!(cmd["payload"]["text"], "hello e1");
@@ -84,4 +86,40 @@ async fn a_stall_past_the_lease_ttl_uses_no_retry_attempt_and_the_execution_succ
     .await;
     let r = db.query_one("SELECT attempt, error FROM executions WHERE event_id = 'e1'", &[]).await.unwrap();
     assert_eq!(r.get::<_, i32>(0), 1, "the stall used no attempt ({:?})", r.get::<_, Option<String>>(1));
+}
+
+#[actix_rt::test]
+#[allow(clippy::await_holding_lock)] // held on purpose: the tests take turns
+async fn a_stall_past_the_lease_ttl_uses_no_retry_attempt_and_the_execution_succeeds_after_it() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let (daemon, t, db) = running_reply().await;
+    let lapses = logs().matches("heartbeat lapsed").count();
+    let backend: i32 = db.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let pids = server_processes(backend);
+    signal(&pids, libc::SIGSTOP);
+    tokio::time::sleep(Duration::from_millis(3_500)).await; // more than twice the TTL
+    signal(&pids, libc::SIGCONT);
+
+    eventually("the node saw its heartbeat lapse", || async { logs().matches("heartbeat lapsed").count() > lapses }).await;
+    assert!(logs().contains("query_ms"), "the lapse says how long the heartbeat query took");
+    acked_and_succeeded_on_attempt_1(&daemon, &t, &db).await;
+}
+
+#[actix_rt::test]
+#[allow(clippy::await_holding_lock)] // held on purpose: the tests take turns
+async fn a_heartbeat_failing_past_two_thirds_of_the_ttl_stops_the_step_but_uses_no_attempt() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let (daemon, t, db) = running_reply().await;
+    // This node's row held locked: its heartbeats wait, then fail on their statement
+    // timeout (5 s), long after two thirds of the TTL.
+    let mut locker = daemon.db().await;
+    let tx = locker.transaction().await.unwrap();
+    tx.execute("SELECT 1 FROM nodes FOR UPDATE", &[]).await.unwrap();
+    eventually("the step is stopped, to be tried again", || async {
+        let s: String = db.query_one("SELECT status FROM executions WHERE event_id = 'e1'", &[]).await.unwrap().get(0);
+        s == "retrying"
+    })
+    .await;
+    tx.commit().await.unwrap();
+    acked_and_succeeded_on_attempt_1(&daemon, &t, &db).await;
 }

@@ -121,6 +121,9 @@ pub enum RunEnd {
     /// This node's leases lapsed since the job started: another node may own it now.
     /// Nothing is written for it; its lease is given up.
     Abandoned,
+    /// A step was stopped because this node's lease became doubtful (its heartbeat is
+    /// late). Not the workflow's failure: tried again soon under the same attempt.
+    Interrupted { error: String },
 }
 
 /// Runs the job from its resume point. Every step's outcome, with the new resume
@@ -180,7 +183,7 @@ pub async fn run(mut job: Job, env: Arc<ExecEnv>) -> (Job, RunEnd) {
                     return (job, RunEnd::Abandoned);
                 }
                 let error = format!("step {:?} was stopped: this node's lease heartbeat is late", step.id);
-                return (job, RunEnd::Failed { error, retryable: true, retry_after: None });
+                return (job, RunEnd::Interrupted { error });
             };
             match outcome {
                 Err(_) => Err(StepError::retryable(format!("the execution timed out after {} ms", timeout.as_millis()))),

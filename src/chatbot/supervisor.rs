@@ -53,6 +53,9 @@ use uuid::Uuid;
 /// given up and claimed again when due (by this node or any other).
 const HOLD_WAIT_MAX: Duration = Duration::from_secs(30);
 
+/// How long a step stopped by a late heartbeat waits before it is tried again.
+const INTERRUPTED_RETRY: Duration = Duration::from_secs(1);
+
 /// Sent by the Router: events of this chatbot in the order their connection sent them.
 /// Every event is answered once: at once through `answers` (gathered with the rest of
 /// its batch), or by the journal after its executions are committed.
@@ -292,6 +295,15 @@ impl ChatbotSupervisor {
                 update.status = Status::Waiting;
                 update.run_after = Some(until);
                 self.hold_or_release(job, &mut update, until, ctx);
+            }
+            RunEnd::Interrupted { error } => {
+                // The same attempt again, once the heartbeat has had time to recover.
+                tracing::warn!(execution_id = %job.execution_id, %error, "step interrupted; trying it again under the same attempt");
+                let due = now + chrono::Duration::from_std(INTERRUPTED_RETRY).unwrap_or_default();
+                update.status = Status::Retrying;
+                update.error = Some(error);
+                update.run_after = Some(due);
+                self.hold_or_release(job, &mut update, due, ctx);
             }
             RunEnd::Failed { error, retryable, retry_after } => {
                 let policy = Policy::resolve(job.workflow.spec.retry.as_ref(), &self.deps.retry);
