@@ -131,6 +131,52 @@ async fn a_request_body_rendered_over_the_limit_fails_the_step_at_once_and_sends
 }
 
 #[actix_rt::test]
+async fn replies_nobody_acks_hold_no_executor_slot_so_the_chatbots_other_workflows_run() {
+    let receiver = Receiver::start().await;
+    let workflows = json!([
+        {"name": "answer", "trigger": {"event": "x.ask"}, "steps": [{"id": "say", "action": "reply", "text": "hi {{event.id}}"}]},
+        {"name": "hook", "trigger": {"event": "x.go"},
+         "steps": [{"id": "call", "action": "webhook", "url": receiver.url("/hook"), "timeout_ms": 2000}]},
+    ]);
+    let daemon = TestDaemon::start_with(DaemonOptions {
+        tweak: Box::new(|c| c.outbox.ack_timeout_ms = 120_000),
+        ..Default::default()
+    })
+    .await;
+    let t = tenant(&daemon.store, "acme", 1).await;
+    let bot = t.chatbots[0];
+    apply(&daemon.store, bot, workflows).await;
+    let db = daemon.db().await;
+    let mut c = Client::unix(&daemon.unix()).await.hello(&t.key, &[]).await;
+    // Many more replies than the chatbot's executor slots (8), with no client to ack them.
+    const REPLIES: usize = 200;
+    for i in 0..REPLIES {
+        c.send(&event(&format!("r{i}"), bot, "x.ask", json!({}))).await;
+    }
+    let waiting = || async {
+        db.query_one("SELECT count(*) FROM executions WHERE event_type = 'x.ask' AND status = 'running'", &[]).await.unwrap().get::<_, i64>(0)
+    };
+    eventually("every reply runs, waiting for an ack", || async { waiting().await == REPLIES as i64 }).await;
+    c.send(&event("hook", bot, "x.go", json!({}))).await;
+    wait_status(&db, "hook", &["succeeded"]).await;
+    assert_eq!(receiver.count("/hook"), 1);
+    assert_eq!(waiting().await, REPLIES as i64, "the replies still wait (their ack timeout is two minutes)");
+    // A client comes and acks them all: each goes on as slots free, and succeeds.
+    let mut chat = Client::unix(&daemon.unix()).await.hello(&t.key, &[bot]).await;
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < REPLIES {
+        let (cmd, _) = chat.recv_until(|v| v["op"] == "command").await;
+        chat.send(&json!({"op": "ack", "command_id": cmd["command_id"]})).await;
+        seen.insert(cmd["command_id"].as_str().unwrap().to_string());
+    }
+    eventually("every reply succeeds", || async {
+        let n: i64 = db.query_one("SELECT count(*) FROM executions WHERE event_type = 'x.ask' AND status = 'succeeded' AND attempt = 1", &[]).await.unwrap().get(0);
+        n == REPLIES as i64
+    })
+    .await;
+}
+
+#[actix_rt::test]
 async fn a_webhook_answering_500_500_200_succeeds_on_attempt_3_after_the_policy_waits() {
     let receiver = Receiver::start().await;
     receiver.on("/hook", Behaviour::Script(vec![Reply::new(500, "{}"), Reply::new(500, "{}"), Reply::new(200, r#"{"ok":1}"#)]));

@@ -10,6 +10,7 @@
 //! otherwise take the whole arbiter down.
 
 use super::actions;
+use super::actions::command::Parking;
 use super::deps::SupervisorDeps;
 use crate::outbox::Outbox;
 use crate::store::accounts::ChatbotRecord;
@@ -36,6 +37,8 @@ pub struct ExecEnv {
     pub notify_url: Option<String>,
     pub journal: Journal,
     pub lease_lost: Recipient<LeaseLost>,
+    /// Steps waiting for a client free their executor slot through this.
+    pub slots: Recipient<Parking>,
     pub health: LeaseHealth,
     pub step_timeout: Duration,
     pub max_request_body_bytes: usize,
@@ -44,7 +47,7 @@ pub struct ExecEnv {
 }
 
 impl ExecEnv {
-    pub fn new(deps: &SupervisorDeps, chatbot: Arc<ChatbotRecord>, lease_lost: Recipient<LeaseLost>) -> ExecEnv {
+    pub fn new(deps: &SupervisorDeps, chatbot: Arc<ChatbotRecord>, lease_lost: Recipient<LeaseLost>, slots: Recipient<Parking>) -> ExecEnv {
         ExecEnv {
             store: deps.store.clone(),
             http: deps.http.clone(),
@@ -53,6 +56,7 @@ impl ExecEnv {
             notify_url: deps.notify_url.clone(),
             journal: deps.journal.clone(),
             lease_lost,
+            slots,
             health: deps.health.clone(),
             step_timeout: deps.step_timeout,
             max_request_body_bytes: deps.max_request_body_bytes,
@@ -300,7 +304,13 @@ impl Effects for StepEffects<'_> {
             execution_id: job.execution_id,
         };
         let lane = env.journal.lane_of(job.execution_id);
-        let route = actions::command::Route { lane: &lane, outbox: &env.outbox, store: &env.store, ack_timeout: env.ack_timeout };
+        let route = actions::command::Route {
+            lane: &lane,
+            outbox: &env.outbox,
+            store: &env.store,
+            ack_timeout: env.ack_timeout,
+            slots: &env.slots,
+        };
         actions::command::send(route, Arc::new(command), env.chatbot.account_id, job.epoch, job.attempt).await
     }
 

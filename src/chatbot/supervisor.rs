@@ -24,6 +24,7 @@
 //! execution always runs the workflow version it was created with.
 
 pub use super::deps::SupervisorDeps;
+use super::actions::command::Parking;
 use super::admission;
 use super::executor::{self, ExecEnv, Job, RunEnd};
 use super::limits::{Limiters, Limits, Usage};
@@ -44,7 +45,7 @@ use crate::wire::{BatchAnswers, Nack, NackCode, Outcome};
 use crate::workflow::{CompiledWorkflow, WorkflowSpec};
 use actix::prelude::*;
 use chrono::Utc;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
@@ -138,6 +139,10 @@ pub struct ChatbotSupervisor {
     ready: VecDeque<Job>,
     /// Running jobs, with the epoch they run under.
     running: HashMap<Uuid, (SpawnHandle, i64)>,
+    /// Running jobs waiting for a client's ack: they hold no executor slot.
+    parked: HashSet<Uuid>,
+    /// Running jobs done waiting, each given a slot (through its sender) when one frees.
+    resuming: VecDeque<(Uuid, tokio::sync::oneshot::Sender<()>)>,
     /// Short waits (retries, delays) that keep their lease, with its epoch.
     timers: HashMap<Uuid, (SpawnHandle, i64)>,
     /// Executions of this chatbot may be waiting in PostgreSQL for a claim.
@@ -155,7 +160,7 @@ pub struct ChatbotSupervisor {
 
 impl ChatbotSupervisor {
     pub fn new(chatbot: Arc<ChatbotRecord>, deps: Arc<SupervisorDeps>, me: Addr<ChatbotSupervisor>) -> ChatbotSupervisor {
-        let env = Arc::new(ExecEnv::new(&deps, chatbot.clone(), me.recipient()));
+        let env = Arc::new(ExecEnv::new(&deps, chatbot.clone(), me.clone().recipient(), me.recipient()));
         let limit_defaults = deps.limit_defaults;
         let watched = deps.watchlist.contains(&chatbot.id).then(|| m::Watched::new(chatbot.id));
         ChatbotSupervisor {
@@ -169,6 +174,8 @@ impl ChatbotSupervisor {
             awaiting_commit: HashMap::new(),
             ready: VecDeque::new(),
             running: HashMap::new(),
+            parked: HashSet::new(),
+            resuming: VecDeque::new(),
             timers: HashMap::new(),
             // Work left in PostgreSQL for this chatbot is found by the scheduler's scan,
             // which wakes the supervisor; a fresh one does not ask for it on its own
@@ -195,8 +202,21 @@ impl ChatbotSupervisor {
 
     /// Executions held in memory without an executor (waiting for their commit, for
     /// an executor, or on a short timer).
+    /// Jobs kept in memory that hold no executor slot.
     fn held(&self) -> usize {
-        self.awaiting_commit.len() + self.ready.len() + self.timers.len()
+        self.awaiting_commit.len() + self.ready.len() + self.timers.len() + self.parked.len() + self.resuming.len()
+    }
+
+    /// Running jobs that hold an executor slot.
+    fn active(&self) -> usize {
+        self.running.len().saturating_sub(self.parked.len() + self.resuming.len())
+    }
+
+    /// Forgets a job that no longer runs here.
+    fn stopped_running(&mut self, id: &Uuid) {
+        self.running.remove(id);
+        self.parked.remove(id);
+        self.resuming.retain(|(r, _)| r != id);
     }
 
     fn generation(&self) -> u64 {
@@ -224,7 +244,12 @@ impl ChatbotSupervisor {
             return;
         }
         let concurrency = self.limiters.limits().max_concurrent as usize;
-        while self.running.len() < concurrency && !self.ready.is_empty() && !self.rate_wait {
+        // Steps done waiting for a client go on before new executions start.
+        while self.active() < concurrency {
+            let Some((_, go)) = self.resuming.pop_front() else { break };
+            let _ = go.send(());
+        }
+        while self.active() < concurrency && !self.ready.is_empty() && !self.rate_wait {
             // Over the execution rate, executions wait (in memory or as queued rows)
             // and start when allowed; none is dropped.
             if let Err(wait) = if self.deps.limit_defaults.enabled() { self.limiters.check_execution() } else { Ok(()) } {
@@ -239,7 +264,7 @@ impl ChatbotSupervisor {
             let Some(job) = self.ready.pop_front() else { break };
             self.start(job, ctx);
         }
-        if self.backlog && !self.draining && self.ready.is_empty() && self.running.len() < concurrency {
+        if self.backlog && !self.draining && self.ready.is_empty() && self.active() < concurrency {
             self.claim(ctx);
         }
     }
@@ -269,7 +294,7 @@ impl ChatbotSupervisor {
         let epoch = job.epoch;
         let fut = executor::run(job, self.env.clone());
         let handle = ctx.spawn(fut.into_actor(self).map(move |(job, end), act, ctx| {
-            act.running.remove(&job.execution_id);
+            act.stopped_running(&job.execution_id);
             act.finish(job, end, started, ctx);
             act.pump(ctx);
         }));
@@ -662,6 +687,25 @@ impl Handler<ExecutionsCommitted> for ChatbotSupervisor {
     }
 }
 
+impl Handler<Parking> for ChatbotSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Parking, ctx: &mut Context<Self>) {
+        match msg {
+            Parking::Parked(id) if self.running.contains_key(&id) => {
+                self.parked.insert(id);
+            }
+            Parking::Resume(id, go) if self.running.contains_key(&id) => {
+                self.parked.remove(&id);
+                self.resuming.push_back((id, go));
+            }
+            // Not running here any more (stopped meanwhile): nothing to give.
+            Parking::Parked(_) | Parking::Resume(..) => return,
+        }
+        self.pump(ctx);
+    }
+}
+
 impl Handler<LeaseLost> for ChatbotSupervisor {
     type Result = ();
 
@@ -669,7 +713,8 @@ impl Handler<LeaseLost> for ChatbotSupervisor {
         for (id, epoch) in msg.0 {
             // Only what runs under that epoch; a later claim of ours stands.
             if self.running.get(&id).is_some_and(|(_, e)| *e == epoch) {
-                if let Some((h, _)) = self.running.remove(&id) {
+                if let Some((h, _)) = self.running.get(&id).copied() {
+                    self.stopped_running(&id);
                     ctx.cancel_future(h);
                     tracing::warn!(execution_id = %id, "stopped an execution another node took over");
                 }

@@ -4,7 +4,9 @@
 //! clients that reconnect) and written to the connections subscribed to the chatbot;
 //! the step succeeds once a client acks it, and fails (to be retried) if none does
 //! within the ack timeout. The command id, `<execution id>:<step id>`, is the same
-//! on every attempt, so a client drops repeats.
+//! on every attempt, so a client drops repeats. While it waits for a client the step
+//! holds none of the chatbot's executor slots: replies nobody acks must not stall the
+//! chatbot's other workflows.
 
 use super::StepError;
 use crate::outbox::{Deliver, Forget, Outbox};
@@ -12,10 +14,11 @@ use crate::store::journal::{CommandRow, JournalLane, RecordProgress};
 use crate::store::outbox::is_acked;
 use crate::store::Store;
 use crate::wire::Command;
-use actix::Addr;
+use actix::{Addr, Message, Recipient};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
+use uuid::Uuid;
 
 /// Where a command goes: the journal keeps it, the outbox delivers it and hears the ack.
 pub struct Route<'a> {
@@ -23,11 +26,27 @@ pub struct Route<'a> {
     pub outbox: &'a Addr<Outbox>,
     pub store: &'a Store,
     pub ack_timeout: Duration,
+    /// The chatbot's supervisor, told when the step waits (and frees its slot).
+    pub slots: &'a Recipient<Parking>,
 }
+
+/// Sent to the chatbot's supervisor by a step that waits for a client's ack: while it
+/// waits it holds no executor slot (`Parked`); before it goes on it asks for one again
+/// (`Resume`, answered through the sender once a slot is free).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub enum Parking {
+    Parked(Uuid),
+    Resume(Uuid, tokio::sync::oneshot::Sender<()>),
+}
+
+/// How long a step waits for an ack while holding its slot: most clients ack within
+/// it, and then the slot is never given up and asked for again.
+const ACK_GRACE: Duration = Duration::from_millis(20);
 
 /// The output is `{"command_id": …, "delivered": <connections written to>, "acked": true}`.
 pub async fn send(
-    Route { lane, outbox, store, ack_timeout }: Route<'_>,
+    Route { lane, outbox, store, ack_timeout, slots }: Route<'_>,
     command: Arc<Command>,
     account_id: uuid::Uuid,
     epoch: i64,
@@ -50,7 +69,21 @@ pub async fn send(
         .map_err(|e| StepError::retryable(format!("the outbox is not running: {e}")))?;
     // However this step ends (acked, timed out, cancelled), the outbox stops waiting.
     let _forget = ForgetOnDrop { outbox: outbox.clone(), command_id: command.command_id.clone() };
-    match tokio::time::timeout(ack_timeout, acked_rx).await {
+    let mut acked_rx = acked_rx;
+    let waited = match tokio::time::timeout(ACK_GRACE.min(ack_timeout), &mut acked_rx).await {
+        Ok(r) => Ok(r),
+        Err(_) => {
+            let id = command.execution_id;
+            slots.do_send(Parking::Parked(id));
+            let waited = tokio::time::timeout(ack_timeout.saturating_sub(ACK_GRACE), &mut acked_rx).await;
+            let (go, slot) = tokio::sync::oneshot::channel();
+            slots.do_send(Parking::Resume(id, go));
+            // A supervisor that went away drops the sender: go on all the same.
+            let _ = slot.await;
+            waited
+        }
+    };
+    match waited {
         Ok(Ok(())) => acked(delivered),
         // Acked on another node, or through the database.
         _ if is_acked(store, &command.command_id).await => acked(delivered),
