@@ -157,8 +157,10 @@ async fn replies_nobody_acks_hold_no_executor_slot_so_the_chatbots_other_workflo
         db.query_one("SELECT count(*) FROM executions WHERE event_type = 'x.ask' AND status = 'running'", &[]).await.unwrap().get::<_, i64>(0)
     };
     eventually("every reply runs, waiting for an ack", || async { waiting().await == REPLIES as i64 }).await;
+    let sent = Instant::now();
     c.send(&event("hook", bot, "x.go", json!({}))).await;
     wait_status(&db, "hook", &["succeeded"]).await;
+    eprintln!("the webhook behind {REPLIES} unacked replies succeeded {:?} after its event", sent.elapsed());
     assert_eq!(receiver.count("/hook"), 1);
     assert_eq!(waiting().await, REPLIES as i64, "the replies still wait (their ack timeout is two minutes)");
     // A client comes and acks them all: each goes on as slots free, and succeeds.
