@@ -270,6 +270,7 @@ impl Actors {
             notify_url,
             step_timeout: Duration::from_millis(config.executor.step_timeout_ms),
             max_request_body_bytes: config.executor.max_request_body_bytes,
+            stored_response_bytes: config.executor.stored_response_bytes,
             ack_timeout: Duration::from_millis(config.outbox.ack_timeout_ms),
             execution_timeout: Duration::from_millis(config.executor.execution_timeout_ms),
             retry: config.retry.clone(),

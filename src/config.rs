@@ -137,6 +137,9 @@ pub struct ExecutorConfig {
     /// Largest webhook request body, as rendered from its template (event data may
     /// repeat a large field); a larger one fails the step without a retry.
     pub max_request_body_bytes: usize,
+    /// Longest webhook response kept in the execution history (as JSON text); a longer
+    /// one is kept cut, with its length. Later steps of the same run see it whole.
+    pub stored_response_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -283,6 +286,7 @@ impl Default for ExecutorConfig {
             execution_timeout_ms: 300_000,
             idle_supervisor_seconds: 300,
             max_request_body_bytes: 1024 * 1024,
+            stored_response_bytes: 64 * 1024,
         }
     }
 }
@@ -512,6 +516,12 @@ impl Config {
             bad(
                 "executor.max_request_body_bytes",
                 format!("must be within 1024..268435456, got {}", self.executor.max_request_body_bytes),
+            );
+        }
+        if !(256..=1024 * 1024).contains(&self.executor.stored_response_bytes) {
+            bad(
+                "executor.stored_response_bytes",
+                format!("must be within 256..1048576, got {}", self.executor.stored_response_bytes),
             );
         }
         if self.ingest.workers > 256 {

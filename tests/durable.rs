@@ -179,6 +179,38 @@ async fn replies_nobody_acks_hold_no_executor_slot_so_the_chatbots_other_workflo
 }
 
 #[actix_rt::test]
+async fn a_long_webhook_response_is_kept_cut_in_the_history_and_seen_whole_by_the_next_step() {
+    let receiver = Receiver::start().await;
+    // 200 KiB of JSON whose last field the next step uses.
+    let big = json!({"rows": vec!["x".repeat(1000); 200], "tail": "found-at-the-end"}).to_string();
+    receiver.on("/big", Behaviour::Status(200, big.clone()));
+    let workflow = json!({
+        "name": "long",
+        "trigger": {"event": "x.go"},
+        "steps": [
+            {"id": "fetch", "action": "webhook", "url": receiver.url("/big"), "timeout_ms": 5000},
+            {"id": "use", "action": "webhook", "url": receiver.url("/use"), "body": {"tail": "{{steps.fetch.response.tail}}"}, "timeout_ms": 5000},
+        ],
+    });
+    let (_daemon, t, mut c, db) = setup(|_| {}, workflow).await;
+    send(&mut c, "e1", t.chatbots[0]).await;
+    let (id, _, _, _) = wait_status(&db, "e1", &["succeeded"]).await;
+    let used = receiver.wait_for("/use", 1).await;
+    assert_eq!(used[0].json()["tail"], "found-at-the-end", "the next step saw the whole response");
+    let output: Value = db
+        .query_one("SELECT output FROM execution_steps WHERE execution_id = $1 AND step_id = 'fetch'", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    let kept = output["response"].as_str().expect("the kept response is its text, cut");
+    assert_eq!(kept.len(), 64 * 1024);
+    assert!(big.starts_with(kept));
+    assert_eq!(output["response_cut"], json!({"bytes": big.len(), "kept": 64 * 1024}));
+    let row_bytes: i32 = db.query_one("SELECT pg_column_size(outputs) FROM executions WHERE id = $1", &[&id]).await.unwrap().get(0);
+    assert!(row_bytes < 100 * 1024, "the execution's outputs hold the excerpt too ({row_bytes} bytes)");
+}
+
+#[actix_rt::test]
 async fn a_webhook_answering_500_500_200_succeeds_on_attempt_3_after_the_policy_waits() {
     let receiver = Receiver::start().await;
     receiver.on("/hook", Behaviour::Script(vec![Reply::new(500, "{}"), Reply::new(500, "{}"), Reply::new(200, r#"{"ok":1}"#)]));

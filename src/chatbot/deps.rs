@@ -28,6 +28,7 @@ pub struct SupervisorDeps {
     pub notify_url: Option<String>,
     pub step_timeout: Duration,
     pub max_request_body_bytes: usize,
+    pub stored_response_bytes: usize,
     pub ack_timeout: Duration,
     pub execution_timeout: Duration,
     pub retry: RetryConfig,

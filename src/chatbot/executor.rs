@@ -42,6 +42,7 @@ pub struct ExecEnv {
     pub health: LeaseHealth,
     pub step_timeout: Duration,
     pub max_request_body_bytes: usize,
+    pub stored_response_bytes: usize,
     pub ack_timeout: Duration,
     pub execution_timeout: Duration,
 }
@@ -60,6 +61,7 @@ impl ExecEnv {
             health: deps.health.clone(),
             step_timeout: deps.step_timeout,
             max_request_body_bytes: deps.max_request_body_bytes,
+            stored_response_bytes: deps.stored_response_bytes,
             ack_timeout: deps.ack_timeout,
             execution_timeout: deps.execution_timeout,
         }
@@ -215,10 +217,15 @@ pub async fn run(mut job: Job, env: Arc<ExecEnv>) -> (Job, RunEnd) {
         match result {
             Ok(StepOutcome::Output(output)) => {
                 metrics::counter!(m::STEPS, "action" => action, "outcome" => "succeeded").increment(1);
-                outputs.insert(step.id.clone(), output.clone());
-                let step_record = record(true, Some(output), None);
+                // Later steps of this run see the whole output; the database keeps an
+                // excerpt of a long response (a resumed run sees that excerpt).
+                let stored = for_storage(&output, env.stored_response_bytes);
+                outputs.insert(step.id.clone(), output);
+                let step_record = record(true, Some(stored.clone()), None);
                 job.step_index += 1;
-                job.outputs = Arc::new(Value::Object(outputs.clone()));
+                let mut kept = job.outputs.as_object().cloned().unwrap_or_default();
+                kept.insert(step.id.clone(), stored);
+                job.outputs = Arc::new(Value::Object(kept));
                 let mut u = job.update(Status::Running);
                 u.outputs = Some(job.outputs.clone());
                 u.steps.push(step_record);
@@ -243,7 +250,7 @@ pub async fn run(mut job: Job, env: Arc<ExecEnv>) -> (Job, RunEnd) {
                 metrics::counter!(m::STEPS, "action" => action, "outcome" => "failed").increment(1);
                 tracing::info!(execution_id = %job.execution_id, step = %step.id, attempt = job.attempt, error = %e.message, "step failed");
                 let mut u = job.update(Status::Running);
-                u.steps.push(record(false, e.output.clone(), Some(e.message.clone())));
+                u.steps.push(record(false, e.output.as_ref().map(|o| for_storage(o, env.stored_response_bytes)), Some(e.message.clone())));
                 env.record(u);
                 let error = format!("step {:?} ({action}) failed: {}", step.id, e.message);
                 return (job, RunEnd::Failed { error, retryable: e.retryable, retry_after: e.retry_after });
@@ -251,6 +258,25 @@ pub async fn run(mut job: Job, env: Arc<ExecEnv>) -> (Job, RunEnd) {
         }
     }
     (job, RunEnd::Succeeded)
+}
+
+/// A step's output as the database keeps it: a webhook's `response` longer than
+/// `limit` bytes (as JSON) becomes the first `limit` bytes of its text, and
+/// `response_cut` says how long it was.
+fn for_storage(output: &Value, limit: usize) -> Value {
+    let Some(response) = output.get("response") else { return output.clone() };
+    let text = response.to_string();
+    if text.len() <= limit {
+        return output.clone();
+    }
+    let mut end = limit;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut stored = output.clone();
+    stored["response"] = Value::String(text[..end].to_string());
+    stored["response_cut"] = serde_json::json!({ "bytes": text.len(), "kept": end });
+    stored
 }
 
 /// Runs one step's action, its effects going through this execution's `StepEffects`.
