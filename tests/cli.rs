@@ -835,3 +835,75 @@ async fn dlq_commands_list_show_replay_and_discard_over_the_api() {
     let err = admin_cli.fails(&["dlq", "list"]).await;
     assert!(err.contains("403") && err.contains("operator"), "{err}");
 }
+
+/// `pg_ctl restart` on the embedded server's data directory, as an operator might run
+/// it (as the server's user when this runs as root); answers the new postmaster's pid.
+fn restart_from_outside(var: &Path) -> i32 {
+    let before = postmaster_pid(var).expect("the embedded PostgreSQL runs");
+    let pgdata = var.join("postgres/data");
+    let mut c = if unsafe { libc::geteuid() } == 0 {
+        let mut c = std::process::Command::new("runuser");
+        c.args(["-u", "postgres", "--", "pg_ctl"]);
+        c
+    } else {
+        std::process::Command::new("pg_ctl")
+    };
+    let o = c.args(["restart", "-m", "fast", "-w", "-D"]).arg(&pgdata).stdout(Stdio::null()).output().unwrap();
+    assert!(o.status.success(), "pg_ctl restart: {}", String::from_utf8_lossy(&o.stderr));
+    let after = postmaster_pid(var).expect("restarted");
+    assert_ne!(after, before);
+    after
+}
+
+#[test]
+fn a_postgres_restarted_from_outside_is_stopped_with_the_daemon_and_one_left_behind_is_stopped_at_start() {
+    let dir = TempDir::new("outside");
+    let var = dir.path().join("var");
+    let start = || {
+        let mut c = botflow();
+        c.arg("serve")
+            .current_dir(dir.path())
+            .env("BOTFLOW_INGEST__TCP", "")
+            .env("BOTFLOW_METRICS__LISTEN", "")
+            .env("BOTFLOW_ADMIN__LISTEN", "")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let d = Serve { child: c.spawn().unwrap() };
+        wait_for("the daemon's socket", || {
+            var.join("botflow.sock").exists() && std::os::unix::net::UnixStream::connect(var.join("botflow.sock")).is_ok()
+        });
+        d
+    };
+    // A stopped server whose parent is gone may stay a zombie until something reaps it.
+    let alive = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(')').map(|(_, rest)| !rest.trim_start().starts_with('Z')))
+            .unwrap_or(false)
+    };
+
+    // Restarted under a running daemon: SIGTERM still stops it.
+    let mut d = start();
+    let outside = restart_from_outside(&var);
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
+    assert!(d.child.wait().unwrap().success());
+    wait_for("the restarted PostgreSQL to stop with its daemon", || !alive(outside));
+
+    // Restarted, then the daemon killed: the server is left running, and the next
+    // start stops it and starts its own instead of refusing.
+    let mut d = start();
+    let outside = restart_from_outside(&var);
+    d.child.kill().unwrap();
+    d.child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(alive(outside), "a server not started by the daemon outlives it");
+    let mut d = start();
+    assert!(!alive(outside), "the server left behind was stopped");
+    let own = postmaster_pid(&var).expect("the daemon's own PostgreSQL runs");
+    assert_ne!(own, outside);
+    let o = run(botflow().args(["accounts", "create", "after"]).current_dir(dir.path()));
+    assert!(o.status.success(), "{}", stderr(&o));
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
+    assert!(d.child.wait().unwrap().success());
+    wait_for("its PostgreSQL to stop", || !alive(own));
+}

@@ -121,6 +121,28 @@ pub(super) fn wait_for_previous_server(pgdata: &Path, wait: Duration) -> Result<
     }
 }
 
+/// Stops a postmaster serving `pgdata` that no live process owns: fast shutdown, then
+/// immediate shutdown if it does not exit within `wait`. Answers whether one was found.
+pub(super) fn stop_orphaned_server(pgdata: &Path, wait: Duration) -> bool {
+    let Some(pid) = read_postmaster_pid(&pgdata.join("postmaster.pid")) else { return false };
+    if !matches!(postmaster_state(pid, pgdata), PidState::Ours) {
+        return false;
+    }
+    tracing::warn!(pid, pgdata = %pgdata.display(), "stopping an embedded PostgreSQL that no daemon owns (left by one killed, or restarted from outside)");
+    // SAFETY: plain signals to a postmaster serving our own data directory.
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    let started = Instant::now();
+    while matches!(postmaster_state(pid, pgdata), PidState::Ours) {
+        if started.elapsed() >= wait {
+            tracing::warn!(pid, "it ignored fast shutdown for {wait:?}; asking for an immediate one");
+            unsafe { libc::kill(pid, libc::SIGQUIT) };
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
 pub(super) fn read_postmaster_pid(pid_file: &Path) -> Option<i32> {
     let text = fs::read_to_string(pid_file).ok()?;
     text.lines()

@@ -12,6 +12,37 @@ pub(super) struct LaunchLock {
     pub(super) _file: File,
 }
 
+/// Held by the process that owns the running server of a data_dir, for as long as it
+/// owns it: a launcher that can take it knows a server it finds running there has no
+/// live owner (left by a daemon killed with -9, or restarted from outside with
+/// `pg_ctl`), and may stop it.
+pub(super) struct OwnerLock {
+    pub(super) _file: File,
+}
+
+impl OwnerLock {
+    /// `None` while another process owns the server.
+    pub(super) fn try_acquire(path: &Path) -> Result<Option<OwnerLock>, EmbeddedError> {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(io_err("opening", path))?;
+        loop {
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return Ok(Some(OwnerLock { _file: file }));
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return Ok(None),
+                _ => return Err(io_err("locking", path)(e)),
+            }
+        }
+    }
+}
+
 impl LaunchLock {
     pub(super) fn acquire(path: &Path) -> Result<LaunchLock, EmbeddedError> {
         let file = OpenOptions::new()

@@ -27,8 +27,8 @@ mod process;
 mod user;
 
 pub(crate) use binaries::{find_binaries, Binaries};
-use cluster::{initdb, postmaster_state, read_postmaster_pid, wait_for_previous_server, PidState};
-use lock::LaunchLock;
+use cluster::{initdb, postmaster_state, read_postmaster_pid, stop_orphaned_server, wait_for_previous_server, PidState};
+use lock::{LaunchLock, OwnerLock};
 use process::{log_tail, ServerSpec, Supervised};
 use user::{chown_tree, first_unreachable, is_root, lookup_user};
 use std::ffi::{OsStr, OsString};
@@ -209,6 +209,8 @@ pub struct EmbeddedPostgres {
     port: u16,
     log_path: PathBuf,
     server: Option<Supervised>,
+    /// Held while this process owns the server of the data directory.
+    owner: Option<OwnerLock>,
 }
 
 impl std::fmt::Debug for EmbeddedPostgres {
@@ -294,7 +296,21 @@ impl EmbeddedPostgres {
         if !pgdata.join("PG_VERSION").exists() {
             initdb(binaries, &base, &pgdata, run_as.as_ref(), opts, &mut log)?;
         }
+        // A server found running with no owner is stopped; one another process owns
+        // (a daemon that is stopping, say) is waited for.
+        let owner = OwnerLock::try_acquire(&base.join("owner.lock"))?;
+        if owner.is_some() {
+            stop_orphaned_server(&pgdata, STOP_WAIT);
+        }
         wait_for_previous_server(&pgdata, PREVIOUS_SERVER_WAIT)?;
+        let owner = match owner {
+            Some(lock) => lock,
+            None => OwnerLock::try_acquire(&base.join("owner.lock"))?.ok_or_else(|| EmbeddedError::AlreadyRunning {
+                pid: read_postmaster_pid(&pgdata.join("postmaster.pid")).unwrap_or(0),
+                pgdata: pgdata.clone(),
+                waited: PREVIOUS_SERVER_WAIT,
+            })?,
+        };
 
         let log_offset = log
             .seek(SeekFrom::End(0))
@@ -336,6 +352,7 @@ impl EmbeddedPostgres {
             port,
             log_path,
             server: Some(server),
+            owner: Some(owner),
         };
         if let Err(e) = pg.wait_ready(log_offset) {
             // Do not leave a half-started server behind the error.
@@ -492,6 +509,10 @@ impl EmbeddedPostgres {
                 "embedded PostgreSQL had already exited ({status})"
             );
             server.join();
+            // Restarted from outside (`pg_ctl restart`), the server is no child of
+            // ours, but it serves our data directory, which this process owns: stop it.
+            stop_orphaned_server(&self.pgdata, STOP_WAIT);
+            self.owner = None;
             return Ok(());
         }
         tracing::info!(pid = server.pid, "stopping embedded PostgreSQL");
@@ -513,6 +534,7 @@ impl EmbeddedPostgres {
             }
         }
         server.join();
+        self.owner = None;
         Ok(())
     }
 }
@@ -711,6 +733,7 @@ mod tests {
             port: PORT,
             log_path: PathBuf::from("/x/postgres/postgres.log"),
             server: None,
+            owner: None,
         };
         let url = pg.url("t1");
         let parsed: tokio_postgres::Config = url.parse().unwrap();
