@@ -28,7 +28,7 @@
 //! cli          the botflow command
 //! app          starting and stopping the daemon
 //! admin        the admin HTTP API (and HTTP ingest)
-//! ingest       listeners, the codec, the protocol, connections
+//! ingest       listeners, the codec, the protocol, connections and their shared budget
 //! scheduler    due executions, dead nodes
 //! router       chatbot id → supervisor
 //! chatbot      supervisor, triggers, executor, actions (webhook, command, notify), limits
