@@ -443,15 +443,16 @@ async fn run_executions(
     commands: u64,
     make: impl Fn(u64, Uuid, &mut Vec<u8>) + Send + Sync + 'static,
 ) -> anyhow::Result<ExecRun> {
-    let before = finished_count(store).await?;
+    // PostgreSQL's clock, since `created_at` is written by it.
+    let since: chrono::DateTime<chrono::Utc> = store.pool().get().await?.query_one("SELECT now()", &[]).await?.get(0);
     let (t, b) = (target.clone(), bots.to_vec());
     let started = Instant::now();
     let r = run_on(clients, async move { blast(&t, conns, events, &b, commands, make).await }).await?;
     let acked = r.answered - r.nacked;
-    let mut done = finished_count(store).await? - before;
+    let mut done = finished_count(store, bots, since).await?;
     while done < acked as i64 && started.elapsed() < Duration::from_secs(600) {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        done = finished_count(store).await? - before;
+        done = finished_count(store, bots, since).await?;
     }
     Ok(ExecRun { acked, nacked: r.nacked, acked_in: r.elapsed, done, done_in: started.elapsed() })
 }
@@ -478,9 +479,18 @@ fn rss_bytes() -> u64 {
     pages * 4096
 }
 
-async fn finished_count(store: &Store) -> anyhow::Result<i64> {
+/// Executions of these chatbots created since `since` that have finished. Read through
+/// the (chatbot, status, created_at) index, so a poll costs this run's rows, not the
+/// table's: a count over every execution took 0.4 s at a million rows (the limit
+/// scenario's later rounds), on the same two cores, and delayed the completion seen.
+async fn finished_count(store: &Store, bots: &[Uuid], since: chrono::DateTime<chrono::Utc>) -> anyhow::Result<i64> {
     let c = store.pool().get().await?;
-    Ok(c.query_one("SELECT count(*) FROM executions WHERE status IN ('succeeded', 'failed')", &[]).await?.get(0))
+    Ok(c.query_one(
+        "SELECT count(*) FROM executions WHERE chatbot_id = ANY($1) AND status IN ('succeeded', 'failed') AND created_at >= $2",
+        &[&bots, &since],
+    )
+    .await?
+    .get(0))
 }
 
 /// Runs a client future on the client runtime and waits for it from the actix side.
