@@ -254,25 +254,29 @@ async fn the_quickstart_and_worked_example_work_with_the_real_binary() {
     assert!(!var.join("botflow.sock").exists(), "the socket file is removed");
 }
 
+/// `botflow serve` in `dir` with only its Unix socket, once the socket accepts.
+fn serve_on_socket_only(dir: &Path) -> Serve {
+    let var = dir.join("var");
+    let mut c = botflow();
+    c.arg("serve")
+        .current_dir(dir)
+        .env("BOTFLOW_INGEST__TCP", "")
+        .env("BOTFLOW_METRICS__LISTEN", "")
+        .env("BOTFLOW_ADMIN__LISTEN", "")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let d = Serve { child: c.spawn().unwrap() };
+    wait_for("the daemon's socket", || {
+        var.join("botflow.sock").exists() && std::os::unix::net::UnixStream::connect(var.join("botflow.sock")).is_ok()
+    });
+    d
+}
+
 #[test]
 fn killing_the_daemon_stops_its_postgres_and_a_restart_keeps_the_data() {
     let dir = TempDir::new("kill9");
     let var = dir.path().join("var");
-    let start = || {
-        let mut c = botflow();
-        c.arg("serve")
-            .current_dir(dir.path())
-            .env("BOTFLOW_INGEST__TCP", "")
-            .env("BOTFLOW_METRICS__LISTEN", "")
-        .env("BOTFLOW_ADMIN__LISTEN", "")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let d = Serve { child: c.spawn().unwrap() };
-        wait_for("the daemon's socket", || {
-            var.join("botflow.sock").exists() && std::os::unix::net::UnixStream::connect(var.join("botflow.sock")).is_ok()
-        });
-        d
-    };
+    let start = || serve_on_socket_only(dir.path());
     let mut d = start();
     let o = run(botflow().args(["accounts", "create", "survivor"]).current_dir(dir.path()));
     assert!(o.status.success(), "{}", stderr(&o));
@@ -859,21 +863,7 @@ fn restart_from_outside(var: &Path) -> i32 {
 fn a_postgres_restarted_from_outside_is_stopped_with_the_daemon_and_one_left_behind_is_stopped_at_start() {
     let dir = TempDir::new("outside");
     let var = dir.path().join("var");
-    let start = || {
-        let mut c = botflow();
-        c.arg("serve")
-            .current_dir(dir.path())
-            .env("BOTFLOW_INGEST__TCP", "")
-            .env("BOTFLOW_METRICS__LISTEN", "")
-            .env("BOTFLOW_ADMIN__LISTEN", "")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let d = Serve { child: c.spawn().unwrap() };
-        wait_for("the daemon's socket", || {
-            var.join("botflow.sock").exists() && std::os::unix::net::UnixStream::connect(var.join("botflow.sock")).is_ok()
-        });
-        d
-    };
+    let start = || serve_on_socket_only(dir.path());
     // A stopped server whose parent is gone may stay a zombie until something reaps it.
     let alive = |pid: i32| {
         std::fs::read_to_string(format!("/proc/{pid}/stat"))

@@ -23,12 +23,7 @@ pub(super) struct OwnerLock {
 impl OwnerLock {
     /// `None` while another process owns the server.
     pub(super) fn try_acquire(path: &Path) -> Result<Option<OwnerLock>, EmbeddedError> {
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .map_err(io_err("opening", path))?;
+        let file = open_lock_file(path)?;
         loop {
             if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
                 return Ok(Some(OwnerLock { _file: file }));
@@ -45,12 +40,7 @@ impl OwnerLock {
 
 impl LaunchLock {
     pub(super) fn acquire(path: &Path) -> Result<LaunchLock, EmbeddedError> {
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .map_err(io_err("opening", path))?;
+        let file = open_lock_file(path)?;
         loop {
             if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
                 return Ok(LaunchLock { _file: file });
@@ -61,4 +51,9 @@ impl LaunchLock {
             }
         }
     }
+}
+
+/// A lock file, created if missing and never truncated (its content is not used).
+fn open_lock_file(path: &Path) -> Result<File, EmbeddedError> {
+    OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(io_err("opening", path))
 }
