@@ -11,6 +11,7 @@
 
 use crate::chatbot::supervisor::SupervisorDeps;
 use crate::config::Config;
+use crate::egress::Egress;
 use crate::ingest::budget::ConnectionBudget;
 use crate::ingest::connection::IngestDeps;
 use crate::ingest::listener::{self, Workers};
@@ -73,6 +74,8 @@ struct Actors {
     router: Addr<Router>,
     /// Stops the heartbeat and the scheduler, after the drain.
     heartbeat_stop: CancellationToken,
+    /// The admin API checks saved workflows against its policy.
+    egress: Egress,
 }
 
 impl App {
@@ -85,7 +88,7 @@ impl App {
         let (store, node, operator_key) = open_database(config, pg).await?;
         let bound = Bound::bind(config)?;
         let shutdown = CancellationToken::new();
-        let actors = Actors::start(config, &store, node)?;
+        let actors = Actors::start(config, &store, node, bound.addrs())?;
         forward_changes(&store, &actors, &shutdown);
 
         // Open socket connections and HTTP ingest requests: the shutdown drain waits for both.
@@ -101,6 +104,7 @@ impl App {
                     shutdown: shutdown.clone(),
                     connections: connections.clone(),
                     max_frame_bytes: config.ingest.max_frame_bytes,
+                    egress: actors.egress.clone(),
                 },
                 2,
             )?),
@@ -191,6 +195,12 @@ async fn open_database(config: &Config, pg: tokio_postgres::Config) -> anyhow::R
 }
 
 impl Bound {
+    /// The addresses of the TCP sockets: webhooks may not call them.
+    fn addrs(&self) -> Vec<SocketAddr> {
+        let tcp = self.tcp.as_ref().map(|(l, _)| l);
+        tcp.into_iter().chain(&self.admin).chain(&self.metrics).filter_map(|l| l.local_addr().ok()).collect()
+    }
+
     fn bind(config: &Config) -> anyhow::Result<Bound> {
         let tcp = if config.ingest.tcp.is_empty() {
             None
@@ -220,7 +230,7 @@ impl Actors {
     /// The worker arbiters (connections and supervisors) and the journal's, the
     /// journal lanes, the outbox, the notifier, the lease heartbeat, the router and
     /// the scheduler.
-    fn start(config: &Config, store: &Store, node: uuid::Uuid) -> anyhow::Result<Actors> {
+    fn start(config: &Config, store: &Store, node: uuid::Uuid, listening: Vec<SocketAddr>) -> anyhow::Result<Actors> {
         let workers_n = config.worker_threads();
         let arbiters: Vec<Arbiter> = (0..workers_n + 1).map(|_| Arbiter::new()).collect();
         let journal_arbiter = arbiters[workers_n].handle();
@@ -234,17 +244,14 @@ impl Actors {
             Duration::from_millis(config.database.unavailable_after_ms),
         );
         let outbox = Outbox::new(store.clone(), journal.clone(), node).start();
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("botflow/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(10))
-            // A redirect would resend a signed request, and the event data, to a host
-            // the workflow did not name.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .context("cannot build the HTTP client")?;
+        let policy = config
+            .egress_policy()
+            .map_err(|p| anyhow::anyhow!("invalid egress configuration: {}", p.into_iter().map(|(k, m)| format!("{k}: {m}")).collect::<Vec<_>>().join("; ")))?
+            .with_own_listeners(listening);
+        let egress = Egress::new(policy).context("cannot build the HTTP client")?;
         let notify_url = (!config.notify.webhook_url.is_empty()).then(|| config.notify.webhook_url.clone());
         let notifier = Notifier::new(
-            http.clone(),
+            egress.clone(),
             notify_url.clone(),
             Duration::from_secs(config.notify.window_seconds),
             config.notify.failing_threshold,
@@ -261,7 +268,7 @@ impl Actors {
             journal: journal.clone(),
             outbox: outbox.clone(),
             notifier: notifier.clone(),
-            http,
+            egress: egress.clone(),
             node,
             health: health.clone(),
             concurrency: config.executor.concurrency_per_chatbot,
@@ -287,7 +294,7 @@ impl Actors {
             unreachable_after: Duration::from_secs(config.notify.database_unreachable_seconds),
         };
         actix_rt::spawn(scheduler.run(heartbeat_stop.clone()));
-        Ok(Actors { arbiters, workers, journal, outbox, router, heartbeat_stop })
+        Ok(Actors { arbiters, workers, journal, outbox, router, heartbeat_stop, egress })
     }
 }
 

@@ -37,6 +37,7 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     pub outbox: OutboxConfig,
     pub notify: NotifyConfig,
+    pub egress: EgressConfig,
     pub log: LogConfig,
 }
 
@@ -197,6 +198,18 @@ pub struct NotifyConfig {
     pub database_unreachable_seconds: u64,
 }
 
+/// Where webhooks and notifications may connect (see `egress`): loopback, private,
+/// link-local and the other internal ranges are refused unless listed in `allow`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EgressConfig {
+    /// CIDRs (`10.1.2.0/24`), addresses, or `host:port` entries (that port only)
+    /// allowed even though internal.
+    pub allow: Vec<String>,
+    /// CIDRs or addresses refused as well, public ones included; wins over `allow`.
+    pub deny: Vec<String>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
@@ -223,6 +236,7 @@ impl Default for Config {
             scheduler: SchedulerConfig::default(),
             outbox: OutboxConfig::default(),
             notify: NotifyConfig::default(),
+            egress: EgressConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -578,11 +592,19 @@ impl Config {
         if self.retry.max_backoff_ms < self.retry.initial_backoff_ms {
             bad("retry.max_backoff_ms", "must not be below retry.initial_backoff_ms".into());
         }
-        if !self.notify.webhook_url.is_empty()
-            && !self.notify.webhook_url.starts_with("http://")
-            && !self.notify.webhook_url.starts_with("https://")
-        {
-            bad("notify.webhook_url", "must be an http:// or https:// URL".into());
+        match self.egress_policy() {
+            Ok(policy) => {
+                if !self.notify.webhook_url.is_empty()
+                    && !self.notify.webhook_url.starts_with("http://")
+                    && !self.notify.webhook_url.starts_with("https://")
+                {
+                    bad("notify.webhook_url", "must be an http:// or https:// URL".into());
+                } else if let Err(refusal) = policy.check_url(&self.notify.webhook_url) {
+                    // The operator's own channel, but it goes out through the same policy.
+                    bad("notify.webhook_url", refusal.to_string());
+                }
+            }
+            Err(problems) => problems.into_iter().for_each(|(key, message)| bad(&key, message)),
         }
         for (key, v) in [
             ("executor.step_timeout_ms", self.executor.step_timeout_ms),
@@ -615,6 +637,11 @@ impl Config {
         } else {
             Err(p)
         }
+    }
+
+    /// `egress.allow` and `egress.deny` read (the listeners are added once bound).
+    pub fn egress_policy(&self) -> Result<crate::egress::Policy, Vec<(String, String)>> {
+        crate::egress::Policy::new(&self.egress.allow, &self.egress.deny)
     }
 
     /// The CA file for TLS to a configured PostgreSQL, if set.

@@ -37,6 +37,7 @@
 //! store        PostgreSQL: pool, migrations, queries, journal, LISTEN (persistence only)
 //! postgres     the embedded PostgreSQL server's process manager
 //! config       the TOML file and BOTFLOW_* overrides
+//! egress       which addresses webhooks and notifications may reach
 //! tls          TLS configuration (listener, clients, PostgreSQL)
 //! telemetry    logs and metric names
 //! workflow     the model users write: parse, validate, compile, templates, conditions (pure)
@@ -52,6 +53,7 @@ pub mod app;
 pub mod chatbot;
 pub mod cli;
 pub mod config;
+pub mod egress;
 pub mod event;
 pub mod execution;
 pub mod ingest;

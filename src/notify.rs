@@ -6,6 +6,7 @@
 //! window: the first occurrence is sent at once, and if more follow within the window
 //! one summary with their count is sent when it closes, never one per failure.
 
+use crate::egress::Egress;
 use crate::telemetry::metrics as m;
 use actix::prelude::*;
 use serde_json::json;
@@ -54,7 +55,7 @@ struct Window {
 }
 
 pub struct Notifier {
-    http: reqwest::Client,
+    egress: Egress,
     url: Option<String>,
     window: Duration,
     failing_threshold: u32,
@@ -62,8 +63,8 @@ pub struct Notifier {
 }
 
 impl Notifier {
-    pub fn new(http: reqwest::Client, url: Option<String>, window: Duration, failing_threshold: u32) -> Notifier {
-        Notifier { http, url, window, failing_threshold, windows: HashMap::new() }
+    pub fn new(egress: Egress, url: Option<String>, window: Duration, failing_threshold: u32) -> Notifier {
+        Notifier { egress, url, window, failing_threshold, windows: HashMap::new() }
     }
 
     fn send(&self, report: &Report, count: u64, ctx: &mut Context<Self>) {
@@ -87,7 +88,9 @@ impl Notifier {
             "execution_id": report.execution_id,
             "message": report.message,
         });
-        let request = self.http.post(url).timeout(Duration::from_secs(10)).json(&body);
+        // The refusal was counted and logged by the policy.
+        let Ok(http) = self.egress.client_for(&url) else { return };
+        let request = http.post(url).timeout(Duration::from_secs(10)).json(&body);
         ctx.spawn(
             async move {
                 match request.send().await {

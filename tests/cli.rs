@@ -139,8 +139,11 @@ async fn the_quickstart_and_worked_example_work_with_the_real_binary() {
     let dir = TempDir::new("quickstart");
     let receiver = Receiver::start().await;
     receiver.on("/hooks/", Behaviour::Status(200, r#"{"ticket":"T-1001"}"#.into()));
+    // As the README starts it: the receiver's one port allowed, nothing else of loopback.
+    let allow = format!("[\"{}\"]", receiver.addr);
     let env = |c: &mut Command| {
         c.current_dir(dir.path())
+            .env("BOTFLOW_EGRESS__ALLOW", &allow)
             .env("BOTFLOW_INGEST__TCP", "127.0.0.1:0")
             .env("BOTFLOW_METRICS__LISTEN", "127.0.0.1:0")
             .env("BOTFLOW_ADMIN__LISTEN", "127.0.0.1:0");

@@ -24,6 +24,7 @@ const LAYERS: &[(&str, &str)] = &[
     ("workflow", "the model users write and the pure logic over it"),
     ("telemetry", "logs and metric names"),
     ("tls", "TLS configuration for the listener, clients and PostgreSQL"),
+    ("egress", "which addresses webhooks and notifications may reach"),
     ("config", "the configuration file"),
     ("postgres", "the embedded PostgreSQL server's process manager"),
     ("store", "persistence in PostgreSQL"),

@@ -45,6 +45,8 @@ pub struct AdminState {
     /// Ingest requests in flight count as open connections for the shutdown drain.
     pub connections: Arc<AtomicUsize>,
     pub max_frame_bytes: usize,
+    /// Workflows whose webhook URL is a literal refused address are refused at save.
+    pub egress: crate::egress::Egress,
 }
 
 #[derive(OpenApi)]

@@ -28,14 +28,16 @@ fn invalid(e: ValidationError, prefix: &str) -> ApiError {
     ApiError::invalid(field.clone(), format!("{field}: {}", e.message))
 }
 
-fn parse(doc: &serde_json::Value, prefix: &str) -> Result<WorkflowSpec, ApiError> {
+fn parse(state: &AdminState, doc: &serde_json::Value, prefix: &str) -> Result<WorkflowSpec, ApiError> {
     if !doc.is_object() {
         return Err(ApiError::invalid(
             if prefix.is_empty() { "workflow" } else { prefix },
             "a workflow must be a JSON object",
         ));
     }
-    parse_one(doc).map_err(|e| invalid(e, prefix))
+    let spec = parse_one(doc).map_err(|e| invalid(e, prefix))?;
+    state.egress.policy().check_workflow(&spec).map_err(|e| invalid(e, prefix))?;
+    Ok(spec)
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -85,7 +87,7 @@ pub async fn create(
     bot: OwnedChatbot,
     body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
-    let spec = parse(&body, "")?;
+    let spec = parse(&state, &body, "")?;
     let row = workflows::create(&state.store, bot.id, &spec).await?;
     Ok(HttpResponse::Created().json(row))
 }
@@ -115,7 +117,7 @@ pub async fn replace(
     body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
     let wid = path.wid;
-    let spec = parse(&body, "")?;
+    let spec = parse(&state, &body, "")?;
     Ok(HttpResponse::Ok().json(workflows::replace(&state.store, bot.id, wid, &spec).await?))
 }
 
@@ -210,7 +212,7 @@ pub async fn copy(
     if let Some(name) = &body.name {
         doc["name"] = serde_json::Value::String(name.clone());
     }
-    let spec = parse(&doc, "")?;
+    let spec = parse(&state, &doc, "")?;
     let row = workflows::create(&state.store, target.id, &spec).await?;
     Ok(HttpResponse::Created().json(row))
 }
@@ -236,8 +238,14 @@ pub async fn apply(
     bot: OwnedChatbot,
     body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
+    let is_list = body.is_array();
     let bytes = serde_json::to_vec(&body.into_inner()).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let specs = parse_workflows(&bytes).map_err(|e| invalid(e, ""))?;
+    for (i, spec) in specs.iter().enumerate() {
+        // Named as `parse_workflows` names fields: `[i].` only for a list.
+        let prefix = if is_list { format!("[{i}]") } else { String::new() };
+        state.egress.policy().check_workflow(spec).map_err(|e| invalid(e, &prefix))?;
+    }
     let applied = workflows::apply(&state.store, bot.id, &specs).await?;
     let out: Vec<Applied> = specs
         .iter()
@@ -291,10 +299,10 @@ pub async fn dry_run(
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     let spec = match (body.workflow, body.workflow_id) {
-        (Some(doc), None) => parse(&doc, "workflow")?,
+        (Some(doc), None) => parse(&state, &doc, "workflow")?,
         (None, Some(wid)) => {
             let row = workflows::get(&state.store, bot.id, wid).await.map_err(|e| ApiError::from(e).field("workflow_id"))?;
-            parse(&row.definition, "workflow")?
+            parse(&state, &row.definition, "workflow")?
         }
         _ => return Err(ApiError::invalid("workflow", "give either workflow or workflow_id")),
     };

@@ -19,7 +19,7 @@ pub struct SupervisorDeps {
     pub journal: Journal,
     pub outbox: Addr<Outbox>,
     pub notifier: Addr<Notifier>,
-    pub http: reqwest::Client,
+    pub egress: crate::egress::Egress,
     pub node: Uuid,
     pub health: LeaseHealth,
     pub concurrency: usize,

@@ -31,7 +31,7 @@ use uuid::Uuid;
 /// What steps need from the daemon, per chatbot.
 pub struct ExecEnv {
     pub store: crate::store::Store,
-    pub http: reqwest::Client,
+    pub egress: crate::egress::Egress,
     pub outbox: Addr<Outbox>,
     pub chatbot: Arc<ChatbotRecord>,
     pub notify_url: Option<String>,
@@ -51,7 +51,7 @@ impl ExecEnv {
     pub fn new(deps: &SupervisorDeps, chatbot: Arc<ChatbotRecord>, lease_lost: Recipient<LeaseLost>, slots: Recipient<Parking>) -> ExecEnv {
         ExecEnv {
             store: deps.store.clone(),
-            http: deps.http.clone(),
+            egress: deps.egress.clone(),
             outbox: deps.outbox.clone(),
             chatbot,
             notify_url: deps.notify_url.clone(),
@@ -315,7 +315,7 @@ impl Effects for StepEffects<'_> {
             lease_epoch: job.epoch,
             max_body_bytes: self.env.max_request_body_bytes,
         };
-        actions::webhook::call(&self.env.http, &self.env.chatbot.webhook_secret, request).await
+        actions::webhook::call(&self.env.egress, &self.env.chatbot.webhook_secret, request).await
     }
 
     async fn send_command(&self, kind: CommandKind, payload: Value) -> Result<Value, StepError> {
@@ -342,7 +342,7 @@ impl Effects for StepEffects<'_> {
 
     async fn notify(&self, message: String) -> Result<Value, StepError> {
         let env = self.env;
-        actions::notify::send(&env.http, env.notify_url.as_deref(), &env.chatbot, self.job.execution_id, &message).await
+        actions::notify::send(&env.egress, env.notify_url.as_deref(), &env.chatbot, self.job.execution_id, &message).await
     }
 }
 

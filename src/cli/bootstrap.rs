@@ -62,6 +62,15 @@ pub fn chatbots(config: Config, cmd: ChatbotsCmd) -> anyhow::Result<()> {
 /// `workflows apply` without a daemon: creates or replaces the workflows by name in one
 /// transaction on the configured database (the admin API's apply runs the same).
 pub fn apply_workflows(config: &Config, chatbot: Uuid, specs: &[WorkflowSpec]) -> anyhow::Result<Vec<workflows::Applied>> {
+    // The configuration was checked when it loaded; its listeners are those configured.
+    let listeners = [&config.ingest.tcp, &config.admin.listen, &config.metrics.listen].into_iter().filter_map(|a| a.parse().ok());
+    let policy = config.egress_policy().unwrap_or_default().with_own_listeners(listeners);
+    for (i, spec) in specs.iter().enumerate() {
+        if let Err(e) = policy.check_workflow(spec) {
+            let at = if specs.len() > 1 { format!("[{i}].") } else { String::new() };
+            bail!("{at}{}: {}", e.field, e.message);
+        }
+    }
     run(config, async |s| match workflows::apply(s, chatbot, specs).await {
         Err(StoreError::NotFound { what, id }) => bail!("{what} {id} does not exist"),
         other => Ok(other?),

@@ -36,6 +36,7 @@ pub const WORKFLOW_RELOADS: &str = "botflow_workflow_reloads_total";
 pub const DEAD_LETTERS: &str = "botflow_dead_letters";
 pub const RETRIES: &str = "botflow_retries_total";
 pub const NOTIFICATIONS: &str = "botflow_notifications_total";
+pub const EGRESS_REFUSED: &str = "botflow_egress_refused_total";
 pub const CLAIMS: &str = "botflow_executions_claimed_total";
 pub const EVENTS_IN_FLIGHT: &str = "botflow_events_in_flight";
 pub const CONNECTION_IN_FLIGHT: &str = "botflow_connection_in_flight";
@@ -125,6 +126,11 @@ fn describe() {
     describe_counter!(WORKFLOW_RELOADS, Unit::Count, "Trigger index rebuilds after a workflow change.");
     describe_counter!(RETRIES, Unit::Count, "Attempts that failed and were scheduled to run again.");
     describe_counter!(NOTIFICATIONS, Unit::Count, "Operator notifications sent, by kind.");
+    describe_counter!(
+        EGRESS_REFUSED,
+        Unit::Count,
+        "Webhook and notification requests the egress policy refused, by rule (loopback, private, deny, own_listener, ...)."
+    );
     describe_counter!(CLAIMS, Unit::Count, "Executions claimed from PostgreSQL (resumed, taken over, or past the memory bound).");
     describe_gauge!(DEAD_LETTERS, Unit::Count, "Dead letters neither replayed nor discarded.");
     describe_gauge!(EVENTS_IN_FLIGHT, Unit::Count, "Events read and not yet answered, over all connections.");

@@ -238,6 +238,9 @@ impl TestDaemon {
         config.limits.events_per_second = 1_000_000;
         config.limits.burst = 1_000_000;
         config.limits.executions_per_second = 1_000_000;
+        // The receivers of the tests listen on loopback, which the egress policy
+        // refuses by default (tests/egress.rs tests the policy itself).
+        config.egress.allow = vec![LOOPBACK_RECEIVERS.into()];
         (opts.tweak)(&mut config);
         init_logs();
         let app = App::start(&config, pg.clone()).await.expect("the daemon starts");
@@ -676,7 +679,11 @@ pub fn pg_url(c: &tokio_postgres::Config) -> String {
     )
 }
 
-/// The `botflow` binary, with no BOTFLOW_* from the environment of whoever runs the tests.
+/// What the daemons under test allow of the egress policy: the test receivers.
+pub const LOOPBACK_RECEIVERS: &str = "127.0.0.1/32";
+
+/// The `botflow` binary, with no BOTFLOW_* from the environment of whoever runs the
+/// tests, and loopback receivers allowed (as `TestDaemon` does).
 pub fn botflow_cmd() -> std::process::Command {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_botflow"));
     for (k, _) in std::env::vars() {
@@ -685,6 +692,7 @@ pub fn botflow_cmd() -> std::process::Command {
         }
     }
     c.env("RUST_LOG", "warn");
+    c.env("BOTFLOW_EGRESS__ALLOW", format!("[{LOOPBACK_RECEIVERS:?}]"));
     c
 }
 

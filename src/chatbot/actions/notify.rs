@@ -2,13 +2,14 @@
 //! `notify.webhook_url` when one is configured.
 
 use super::StepError;
+use crate::egress::{self, Egress};
 use crate::store::accounts::ChatbotRecord;
 use serde_json::{json, Value};
 use std::time::Duration;
 use uuid::Uuid;
 
 pub async fn send(
-    http: &reqwest::Client,
+    egress: &Egress,
     url: Option<&str>,
     chatbot: &ChatbotRecord,
     execution_id: Uuid,
@@ -25,13 +26,17 @@ pub async fn send(
         "execution_id": execution_id,
         "message": message,
     });
+    let http = egress.client_for(url).map_err(|refusal| StepError::new(refusal.to_string()))?;
     let response = http
         .post(url)
         .timeout(Duration::from_secs(10))
         .json(&body)
         .send()
         .await
-        .map_err(|e| StepError::retryable(format!("cannot send the notification: {e}")))?;
+        .map_err(|e| match egress::refusal_of(&e) {
+            Some(refusal) => StepError::new(refusal.to_string()),
+            None => StepError::retryable(format!("cannot send the notification: {e}")),
+        })?;
     let status = response.status();
     if status.is_success() {
         Ok(json!({ "logged": true, "sent": true, "status": status.as_u16() }))

@@ -12,11 +12,14 @@
 //!
 //! 5xx answers, 408, 429, timeouts and connection errors are worth retrying; other
 //! 4xx are not. A `Retry-After` (seconds or an HTTP date) sets the least wait before
-//! the next attempt.
+//! the next attempt. A destination the egress policy refuses fails the step at once:
+//! the same URL is refused again on every attempt. Redirects are not followed (a 3xx
+//! fails the step, naming where it pointed).
 //!
 //! The output is `{"status": <code>, "response": <JSON body, or the text if not JSON>}`.
 
 use super::StepError;
+use crate::egress::{self, Egress};
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
@@ -50,7 +53,8 @@ pub fn sign(secret: &str, timestamp: i64, body: &[u8]) -> String {
     format!("v1={}", hex::encode(mac.finalize().into_bytes()))
 }
 
-pub async fn call(http: &reqwest::Client, secret: &str, req: Request) -> Result<Value, StepError> {
+pub async fn call(egress: &Egress, secret: &str, req: Request) -> Result<Value, StepError> {
+    let http = egress.client_for(&req.url).map_err(|refusal| StepError::new(refusal.to_string()))?;
     let body = serde_json::to_vec(&req.body).map_err(|e| StepError::new(format!("cannot encode the body: {e}")))?;
     if body.len() > req.max_body_bytes {
         // The same event renders the same body: no retry helps.
@@ -78,6 +82,9 @@ pub async fn call(http: &reqwest::Client, secret: &str, req: Request) -> Result<
     let timeout_ms = req.timeout.as_millis();
     let mut response = builder.body(body).send().await.map_err(|e| describe(e, timeout_ms))?;
     let status = response.status();
+    let location = status
+        .is_redirection()
+        .then(|| response.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).unwrap_or("").to_string());
     let retry_after = response
         .headers()
         .get(reqwest::header::RETRY_AFTER)
@@ -110,6 +117,13 @@ pub async fn call(http: &reqwest::Client, secret: &str, req: Request) -> Result<
     }
     if status.is_success() {
         Ok(output)
+    } else if let Some(location) = location {
+        Err(StepError {
+            message: format!("webhook answered {status} to {location:?}; redirects are not followed (set the step's url to where it points)"),
+            output: Some(output),
+            retryable: false,
+            retry_after: None,
+        })
     } else {
         // 5xx, 408 and 429 may pass; other 4xx will fail the same way again.
         let retryable = status.is_server_error() || status.as_u16() == 408 || status.as_u16() == 429;
@@ -136,7 +150,10 @@ fn parse_retry_after(v: &str) -> Option<Duration> {
 }
 
 fn describe(e: reqwest::Error, timeout_ms: u128) -> StepError {
-    if e.is_timeout() {
+    if let Some(refusal) = egress::refusal_of(&e) {
+        // The name resolves to a refused address: it will again on the next attempt.
+        StepError::new(refusal.to_string())
+    } else if e.is_timeout() {
         StepError::retryable(format!("webhook timed out after {timeout_ms} ms"))
     } else if e.is_connect() {
         StepError::retryable(format!("cannot connect to the webhook: {}", root_cause(&e)))
