@@ -140,7 +140,7 @@ impl Router {
             }
         }
         match self.slots.get_mut(&chatbot_id) {
-            Some(Slot::Known { .. }) => nack_all(held, forbidden(chatbot_id)),
+            Some(Slot::Known { .. }) => nack_all(held, not_yours(chatbot_id)),
             Some(Slot::Ready { record, addr, last_event }) => {
                 *last_event = Instant::now();
                 if held.scope.allows(record.account_id) {
@@ -151,7 +151,7 @@ impl Router {
                         answers: held.answers,
                     });
                 } else {
-                    nack_all(held, forbidden(chatbot_id));
+                    nack_all(held, not_yours(chatbot_id));
                 }
             }
             Some(Slot::Loading(waiting)) => waiting.push(held.detached()),
@@ -344,8 +344,10 @@ fn unknown(chatbot_id: Uuid) -> Nack {
     Nack::new(NackCode::UnknownChatbot, format!("chatbot {chatbot_id} does not exist"))
 }
 
-fn forbidden(chatbot_id: Uuid) -> Nack {
-    Nack::new(NackCode::Forbidden, format!("chatbot {chatbot_id} belongs to another account"))
+/// Another account's chatbot is answered as one that does not exist, word for word: a
+/// key must not learn which chatbot ids exist elsewhere.
+fn not_yours(chatbot_id: Uuid) -> Nack {
+    unknown(chatbot_id)
 }
 
 fn nack_all(held: Held, nack: Nack) {

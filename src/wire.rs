@@ -76,7 +76,6 @@ impl ErrorCode {
 pub enum NackCode {
     InvalidEvent,
     UnknownChatbot,
-    Forbidden,
     RateLimited,
     Overloaded,
     Unavailable,
@@ -88,7 +87,6 @@ impl NackCode {
         match self {
             NackCode::InvalidEvent => "invalid_event",
             NackCode::UnknownChatbot => "unknown_chatbot",
-            NackCode::Forbidden => "forbidden",
             NackCode::RateLimited => "rate_limited",
             NackCode::Overloaded => "overloaded",
             NackCode::Unavailable => "unavailable",
@@ -96,10 +94,9 @@ impl NackCode {
         }
     }
 
-    pub const ALL: [NackCode; 7] = [
+    pub const ALL: [NackCode; 6] = [
         NackCode::InvalidEvent,
         NackCode::UnknownChatbot,
-        NackCode::Forbidden,
         NackCode::RateLimited,
         NackCode::Overloaded,
         NackCode::Unavailable,

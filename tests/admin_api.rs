@@ -545,7 +545,7 @@ async fn ownership_matrix_every_documented_endpoint_every_role_own_and_other_acc
                         let result = &r.json["results"][0];
                         let (op, code) = (result["op"].as_str(), result["error"]["code"].as_str());
                         let fine = if who == Who::Ingest && !own {
-                            op == Some("nack") && code == Some("forbidden")
+                            op == Some("nack") && code == Some("unknown_chatbot")
                         } else {
                             op == Some("ack")
                         };
@@ -1605,10 +1605,9 @@ async fn http_ingest_answers_each_event_in_order_after_the_commit() {
     assert_eq!(ids_[6..], [json!("e6"), json!("e7")]);
     assert_eq!(results[1]["error"]["code"], "invalid_event");
     assert_eq!(results[1]["error"]["field"], "type");
-    assert_eq!(results[2]["error"]["code"], "forbidden");
+    assert_eq!(results[2]["error"]["code"], "unknown_chatbot");
     assert!(!results[2].to_string().contains("bravo"), "{}", results[2]);
-    let unknown = results[3]["error"]["code"].as_str().unwrap();
-    assert!(unknown == "unknown_chatbot" || unknown == "forbidden", "{}", results[3]);
+    assert_eq!(results[3]["error"]["code"], "unknown_chatbot", "{}", results[3]);
     assert_eq!(results[4]["error"]["code"], "invalid_event");
     assert_eq!(results[4]["error"]["field"], "data.text");
     assert_eq!(results[5]["error"]["code"], "invalid_event");

@@ -408,7 +408,7 @@ async fn an_event_for_an_unknown_chatbot_is_nacked_unknown_chatbot() {
 // 6. Another account's chatbot
 
 #[actix_rt::test]
-async fn another_accounts_chatbot_is_forbidden_for_events_and_subscriptions() {
+async fn another_accounts_chatbot_is_answered_as_one_that_does_not_exist_for_events_and_subscriptions() {
     let daemon = TestDaemon::start().await;
     let a = tenant(&daemon.store, "acme", 1).await;
     let b = tenant(&daemon.store, "globex", 1).await;
@@ -420,16 +420,28 @@ async fn another_accounts_chatbot_is_forbidden_for_events_and_subscriptions() {
 
     // An event for B's chatbot with A's key, before and after the daemon knows the chatbot.
     let mut ca = Client::unix(&daemon.unix()).await.hello(&a.key, &[]).await;
+    // Word for word what an id that does not exist gets: a key cannot tell them apart.
+    let nobody = uuid::Uuid::new_v4();
+    let same = |v: &serde_json::Value, id: uuid::Uuid| v["error"]["message"].as_str().unwrap().replace(&id.to_string(), "<id>");
+    ca.send(&ping("none-1", nobody)).await;
+    let none = ca.recv().await;
+    assert_nack(&none, Some("none-1"), "unknown_chatbot", None);
     ca.send(&ping("steal-1", theirs)).await;
     let v = ca.recv().await;
-    assert_nack(&v, Some("steal-1"), "forbidden", None);
+    assert_nack(&v, Some("steal-1"), "unknown_chatbot", None);
+    assert_eq!(same(&v, theirs), same(&none, nobody), "{v} vs {none}");
     served(&mut cb, &db, theirs, "theirs-1").await;
     ca.send(&ping("steal-2", theirs)).await;
-    assert_nack(&ca.recv().await, Some("steal-2"), "forbidden", None);
+    let v = ca.recv().await;
+    assert_nack(&v, Some("steal-2"), "unknown_chatbot", None);
+    assert_eq!(same(&v, theirs), same(&none, nobody), "{v} vs {none}");
 
     // A hello subscribing to B's chatbot: welcomed, refused that one, keeps its own.
-    let mut cs = Client::unix(&daemon.unix()).await.hello(&a.key, &[theirs, mine]).await;
-    assert_error(&cs.recv().await, "forbidden", &[&theirs.to_string()]);
+    let mut cs = Client::unix(&daemon.unix()).await.hello(&a.key, &[theirs, nobody, mine]).await;
+    let (refused_theirs, refused_none) = (cs.recv().await, cs.recv().await);
+    assert_error(&refused_theirs, "unknown_chatbot", &[&theirs.to_string()]);
+    assert_error(&refused_none, "unknown_chatbot", &[&nobody.to_string()]);
+    assert_eq!(same(&refused_theirs, theirs), same(&refused_none, nobody));
     assert_quiet(&mut cs, "after the refused subscription").await;
     served(&mut cs, &db, mine, "mine-1").await;
     let (cmd, _) = cs.recv_until(|v| v["op"] == "command").await;

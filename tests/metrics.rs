@@ -100,7 +100,7 @@ async fn another_accounts_events_do_not_start_its_chatbots_supervisor() {
     let mut c = Client::tcp(daemon.tcp()).await.hello(&a.key, &[]).await;
     c.send(&event("x1", b.chatbots[0], "x.a", json!({}))).await;
     let n = c.recv().await;
-    assert_eq!(n["error"]["code"], "forbidden", "{n}");
+    assert_eq!(n["error"]["code"], "unknown_chatbot", "{n}");
     assert_eq!(metric(&daemon.metrics().await, "botflow_supervisors_active", None), 0.0);
     c.send(&event("x2", a.chatbots[0], "x.a", json!({}))).await;
     assert_eq!(c.recv().await["op"], "ack");

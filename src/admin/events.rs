@@ -50,7 +50,7 @@ pub struct EventResult {
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct NackError {
-    /// invalid_event, unknown_chatbot, forbidden, rate_limited, overloaded, unavailable or internal.
+    /// invalid_event, unknown_chatbot (also for another account's chatbot), rate_limited, overloaded, unavailable or internal.
     pub code: &'static str,
     pub message: String,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -487,7 +487,8 @@ impl Connection {
             }
             let scope = principal.scope();
             // Each subscription is checked like an event: unknown or another account's
-            // chatbot gets an error line, the others are kept. One query for all.
+            // chatbot gets an error line (the same for both: a key must not learn which
+            // ids exist elsewhere), the others are kept. One query for all.
             let mut allowed = Vec::new();
             let mut refused = Vec::new();
             if !hello.subscribe.is_empty() {
@@ -498,11 +499,7 @@ impl Connection {
                 for chatbot in hello.subscribe {
                     match owners.get(&chatbot) {
                         Some(owner) if scope.allows(*owner) => allowed.push(chatbot),
-                        Some(_) => refused.push((
-                            ErrorCode::Forbidden,
-                            format!("cannot subscribe to chatbot {chatbot}: it belongs to another account"),
-                        )),
-                        None => refused.push((
+                        Some(_) | None => refused.push((
                             ErrorCode::UnknownChatbot,
                             format!("cannot subscribe to chatbot {chatbot}: it does not exist"),
                         )),
