@@ -49,6 +49,18 @@ pub enum Class {
 }
 
 impl Class {
+    pub const ALL: [Class; 9] = [
+        Class::Loopback,
+        Class::Private,
+        Class::UniqueLocal,
+        Class::LinkLocal,
+        Class::SharedAddressSpace,
+        Class::Unspecified,
+        Class::Multicast,
+        Class::Broadcast,
+        Class::Reserved,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             Class::Loopback => "loopback",
@@ -603,6 +615,15 @@ mod tests {
         assert_eq!(r.to_string(), "egress refused: evil.example resolves to 10.0.0.7, a private address (10.0.0.0/8); list it in egress.allow to call it");
         let mixed = p.filter("mixed.example", ips(&["10.0.0.7", "93.184.216.34"]), None).unwrap();
         assert_eq!(mixed, vec!["93.184.216.34:0".parse::<SocketAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn every_rule_label_is_registered_at_zero_in_the_metrics() {
+        let net: IpNet = "10.0.0.0/8".parse().unwrap();
+        let mut labels: Vec<&str> = Class::ALL.iter().map(|c| Rule::Class(*c, net).label()).collect();
+        labels.push(Rule::Denied(net).label());
+        labels.push(Rule::OwnListener("127.0.0.1:1".parse().unwrap()).label());
+        assert_eq!(labels, m::EGRESS_RULES);
     }
 
     #[test]

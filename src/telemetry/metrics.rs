@@ -37,6 +37,21 @@ pub const DEAD_LETTERS: &str = "botflow_dead_letters";
 pub const RETRIES: &str = "botflow_retries_total";
 pub const NOTIFICATIONS: &str = "botflow_notifications_total";
 pub const EGRESS_REFUSED: &str = "botflow_egress_refused_total";
+/// The `rule` labels of `EGRESS_REFUSED` (`egress::Rule::label`; a test there keeps
+/// the two lists equal).
+pub const EGRESS_RULES: [&str; 11] = [
+    "loopback",
+    "private",
+    "unique_local",
+    "link_local",
+    "shared_address_space",
+    "unspecified",
+    "multicast",
+    "broadcast",
+    "reserved",
+    "deny",
+    "own_listener",
+];
 pub const CLAIMS: &str = "botflow_executions_claimed_total";
 pub const EVENTS_IN_FLIGHT: &str = "botflow_events_in_flight";
 pub const CONNECTION_IN_FLIGHT: &str = "botflow_connection_in_flight";
@@ -236,6 +251,9 @@ fn register_all() {
     }
     for kind in ["dead_execution", "workflow_failing", "database_unreachable"] {
         metrics::counter!(NOTIFICATIONS, "kind" => kind).absolute(0);
+    }
+    for rule in EGRESS_RULES {
+        metrics::counter!(EGRESS_REFUSED, "rule" => rule).absolute(0);
     }
     for code in crate::wire::ErrorCode::ALL {
         metrics::counter!(FRAMES_REJECTED, "reason" => code.as_str()).absolute(0);
