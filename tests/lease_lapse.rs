@@ -123,3 +123,60 @@ async fn a_heartbeat_failing_past_two_thirds_of_the_ttl_stops_the_step_but_uses_
     tx.commit().await.unwrap();
     acked_and_succeeded_on_attempt_1(&daemon, &t, &db).await;
 }
+
+#[actix_rt::test]
+#[allow(clippy::await_holding_lock)] // held on purpose: the tests take turns
+async fn a_reply_acked_while_its_step_was_interrupted_is_not_sent_again_when_the_step_runs_again() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    // A TTL long enough that the heartbeat is found late (when its query gives up on
+    // the locked row: 5 s after a beat sent a third of a TTL after the last) well
+    // before it lapses: the step is interrupted and run again under the same lease
+    // and attempt.
+    let daemon = TestDaemon::start_with(DaemonOptions {
+        tweak: Box::new(|c| {
+            c.lease.ttl_ms = 12_000;
+            c.outbox.ack_timeout_ms = 120_000;
+        }),
+        ..Default::default()
+    })
+    .await;
+    let t = tenant(&daemon.store, "acme", 1).await;
+    let bot = t.chatbots[0];
+    apply(&daemon.store, bot, json!([{"name": "answer", "trigger": {"event": "x.ask"},
+        "steps": [{"id": "say", "action": "reply", "text": "hello {{event.id}}"}]}]))
+    .await;
+    let db = daemon.db().await;
+    let mut chat = Client::unix(&daemon.unix()).await.hello(&t.key, &[bot]).await;
+    chat.send(&event("e1", bot, "x.ask", json!({}))).await;
+    let (cmd, _) = chat.recv_until(|v| v["op"] == "command").await;
+    let command_id = cmd["command_id"].as_str().unwrap().to_string();
+
+    // This node's heartbeats wait on its locked row until the step is stopped.
+    let mut locker = daemon.db().await;
+    let tx = locker.transaction().await.unwrap();
+    tx.execute("SELECT 1 FROM nodes FOR UPDATE", &[]).await.unwrap();
+    eventually("the step is stopped, to be tried again", || async {
+        let s: String = db.query_one("SELECT status FROM executions WHERE event_id = 'e1'", &[]).await.unwrap().get(0);
+        s == "retrying"
+    })
+    .await;
+    // The client acks the command it was sent while the step is stopped.
+    chat.send(&json!({"op": "ack", "command_id": command_id})).await;
+    eventually("the ack is committed", || async {
+        let s: String = db.query_one("SELECT status FROM outbox WHERE command_id = $1", &[&command_id]).await.unwrap().get(0);
+        s == "acked"
+    })
+    .await;
+    tx.commit().await.unwrap();
+
+    eventually("the execution succeeds", || async {
+        let s: String = db.query_one("SELECT status FROM executions WHERE event_id = 'e1'", &[]).await.unwrap().get(0);
+        s == "succeeded"
+    })
+    .await;
+    let r = db.query_one("SELECT attempt, lease_epoch FROM executions WHERE event_id = 'e1'", &[]).await.unwrap();
+    assert_eq!((r.get::<_, i32>(0), r.get::<_, i64>(1)), (1, 1), "run again under the same attempt and lease");
+    while let Some(line) = chat.try_recv(Duration::from_millis(1_500)).await {
+        assert_ne!(line["op"], "command", "a command acked before the step ran again was sent again: {line}");
+    }
+}

@@ -114,6 +114,7 @@ pub fn plan(
             jobs.push(Job {
                 generation,
                 interrupted: false,
+                ran_before: false,
                 execution_id,
                 epoch: 1,
                 attempt: 1,

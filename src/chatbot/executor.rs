@@ -94,6 +94,9 @@ pub struct Job {
     pub generation: u64,
     /// Claimed after an attempt that was `running` when its node stopped.
     pub interrupted: bool,
+    /// This attempt already ran here and is run again (a step was interrupted by a late
+    /// heartbeat): a command it sent may have been acked meanwhile.
+    pub ran_before: bool,
 }
 
 impl Job {
@@ -337,7 +340,10 @@ impl Effects for StepEffects<'_> {
             ack_timeout: env.ack_timeout,
             slots: &env.slots,
         };
-        actions::command::send(route, Arc::new(command), env.chatbot.account_id, job.epoch, job.attempt).await
+        // A later attempt, a run resumed under a new lease (epoch 1 is an execution's
+        // first) or an attempt run again: a client may have acked the command sent before.
+        let sent_before = job.attempt > 1 || job.epoch > 1 || job.ran_before;
+        actions::command::send(route, Arc::new(command), env.chatbot.account_id, job.epoch, sent_before).await
     }
 
     async fn notify(&self, message: String) -> Result<Value, StepError> {

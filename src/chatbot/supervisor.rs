@@ -225,16 +225,8 @@ impl ChatbotSupervisor {
 
     /// Gives up the lease of a job this node will not run (its leases lapsed since the
     /// job was planned): any node may claim it again.
-    fn release(&self, job: &Job, ctx: &mut Context<Self>) {
-        let (store, node, id, epoch) = (self.deps.store.clone(), self.deps.node, job.execution_id, job.epoch);
-        ctx.spawn(
-            async move {
-                if let Err(error) = leases::release(&store, node, id, epoch).await {
-                    tracing::warn!(%error, execution_id = %id, "cannot release a lease; it is freed when this node restarts or dies");
-                }
-            }
-            .into_actor(self),
-        );
+    fn release(&self, job: &Job) {
+        leases::release_until_written(self.deps.store.clone(), self.deps.node, job.execution_id, job.epoch);
     }
 
     /// Starts executors while there is room, and claims from PostgreSQL when the
@@ -273,7 +265,7 @@ impl ChatbotSupervisor {
         let id = job.execution_id;
         if job.generation != self.generation() {
             tracing::info!(execution_id = %id, "not starting an execution planned before this node's leases lapsed");
-            self.release(&job, ctx);
+            self.release(&job);
             return;
         }
         // An execution whose runs keep being interrupted (its step crashes the
@@ -308,7 +300,7 @@ impl ChatbotSupervisor {
         match end {
             RunEnd::Abandoned => {
                 tracing::warn!(execution_id = %job.execution_id, "abandoned an execution: this node's leases lapsed");
-                self.release(&job, ctx);
+                self.release(&job);
                 return;
             }
             RunEnd::Succeeded => {
@@ -323,6 +315,7 @@ impl ChatbotSupervisor {
             }
             RunEnd::Interrupted { error } => {
                 // The same attempt again, once the heartbeat has had time to recover.
+                job.ran_before = true;
                 tracing::warn!(execution_id = %job.execution_id, %error, "step interrupted; trying it again under the same attempt");
                 let due = now + chrono::Duration::from_std(INTERRUPTED_RETRY).unwrap_or_default();
                 update.status = Status::Retrying;
@@ -428,7 +421,7 @@ impl ChatbotSupervisor {
                     Err(WorkflowError::Transient(error)) => {
                         // Not the execution's fault: let it go, to be claimed again.
                         tracing::warn!(%error, execution_id = %c.id, "cannot load a workflow version now; releasing the execution");
-                        let _ = leases::release(&store, node, c.id, c.epoch).await;
+                        leases::release_until_written(store.clone(), node, c.id, c.epoch);
                     }
                     Err(WorkflowError::Permanent(error)) => failed.push((c, error)),
                 }
@@ -486,6 +479,7 @@ fn job_from(c: Claimed, workflow: Arc<CompiledWorkflow>, generation: u64) -> Job
     Job {
         generation,
         interrupted: c.status == "running",
+        ran_before: false,
         execution_id: c.id,
         epoch: c.epoch,
         attempt: c.attempt,

@@ -179,6 +179,26 @@ pub async fn release(store: &Store, node: Uuid, execution: Uuid, epoch: i64) -> 
     Ok(())
 }
 
+/// `release` on a task of its own, tried until it is written. A lease left behind
+/// keeps the execution from every node until this one restarts (it never takes over
+/// from itself, and the others see it alive), and a release is usually asked for when
+/// the database is away. The task outlives whoever asked (a supervisor stopped as idle
+/// meanwhile); the update only matches this epoch's lease, so a late one changes nothing.
+pub fn release_until_written(store: Store, node: Uuid, execution: Uuid, epoch: i64) {
+    tokio::spawn(async move {
+        let mut wait = std::time::Duration::from_millis(100);
+        let mut failures = 0u32;
+        while let Err(error) = release(&store, node, execution, epoch).await {
+            failures += 1;
+            if failures == 1 || failures % 20 == 0 {
+                tracing::warn!(%error, %execution, failures, "cannot release a lease yet; trying again");
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(std::time::Duration::from_secs(2));
+        }
+    });
+}
+
 /// Gives up every lease this node holds (at shutdown, so others need not wait out the
 /// TTL; and at start, for a previous incarnation's).
 pub async fn release_all(store: &Store, node: Uuid) -> StoreResult<u64> {

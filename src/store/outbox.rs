@@ -90,14 +90,11 @@ pub async fn announced(store: &Store, announced: &[(String, Uuid)]) -> Result<Ve
     Ok(client.query(&sql, &[&ids, &chatbots]).await?.iter().map(command_of).collect())
 }
 
-/// Whether a client acked the command (through any node). A failed read answers no:
-/// the step then waits for the ack as if none came.
-pub async fn is_acked(store: &Store, command_id: &str) -> bool {
-    let Ok(client) = store.pool().get().await else { return false };
-    matches!(
-        client.query_opt("SELECT status FROM outbox WHERE command_id = $1", &[&command_id]).await,
-        Ok(Some(r)) if r.get::<_, String>(0) == "acked"
-    )
+/// Whether a client acked the command (through any node).
+pub async fn is_acked(store: &Store, command_id: &str) -> Result<bool, StoreError> {
+    let client = store.pool().get().await?;
+    let row = client.query_opt("SELECT status FROM outbox WHERE command_id = $1", &[&command_id]).await?;
+    Ok(row.is_some_and(|r| r.get::<_, String>(0) == "acked"))
 }
 
 /// Which of these commands a client acked (through any node).

@@ -45,17 +45,17 @@ pub enum Parking {
 const ACK_GRACE: Duration = Duration::from_millis(20);
 
 /// The output is `{"command_id": …, "delivered": <connections written to>, "acked": true}`.
+/// `sent_before`: this step may have sent the command already (a later attempt, a run
+/// resumed or run again); a command a client acked is then not sent again.
 pub async fn send(
     Route { lane, outbox, store, ack_timeout, slots }: Route<'_>,
     command: Arc<Command>,
     account_id: uuid::Uuid,
     epoch: i64,
-    attempt: i32,
+    sent_before: bool,
 ) -> Result<Value, StepError> {
     let acked = |delivered: usize| Ok(json!({ "command_id": command.command_id, "delivered": delivered, "acked": true }));
-    // A later attempt, or a run resumed under a new lease (epoch 1 is an execution's
-    // first lease): the client may have acked the command sent before.
-    if (attempt > 1 || epoch > 1) && is_acked(store, &command.command_id).await {
+    if sent_before && acked_in_database(store, &command.command_id, ack_timeout).await? {
         return acked(0);
     }
     // Written to the connections without waiting for the row's commit: the client's
@@ -85,14 +85,34 @@ pub async fn send(
     };
     match waited {
         Ok(Ok(())) => acked(delivered),
-        // Acked on another node, or through the database.
-        _ if is_acked(store, &command.command_id).await => acked(delivered),
+        // Acked on another node, or through the database. (When the database cannot
+        // say, the next attempt asks again before it sends.)
+        _ if is_acked(store, &command.command_id).await.unwrap_or(false) => acked(delivered),
         _ => Err(StepError::retryable(format!(
             "no client acked command {} within {} ms (written to {delivered} connection{})",
             command.command_id,
             ack_timeout.as_millis(),
             if delivered == 1 { "" } else { "s" }
         ))),
+    }
+}
+
+/// Whether a client acked the command, asked until the database answers (within
+/// `patience`): taking "cannot tell" for "no" would send an acked command again.
+async fn acked_in_database(store: &Store, command_id: &str, patience: Duration) -> Result<bool, StepError> {
+    let start = tokio::time::Instant::now();
+    let mut wait = Duration::from_millis(50);
+    loop {
+        match is_acked(store, command_id).await {
+            Ok(acked) => return Ok(acked),
+            Err(e) if start.elapsed() + wait > patience => {
+                return Err(StepError::retryable(format!("cannot tell whether command {command_id} was acked: {e}")))
+            }
+            Err(_) => {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(1));
+            }
+        }
     }
 }
 
