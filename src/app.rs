@@ -248,10 +248,12 @@ impl Actors {
             .egress_policy()
             .map_err(|p| anyhow::anyhow!("invalid egress configuration: {}", p.into_iter().map(|(k, m)| format!("{k}: {m}")).collect::<Vec<_>>().join("; ")))?
             .with_own_listeners(listening);
-        let egress = Egress::new(policy).context("cannot build the HTTP client")?;
         let notify_url = (!config.notify.webhook_url.is_empty()).then(|| config.notify.webhook_url.clone());
+        // The operator's channel is trusted as configured, on a client of its own.
+        let notify_egress = Egress::new(policy.clone().trusting(&config.notify.webhook_url)).context("cannot build the HTTP client")?;
+        let egress = Egress::new(policy).context("cannot build the HTTP client")?;
         let notifier = Notifier::new(
-            egress.clone(),
+            notify_egress.clone(),
             notify_url.clone(),
             Duration::from_secs(config.notify.window_seconds),
             config.notify.failing_threshold,
@@ -275,6 +277,7 @@ impl Actors {
             queue_capacity: config.executor.queue_capacity,
             unavailable_after: Duration::from_millis(config.database.unavailable_after_ms),
             notify_url,
+            notify_egress,
             step_timeout: Duration::from_millis(config.executor.step_timeout_ms),
             max_request_body_bytes: config.executor.max_request_body_bytes,
             stored_response_bytes: config.executor.stored_response_bytes,

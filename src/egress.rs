@@ -219,6 +219,10 @@ fn classes() -> &'static [(Class, IpNet)] {
             (Class::Private, "192.168.0.0/16"),
             (Class::SharedAddressSpace, "100.64.0.0/10"),
             (Class::LinkLocal, "169.254.0.0/16"),
+            // IETF protocol assignments (some clouds answer metadata here) and the
+            // benchmarking networks: neither is reachable on the internet.
+            (Class::Reserved, "192.0.0.0/24"),
+            (Class::Reserved, "198.18.0.0/15"),
             (Class::Multicast, "224.0.0.0/4"),
             // Before 240.0.0.0/4, which holds it.
             (Class::Broadcast, "255.255.255.255/32"),
@@ -230,6 +234,10 @@ fn classes() -> &'static [(Class, IpNet)] {
             // Site-local, deprecated but still routed inside some networks.
             (Class::Private, "fec0::/10"),
             (Class::Multicast, "ff00::/8"),
+            // Local-use NAT64 (RFC 8215): its prefixes are the network's own choice.
+            (Class::Reserved, "64:ff9b:1::/48"),
+            // Teredo: tunnelled to an IPv4 host the address does not plainly name.
+            (Class::Reserved, "2001::/32"),
         ]
         .into_iter()
         .map(|(c, n)| (c, n.parse().expect("a valid network")))
@@ -238,8 +246,8 @@ fn classes() -> &'static [(Class, IpNet)] {
 }
 
 /// The IPv4 address an IPv6 address carries where the network would deliver it to
-/// that IPv4 host: IPv4-mapped (`::ffff:a.b.c.d`), IPv4-compatible (`::a.b.c.d`), NAT64
-/// (`64:ff9b::/96`, `64:ff9b:1::/48`) and 6to4 (`2002:aabb:ccdd::/48`).
+/// that IPv4 host: IPv4-mapped (`::ffff:a.b.c.d`), IPv4-compatible (`::a.b.c.d`), the
+/// well-known NAT64 prefix (`64:ff9b::/96`) and 6to4 (`2002:aabb:ccdd::/48`).
 fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
     let s = v6.segments();
     let last = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
@@ -250,7 +258,7 @@ fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
     if s[..6] == [0; 6] && u32::from(last) > 1 {
         return Some(last);
     }
-    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] || (s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1) {
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
         return Some(last);
     }
     if s[0] == 0x2002 {
@@ -314,6 +322,24 @@ impl Policy {
         self
     }
 
+    /// This policy, and one more destination allowed: the operator's own notification
+    /// channel (`notify.webhook_url`), trusted as the operator wrote it. Only its
+    /// client gets this policy: tenants' webhooks to the same place stay refused.
+    pub fn trusting(mut self, url: &str) -> Policy {
+        if let Ok(parsed) = reqwest::Url::parse(url) {
+            let host = match parsed.host() {
+                Some(url::Host::Ipv4(a)) => Some(TargetHost::Addr(IpAddr::V4(a))),
+                Some(url::Host::Ipv6(a)) => Some(TargetHost::Addr(canonical(IpAddr::V6(a)))),
+                Some(url::Host::Domain(d)) => Some(TargetHost::Name(d.trim_end_matches('.').to_ascii_lowercase())),
+                None => None,
+            };
+            if let (Some(host), Some(port)) = (host, parsed.port_or_known_default()) {
+                self.allow.push(Allow::Target { host, port });
+            }
+        }
+        self
+    }
+
     /// Ports that a rule names: each gets a client whose resolver knows it.
     fn bound_ports(&self) -> Vec<u16> {
         let mut ports: Vec<u16> = self
@@ -335,14 +361,21 @@ impl Policy {
     pub fn check(&self, host: &str, addr: IpAddr, port: Option<u16>) -> Result<(), Refusal> {
         let ip = canonical(addr);
         let refuse = |rule| Err(Refusal { host: host.to_string(), addr: ip, port: port.unwrap_or(0), rule });
+        // What is refused whatever `allow` says is refused in every form the address
+        // takes: itself, and the IPv4 address a NAT64 or 6to4 address delivers to.
+        let forms: Vec<IpAddr> = match ip {
+            IpAddr::V6(v6) => std::iter::once(ip).chain(embedded_v4(v6).map(IpAddr::V4)).collect(),
+            IpAddr::V4(_) => vec![ip],
+        };
         if let Some(port) = port {
             for own in &self.own {
-                if own.port() == port && (own.ip() == ip || (own.ip().is_unspecified() && is_local(ip))) {
+                let at = |a: &IpAddr| own.ip() == *a || (own.ip().is_unspecified() && is_local(*a));
+                if own.port() == port && forms.iter().any(at) {
                     return refuse(Rule::OwnListener(*own));
                 }
             }
         }
-        if let Some(net) = self.deny.iter().find(|n| n.contains(&ip)) {
+        if let Some(net) = self.deny.iter().find(|n| forms.iter().any(|a| n.contains(a))) {
             return refuse(Rule::Denied(*net));
         }
         let name = host.trim_end_matches('.').to_ascii_lowercase();
@@ -548,7 +581,10 @@ mod tests {
             ("::ffff:169.254.169.254", "link_local"),
             ("::10.0.0.1", "private"),
             ("64:ff9b::a9fe:a9fe", "link_local"),
-            ("64:ff9b:1::7f00:1", "loopback"),
+            ("64:ff9b:1::7f00:1", "reserved"),
+            ("192.0.0.192", "reserved"),
+            ("198.18.0.1", "reserved"),
+            ("2001:0:4136:e378::1", "reserved"),
             ("2002:c0a8:0101::1", "private"),
         ] {
             assert_eq!(rule(&p, addr, Some(80)).as_deref(), Some(label), "{addr}");
@@ -566,6 +602,8 @@ mod tests {
         assert_eq!(rule(&p, "10.1.3.1", Some(1)).as_deref(), Some("private"));
         assert_eq!(rule(&p, "10.1.2.9", Some(1)).as_deref(), Some("deny"), "deny wins over allow");
         assert_eq!(rule(&p, "203.0.113.7", Some(443)).as_deref(), Some("deny"), "deny refuses public addresses too");
+        assert_eq!(rule(&p, "64:ff9b::cb00:7105", Some(443)).as_deref(), Some("deny"), "NAT64 to a denied address");
+        assert_eq!(rule(&p, "2002:cb00:7105::1", Some(443)).as_deref(), Some("deny"), "6to4 to a denied address");
         assert_eq!(rule(&p, "127.0.0.1", Some(9000)), None);
         assert_eq!(rule(&p, "127.0.0.1", Some(9001)).as_deref(), Some("loopback"), "another port");
         assert_eq!(rule(&p, "127.0.0.1", None).as_deref(), Some("loopback"), "a port no rule names");
@@ -585,8 +623,23 @@ mod tests {
         // 0.0.0.0 listens on every address this machine has.
         assert_eq!(rule(&p, "127.0.0.2", Some(9464)).as_deref(), Some("own_listener"));
         assert_eq!(rule(&p, "::ffff:127.0.0.1", Some(9464)).as_deref(), Some("own_listener"));
+        assert_eq!(rule(&p, "64:ff9b::7f00:1", Some(7070)).as_deref(), Some("own_listener"), "through NAT64");
         assert_eq!(rule(&p, "93.184.216.34", Some(9464)), None, "not an address of this machine");
         assert_eq!(p.bound_ports(), vec![7070, 9464]);
+    }
+
+    #[test]
+    fn the_operators_channel_is_trusted_on_its_own_client_only() {
+        let own: SocketAddr = "10.0.0.5:7070".parse().unwrap();
+        let tenants = Policy::default().with_own_listeners([own]);
+        let operator = tenants.clone().trusting("http://alerts.internal:9093/hook");
+        let addr: IpAddr = "10.0.0.9".parse().unwrap();
+        assert!(operator.check("alerts.internal", addr, Some(9093)).is_ok());
+        assert!(tenants.check("alerts.internal", addr, Some(9093)).is_err());
+        assert!(operator.check("alerts.internal", addr, Some(9094)).is_err(), "that port only");
+        let literal = tenants.clone().trusting("http://10.0.0.5:7070/");
+        assert_eq!(literal.check_url("http://10.0.0.5:7070/").unwrap_err().rule.label(), "own_listener", "never a listener");
+        assert!(tenants.trusting("http://[::ffff:10.0.0.9]/x").check_url("http://10.0.0.9/").is_ok());
     }
 
     #[test]

@@ -142,8 +142,9 @@ impl Router {
         match self.slots.get_mut(&chatbot_id) {
             Some(Slot::Known { .. }) => nack_all(held, not_yours(chatbot_id)),
             Some(Slot::Ready { record, addr, last_event }) => {
-                *last_event = Instant::now();
                 if held.scope.allows(record.account_id) {
+                    // Only the owner's events keep a supervisor from being reaped as idle.
+                    *last_event = Instant::now();
                     addr.do_send(SupervisorEvents {
                         source: held.source,
                         events: held.events,

@@ -174,7 +174,7 @@ async fn an_allowed_private_receiver_gets_its_webhook_and_the_same_address_on_an
 }
 
 #[test]
-fn check_config_names_each_bad_egress_entry_and_a_refused_notification_url() {
+fn check_config_names_each_bad_egress_entry_and_trusts_the_operators_notification_url() {
     let dir = TempDir::new("egress-config");
     let file = dir.path().join("botflow.toml");
     std::fs::write(
@@ -197,13 +197,44 @@ fn check_config_names_each_bad_egress_entry_and_a_refused_notification_url() {
     }
     assert!(!out.contains("egress.allow[0]"), "{out}");
 
-    // The operator's notification channel goes out through the same policy.
-    std::fs::write(&file, "[notify]\nwebhook_url = \"http://169.254.169.254/alerts\"\n").unwrap();
-    let (ok, out) = check();
-    assert!(!ok, "{out}");
-    assert!(out.contains("notify.webhook_url: egress refused: 169.254.169.254, a link-local address (169.254.0.0/16); list it in egress.allow"), "{out}");
-    std::fs::write(&file, "[egress]\nallow = [\"169.254.169.254:80\"]\n[notify]\nwebhook_url = \"http://169.254.169.254/alerts\"\n").unwrap();
+    // The operator's own notification channel may be internal: it is not a tenant's URL.
+    std::fs::write(&file, "[notify]\nwebhook_url = \"http://10.0.0.5:9093/alerts\"\n").unwrap();
     let (ok, out) = check();
     assert!(ok, "{out}");
-    assert!(out.contains("allow = [\"169.254.169.254:80\"]"), "{out}");
+    std::fs::write(&file, "[egress]\ndeny = [\"nope\"]\n[notify]\nwebhook_url = \"ftp://10.0.0.5/\"\n").unwrap();
+    let (ok, out) = check();
+    assert!(!ok && out.contains("egress.deny[0]") && out.contains("notify.webhook_url: must be an http"), "{out}");
+}
+
+#[actix_rt::test]
+async fn the_operators_notification_channel_on_loopback_is_reached_and_a_tenant_webhook_to_it_is_not() {
+    let operator = Receiver::start().await;
+    let url = operator.url("/alerts");
+    let channel = url.clone();
+    let tweak = move |c: &mut botflow::config::Config| {
+        c.egress.allow = Vec::new();
+        c.notify.webhook_url = channel;
+    };
+    let d = TestDaemon::start_with(DaemonOptions { tweak: Box::new(tweak), ..Default::default() }).await;
+    let t = tenant(&d.store, "acme", 1).await;
+    let bot = t.chatbots[0];
+    apply(&d.store, bot, json!([
+        {"name": "tell", "trigger": {"event": "x.tell"}, "steps": [{"id": "n", "action": "notify", "message": "hello ops"}]},
+        {"name": "sneak", "trigger": {"event": "x.sneak"},
+         "steps": [{"id": "call", "action": "webhook", "url": format!("http://localhost:{}/alerts", operator.addr.port())}]},
+    ]))
+    .await;
+    let mut c = Client::tcp(d.tcp()).await.hello(&t.key, &[bot]).await;
+    let db = d.db().await;
+    let (status, _, error) = run(&mut c, &db, bot, "tell-1", "x.tell").await;
+    assert_eq!(status, "succeeded", "{error}");
+    let got = operator.wait_for("/alerts", 1).await;
+    assert_eq!(got[0].json()["message"], "hello ops");
+    let (status, attempt, error) = run(&mut c, &db, bot, "sneak-1", "x.sneak").await;
+    assert_eq!((status.as_str(), attempt), ("failed", 1), "{error}");
+    assert!(error.contains("egress refused"), "{error}");
+    assert_eq!(operator.count("/alerts"), 1, "a tenant's webhook reached the operator's channel");
+    // A literal address in a workflow is refused at save as well.
+    let (status, body) = save(&d, bot, &hook(&url)).await;
+    assert_eq!(status, 422, "{body}");
 }

@@ -26,6 +26,8 @@ pub struct SupervisorDeps {
     pub queue_capacity: usize,
     pub unavailable_after: Duration,
     pub notify_url: Option<String>,
+    /// Reaches `notify_url` (the operator's channel, trusted) and nothing tenants name.
+    pub notify_egress: crate::egress::Egress,
     pub step_timeout: Duration,
     pub max_request_body_bytes: usize,
     pub stored_response_bytes: usize,

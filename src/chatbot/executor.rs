@@ -35,6 +35,7 @@ pub struct ExecEnv {
     pub outbox: Addr<Outbox>,
     pub chatbot: Arc<ChatbotRecord>,
     pub notify_url: Option<String>,
+    pub notify_egress: crate::egress::Egress,
     pub journal: Journal,
     pub lease_lost: Recipient<LeaseLost>,
     /// Steps waiting for a client free their executor slot through this.
@@ -55,6 +56,7 @@ impl ExecEnv {
             outbox: deps.outbox.clone(),
             chatbot,
             notify_url: deps.notify_url.clone(),
+            notify_egress: deps.notify_egress.clone(),
             journal: deps.journal.clone(),
             lease_lost,
             slots,
@@ -348,7 +350,7 @@ impl Effects for StepEffects<'_> {
 
     async fn notify(&self, message: String) -> Result<Value, StepError> {
         let env = self.env;
-        actions::notify::send(&env.egress, env.notify_url.as_deref(), &env.chatbot, self.job.execution_id, &message).await
+        actions::notify::send(&env.notify_egress, env.notify_url.as_deref(), &env.chatbot, self.job.execution_id, &message).await
     }
 }
 
