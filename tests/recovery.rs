@@ -10,29 +10,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
-/// A `botflow serve` in `dir`, listening on `dir/botflow.sock`, with `env` overrides.
+/// A `botflow serve` in `dir` (see `serve_socket_only`), its log thrown away.
 fn serve(dir: &Path, env: &[(&str, String)]) -> Serve {
-    let mut c = botflow_cmd();
-    c.arg("serve")
-        .current_dir(dir)
-        .env("BOTFLOW_DATA_DIR", dir.join("var"))
-        .env("BOTFLOW_INGEST__UNIX_SOCKET", dir.join("botflow.sock"))
-        .env("BOTFLOW_INGEST__TCP", "")
-        .env("BOTFLOW_METRICS__LISTEN", "")
-        .env("BOTFLOW_ADMIN__LISTEN", "")
-        .env("BOTFLOW_SCHEDULER__SCAN_INTERVAL_MS", "200")
-        .env("BOTFLOW_LIMITS__EVENTS_PER_SECOND", "1000000")
-        .env("BOTFLOW_LIMITS__BURST", "1000000")
-        .env("BOTFLOW_LIMITS__EXECUTIONS_PER_SECOND", "1000000")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    let daemon = Serve { child: c.spawn().expect("start botflow serve") };
-    let sock = dir.join("botflow.sock");
-    wait_until("the daemon's socket", || std::os::unix::net::UnixStream::connect(&sock).is_ok());
-    daemon
+    serve_socket_only(dir, env, Stdio::null())
 }
 
 /// Runs a bootstrap command against the same database; returns its stdout.

@@ -599,34 +599,7 @@ impl Receiver {
         let (r, mut w) = s.into_split();
         let mut r = BufReader::new(r);
         loop {
-            let mut request_line = String::new();
-            if r.read_line(&mut request_line).await.unwrap_or(0) == 0 {
-                return;
-            }
-            let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_string();
-            let mut headers = Vec::new();
-            loop {
-                let mut h = String::new();
-                if r.read_line(&mut h).await.unwrap_or(0) == 0 {
-                    return;
-                }
-                let h = h.trim_end();
-                if h.is_empty() {
-                    break;
-                }
-                if let Some((k, v)) = h.split_once(':') {
-                    headers.push((k.trim().to_string(), v.trim().to_string()));
-                }
-            }
-            let len = headers
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-                .and_then(|(_, v)| v.parse::<usize>().ok())
-                .unwrap_or(0);
-            let mut body = vec![0; len];
-            if r.read_exact(&mut body).await.is_err() {
-                return;
-            }
+            let Some((path, headers, body)) = read_http_request(&mut r).await else { return };
             let behaviour = self
                 .behaviour
                 .lock()
@@ -663,6 +636,42 @@ impl Receiver {
             }
         }
     }
+}
+
+/// Reads one HTTP/1.1 request: (path, headers, body of its Content-Length); `None`
+/// once the peer has closed.
+pub async fn read_http_request<R>(r: &mut R) -> Option<(String, Vec<(String, String)>, Vec<u8>)>
+where
+    R: tokio::io::AsyncBufRead + Unpin,
+{
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let mut request_line = String::new();
+    if r.read_line(&mut request_line).await.unwrap_or(0) == 0 {
+        return None;
+    }
+    let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).await.unwrap_or(0) == 0 {
+            return None;
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    let len = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.parse::<usize>().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; len];
+    r.read_exact(&mut body).await.ok()?;
+    Some((path, headers, body))
 }
 
 /// A libpq key/value string for a tokio-postgres config (what BOTFLOW_DATABASE__URL takes).
@@ -718,6 +727,34 @@ impl Drop for Serve {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A `botflow serve` in `dir`, listening only on `dir/botflow.sock` (no TCP, admin or
+/// metrics port), rate limits out of the way, with `env` overrides and its log to
+/// `stderr`. Returns once the socket answers: a socket file left by a killed daemon
+/// refuses connections until the new one binds.
+pub fn serve_socket_only(dir: &std::path::Path, env: &[(&str, String)], stderr: std::process::Stdio) -> Serve {
+    let mut c = botflow_cmd();
+    c.arg("serve")
+        .current_dir(dir)
+        .env("BOTFLOW_DATA_DIR", dir.join("var"))
+        .env("BOTFLOW_INGEST__UNIX_SOCKET", dir.join("botflow.sock"))
+        .env("BOTFLOW_INGEST__TCP", "")
+        .env("BOTFLOW_METRICS__LISTEN", "")
+        .env("BOTFLOW_ADMIN__LISTEN", "")
+        .env("BOTFLOW_SCHEDULER__SCAN_INTERVAL_MS", "200")
+        .env("BOTFLOW_LIMITS__EVENTS_PER_SECOND", "1000000")
+        .env("BOTFLOW_LIMITS__BURST", "1000000")
+        .env("BOTFLOW_LIMITS__EXECUTIONS_PER_SECOND", "1000000")
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let daemon = Serve { child: c.spawn().expect("start botflow serve") };
+    let sock = dir.join("botflow.sock");
+    wait_until("the daemon's socket", || std::os::unix::net::UnixStream::connect(&sock).is_ok());
+    daemon
 }
 
 /// Polls a blocking condition with a deadline.
