@@ -7,6 +7,14 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve | Command::Bench(_) | Command::Send(_)) {
+        // A command whose output goes into `head` ends quietly when the reader leaves,
+        // as other Unix tools do, instead of panicking on the closed pipe. Not the
+        // daemon, the bench or `send`: they write to sockets, where a peer that left is
+        // an error to report, not a signal to die of.
+        // SAFETY: restores the default disposition of one signal, before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {

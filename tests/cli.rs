@@ -341,6 +341,8 @@ fn a_daemon_restarted_on_its_database_logs_no_postgresql_notices_at_info() {
         let (status, log) = terminate_and_read_log(&mut d);
         assert!(status.success(), "{round}: {log}");
         assert!(log.contains("botflow is ready"), "{round}: {log}");
+        // Written to a pipe, not a terminal: no colour codes.
+        assert!(!log.contains('\x1b'), "{round}: ANSI escapes in a log that is not a terminal: {log:?}");
         // The restart migrates a database that has its schema table already:
         // PostgreSQL says so in a NOTICE, which is chatter kept for debug level.
         assert!(!log.contains("NOTICE"), "{round}: {log}");
@@ -900,3 +902,19 @@ fn a_postgres_restarted_from_outside_is_stopped_with_the_daemon_and_one_left_beh
     assert!(d.child.wait().unwrap().success());
     wait_for("its PostgreSQL to stop", || !alive(own));
 }
+
+#[test]
+fn a_command_whose_reader_goes_away_ends_quietly() {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    // The OpenAPI document is larger than a pipe holds: printing it blocks until the
+    // reader reads, and the reader leaves after a few bytes (`botflow openapi | head -c 100`).
+    let mut child = botflow().arg("openapi").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut first = [0u8; 100];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
+    assert!(o.status.success() || o.status.signal() == Some(libc::SIGPIPE), "{:?}: {err}", o.status);
+}
+

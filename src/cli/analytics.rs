@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 #[derive(Args, Debug)]
 pub struct AnalyticsArgs {
+    /// The chatbot's id
     #[arg(long, value_parser = crate::cli::id_arg)]
     chatbot: Uuid,
     /// Start of the window (RFC 3339) [default: 24 hours before --until]

@@ -20,6 +20,7 @@ pub enum DlqCmd {
     List(ListArgs),
     /// One dead letter: its event, last error and every attempt
     Show {
+        /// The dead letter's id
         #[arg(value_parser = crate::cli::id_arg)]
         id: Uuid,
         #[command(flatten)]
@@ -37,8 +38,10 @@ pub enum DlqCmd {
 
 #[derive(Args, Debug)]
 pub struct ListArgs {
+    /// Only this chatbot's dead letters
     #[arg(long, value_parser = crate::cli::id_arg)]
     chatbot: Option<Uuid>,
+    /// Only this workflow's dead letters
     #[arg(long, value_parser = crate::cli::id_arg, value_name = "WID")]
     workflow: Option<Uuid>,
     /// open, replayed, discarded or all [default: open]
@@ -77,8 +80,10 @@ pub struct ActArgs {
     /// Act on every open letter of --chatbot that the filters match (none: all of them)
     #[arg(long, requires = "chatbot")]
     matching: bool,
+    /// Only this chatbot's dead letters
     #[arg(long, value_parser = crate::cli::id_arg, requires = "matching")]
     chatbot: Option<Uuid>,
+    /// Only this workflow's dead letters
     #[arg(long, value_parser = crate::cli::id_arg, value_name = "WID", requires = "matching")]
     workflow: Option<Uuid>,
     /// Text in the last error, case-insensitive, taken literally

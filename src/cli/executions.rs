@@ -21,6 +21,7 @@ pub enum ExecutionsCmd {
     List(ListArgs),
     /// One execution with every attempt of every step
     Show {
+        /// The execution's id
         #[arg(value_parser = crate::cli::id_arg, value_name = "EID")]
         execution: Uuid,
         #[command(flatten)]
@@ -30,6 +31,7 @@ pub enum ExecutionsCmd {
 
 #[derive(Args, Debug)]
 pub struct ListArgs {
+    /// The chatbot's id
     #[arg(long, value_parser = crate::cli::id_arg)]
     chatbot: Uuid,
     /// Only this workflow's

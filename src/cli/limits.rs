@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 pub enum LimitsCmd {
     /// The limits in force, the chatbot's own values, current usage and recent changes
     Get {
+        /// The chatbot's id
         #[arg(long, value_parser = crate::cli::id_arg)]
         chatbot: uuid::Uuid,
         #[command(flatten)]
@@ -17,14 +18,19 @@ pub enum LimitsCmd {
     },
     /// Set the chatbot's own values; the others keep theirs (use --reset for defaults)
     Set {
+        /// The chatbot's id
         #[arg(long, value_parser = crate::cli::id_arg)]
         chatbot: uuid::Uuid,
+        /// Events accepted per second, on average
         #[arg(long)]
         events_per_second: Option<u32>,
+        /// Events accepted at once above that rate
         #[arg(long)]
         burst: Option<u32>,
+        /// Executions started per second
         #[arg(long)]
         executions_per_second: Option<u32>,
+        /// Executions running at once
         #[arg(long)]
         max_concurrent: Option<u32>,
         /// Start from the daemon's defaults instead of the chatbot's current values

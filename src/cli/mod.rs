@@ -72,13 +72,17 @@ pub enum Command {
 #[derive(Subcommand, Debug)]
 pub enum AccountsCmd {
     /// Create an account; prints its id
-    Create { name: String },
+    Create {
+        /// The account's name (a company, a team)
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 pub enum KeysCmd {
     /// Create an API key; prints the key (shown only this once)
     Create {
+        /// The account's id
         #[arg(long, value_parser = crate::cli::id_arg)]
         account: uuid::Uuid,
         /// ingest (send events), admin (manage the account's workflows) or operator (everything)
@@ -91,12 +95,15 @@ pub enum KeysCmd {
 pub enum ChatbotsCmd {
     /// Create a chatbot; prints its id
     Create {
+        /// The account's id
         #[arg(long, value_parser = crate::cli::id_arg)]
         account: uuid::Uuid,
+        /// The chatbot's name
         name: String,
     },
     /// Print the secret that signs the chatbot's webhook requests
     Secret {
+        /// The chatbot's id
         #[arg(value_parser = crate::cli::id_arg)]
         chatbot: uuid::Uuid,
     },
@@ -106,4 +113,36 @@ pub enum ChatbotsCmd {
 /// saying what is expected instead of the UUID parser's character position.
 pub fn id_arg(s: &str) -> Result<uuid::Uuid, String> {
     uuid::Uuid::parse_str(s).map_err(|_| "expected an id, a UUID such as 0195f0c4-8a1e-7cc2-9a4b-1f2e3d4c5b6a".to_string())
+}
+
+#[cfg(test)]
+mod help_tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every subcommand and every flag or argument says what it is for in `--help`.
+    #[test]
+    fn every_command_and_argument_has_help_text() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                let path = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() && sub.get_long_about().is_none() {
+                    missing.push(format!("{path} (the command)"));
+                }
+                walk(sub, &path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "botflow", &mut missing);
+        assert!(missing.is_empty(), "no help text for:\n{}", missing.join("\n"));
+    }
 }

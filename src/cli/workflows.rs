@@ -26,6 +26,7 @@ pub enum WorkflowsCmd {
     /// their ids. Writes to the configured database, or goes through the admin API when
     /// --admin or BOTFLOW_ADMIN_URL is given
     Apply {
+        /// The chatbot's id
         #[arg(long, value_parser = crate::cli::id_arg)]
         chatbot: Uuid,
         /// The file, or - for stdin
@@ -35,6 +36,7 @@ pub enum WorkflowsCmd {
     },
     /// List the chatbot's workflows, oldest first (every page)
     List {
+        /// The chatbot's id
         #[arg(long, value_parser = crate::cli::id_arg)]
         chatbot: Uuid,
         #[command(flatten)]
@@ -46,8 +48,10 @@ pub enum WorkflowsCmd {
     Versions(WorkflowRef),
     /// Copy a workflow to another chatbot; prints the copy's id
     Copy {
+        /// The chatbot's id
         #[arg(long, value_parser = crate::cli::id_arg)]
         chatbot: Uuid,
+        /// The workflow's id
         #[arg(value_parser = crate::cli::id_arg, value_name = "WID")]
         workflow: Uuid,
         /// The chatbot that gets the copy
@@ -68,6 +72,7 @@ pub enum WorkflowsCmd {
     /// Would a workflow match an event? Prints "match", or "no match: " and the first
     /// check that failed; exits 0 either way
     DryRun {
+        /// The chatbot's id
         #[arg(long, value_parser = crate::cli::id_arg)]
         chatbot: Uuid,
         /// A workflow file (JSON or YAML, one workflow), or - for stdin
@@ -87,8 +92,10 @@ pub enum WorkflowsCmd {
 /// One workflow of a chatbot, on the admin API.
 #[derive(Args, Debug)]
 pub struct WorkflowRef {
+    /// The chatbot's id
     #[arg(long, value_parser = crate::cli::id_arg)]
     chatbot: Uuid,
+    /// The workflow's id
     #[arg(value_parser = crate::cli::id_arg, value_name = "WID")]
     workflow: Uuid,
     #[command(flatten)]

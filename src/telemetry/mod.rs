@@ -17,7 +17,13 @@ pub fn init_logging(format: &str, level: &str) {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     // At debug level the operator asked for everything, client faults included.
     let quiet = QuietClientFaults { enabled: filter.max_level_hint().is_none_or(|max| max < Level::DEBUG) };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour codes only for a person at a terminal: a log file or a journal keeps them
+    // as noise.
+    use std::io::IsTerminal as _;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = if format == "json" {
         builder.json().flatten_event(true).with_current_span(false).finish().with(quiet).try_init()
     } else {
