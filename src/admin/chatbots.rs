@@ -33,6 +33,9 @@ pub struct ListQuery {
 }
 
 #[utoipa::path(
+    operation_id = "create_chatbot",
+    summary = "Create a chatbot",
+    description = "Creates a chatbot in the key's account (an operator names the account) with a new webhook signing secret.",
     tag = "chatbots",
     request_body = NewChatbot,
     responses((status = 201, description = "Created", body = ChatbotRow), Errors)
@@ -60,6 +63,9 @@ pub async fn create(state: web::Data<AdminState>, caller: Caller, body: Object<N
 }
 
 #[utoipa::path(
+    operation_id = "list_chatbots",
+    summary = "List chatbots",
+    description = "The chatbots of the key's account (an operator key: every account), oldest first, a page at a time.",
     tag = "chatbots",
     params(ListQuery),
     responses((status = 200, description = "A page of chatbots, oldest first", body = Page<ChatbotRow>), Errors)
@@ -86,6 +92,9 @@ pub async fn list(state: web::Data<AdminState>, caller: Caller, q: web::Query<Li
 }
 
 #[utoipa::path(
+    operation_id = "get_chatbot",
+    summary = "Get a chatbot",
+    description = "One chatbot of the key's account; another account's answers 404, as one that does not exist.",
     tag = "chatbots",
     params(("id" = Uuid, Path, description = "Chatbot id")),
     responses((status = 200, description = "The chatbot", body = ChatbotRow), Errors)

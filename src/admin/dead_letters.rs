@@ -74,6 +74,9 @@ async fn page_of(state: &AdminState, f: Filter, q: &ListQuery) -> Result<Page<De
 }
 
 #[utoipa::path(
+    operation_id = "list_chatbot_dead_letters",
+    summary = "List a chatbot's dead letters",
+    description = "Executions that used up their attempts, newest first, filtered by state, workflow, text and time.",
     tag = "dead letters",
     params(("id" = Uuid, Path, description = "Chatbot id"), ListQuery),
     responses((status = 200, description = "A page of the chatbot's dead letters, newest first", body = Page<DeadLetter>), Errors)
@@ -92,6 +95,9 @@ pub async fn list(
 }
 
 #[utoipa::path(
+    operation_id = "list_dead_letters",
+    summary = "List dead letters",
+    description = "Dead letters of every chatbot the key reaches, newest first, with the same filters as a chatbot's list.",
     tag = "dead letters",
     params(ListQuery),
     responses((status = 200, description = "Operators: a page of every account's dead letters, newest first", body = Page<DeadLetter>), Errors)
@@ -114,6 +120,9 @@ async fn reachable(state: &AdminState, caller: &Caller, id: Uuid) -> Result<(), 
 }
 
 #[utoipa::path(
+    operation_id = "get_dead_letter",
+    summary = "Get a dead letter",
+    description = "One dead letter with its execution's error and state.",
     tag = "dead letters",
     params(("id" = Uuid, Path, description = "Dead letter id")),
     responses((status = 200, description = "The dead letter with its event, last error and every attempt", body = DeadLetter), Errors)
@@ -130,6 +139,9 @@ fn by(caller: &Caller) -> String {
 }
 
 #[utoipa::path(
+    operation_id = "replay_dead_letter",
+    summary = "Replay a dead letter",
+    description = "Runs the execution again from the step that failed, with a fresh set of attempts.",
     tag = "dead letters",
     params(("id" = Uuid, Path, description = "Dead letter id")),
     responses((status = 200, description = "Replayed: the execution runs again from the step that failed", body = DeadLetter), Errors)
@@ -142,6 +154,9 @@ pub async fn replay(state: web::Data<AdminState>, caller: Caller, path: web::Pat
 }
 
 #[utoipa::path(
+    operation_id = "discard_dead_letter",
+    summary = "Discard a dead letter",
+    description = "Marks the dead letter discarded (who and when are recorded); nothing runs.",
     tag = "dead letters",
     params(("id" = Uuid, Path, description = "Dead letter id")),
     responses((status = 200, description = "Discarded (kept, marked with who and when)", body = DeadLetter), Errors)
@@ -183,6 +198,9 @@ async fn bulk(state: &AdminState, bot: OwnedChatbot, body: BulkRequest, replayin
 }
 
 #[utoipa::path(
+    operation_id = "replay_chatbot_dead_letters",
+    summary = "Replay dead letters in bulk",
+    description = "Runs again every open dead letter of the chatbot that the filter matches, from the step that failed.",
     tag = "dead letters",
     params(("id" = Uuid, Path, description = "Chatbot id")),
     request_body = BulkRequest,
@@ -198,6 +216,9 @@ pub async fn bulk_replay(
 }
 
 #[utoipa::path(
+    operation_id = "discard_chatbot_dead_letters",
+    summary = "Discard dead letters in bulk",
+    description = "Discards every open dead letter of the chatbot that the filter matches; each is audited.",
     tag = "dead letters",
     params(("id" = Uuid, Path, description = "Chatbot id")),
     request_body = BulkRequest,

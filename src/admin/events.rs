@@ -223,6 +223,9 @@ impl Drop for InFlight<'_> {
 }
 
 #[utoipa::path(
+    operation_id = "ingest_events",
+    summary = "Send events over HTTP",
+    description = "Events as a JSON array or NDJSON; each result is sent after the same commit as on the socket (acks and nacks of the wire protocol).",
     tag = "events",
     request_body(
         content = Vec<Object>,

@@ -59,6 +59,9 @@ fn filter(q: &ListQuery) -> Result<Filter, ApiError> {
 }
 
 #[utoipa::path(
+    operation_id = "list_executions",
+    summary = "List executions",
+    description = "The chatbot's execution history, newest first, filtered by workflow, status, conversation, time window and text.",
     tag = "executions",
     params(("id" = Uuid, Path, description = "Chatbot id"), ListQuery),
     responses((status = 200, description = "A page of executions, newest first", body = Page<ExecutionSummary>), Errors)
@@ -78,6 +81,9 @@ pub async fn list(
 }
 
 #[utoipa::path(
+    operation_id = "get_execution",
+    summary = "Get an execution",
+    description = "One execution with every step and attempt, their timings, request and response excerpts and errors.",
     tag = "executions",
     params(("eid" = Uuid, Path, description = "Execution id")),
     responses((status = 200, description = "The execution with every step attempt", body = ExecutionDetail), Errors)
@@ -111,6 +117,9 @@ pub struct AnalyticsQuery {
 const MAX_WINDOW_DAYS: i64 = 400;
 
 #[utoipa::path(
+    operation_id = "chatbot_analytics",
+    summary = "Workflow analytics",
+    description = "Executions, success rate and duration percentiles per workflow over a time window, exact or from the per-minute rollups.",
     tag = "executions",
     params(("id" = Uuid, Path, description = "Chatbot id"), AnalyticsQuery),
     responses((status = 200, description = "Per-workflow figures for executions created in the window", body = Analytics), Errors)

@@ -21,6 +21,9 @@ pub struct Health {
 }
 
 #[utoipa::path(
+    operation_id = "livez",
+    summary = "Liveness",
+    description = "Answers 200 while the process runs; for a supervisor's liveness probe.",
     tag = "health",
     security(()),
     responses((status = 200, description = "The process is alive", body = Health))
@@ -34,6 +37,9 @@ pub async fn livez() -> HttpResponse {
 const DB_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[utoipa::path(
+    operation_id = "readyz",
+    summary = "Readiness",
+    description = "Answers 200 once the daemon serves and its database answers, 503 while it starts, drains or the database is away.",
     tag = "health",
     security(()),
     responses(

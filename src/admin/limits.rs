@@ -38,6 +38,9 @@ async fn view(state: &AdminState, chatbot: Uuid) -> Result<LimitsView, ApiError>
 }
 
 #[utoipa::path(
+    operation_id = "get_limits",
+    summary = "Get rate limits",
+    description = "The limits in force for the chatbot, its own overrides, current usage and the audited changes.",
     tag = "limits",
     params(("id" = Uuid, Path, description = "Chatbot id")),
     responses((status = 200, description = "The limits in force, the chatbot's own values, the defaults, usage and recent changes", body = LimitsView), Errors)
@@ -48,6 +51,9 @@ pub async fn get(state: web::Data<AdminState>, bot: OwnedChatbot) -> Result<Http
 }
 
 #[utoipa::path(
+    operation_id = "put_limits",
+    summary = "Set rate limits",
+    description = "Sets the chatbot's own limits (an operator key); running daemons apply them within a second.",
     tag = "limits",
     params(("id" = Uuid, Path, description = "Chatbot id")),
     request_body = Overrides,

@@ -181,3 +181,33 @@ pub fn start(listener: std::net::TcpListener, state: AdminState, workers: usize)
     actix_rt::spawn(server);
     Ok(handle)
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every operation has a summary and a description (what generated clients and API
+    /// browsers show), and an operation id of its own (the specification requires them
+    /// unique; client generators name methods after them).
+    #[test]
+    fn every_operation_is_summarised_described_and_uniquely_named() {
+        let doc = serde_json::to_value(super::openapi()).unwrap();
+        let mut ids = std::collections::HashSet::new();
+        let mut problems = Vec::new();
+        for (path, ops) in doc["paths"].as_object().unwrap() {
+            for (method, op) in ops.as_object().unwrap() {
+                let at = format!("{} {path}", method.to_uppercase());
+                for field in ["summary", "description", "operationId"] {
+                    if op[field].as_str().is_none_or(str::is_empty) {
+                        problems.push(format!("{at}: no {field}"));
+                    }
+                }
+                if let Some(id) = op["operationId"].as_str() {
+                    if !ids.insert(id.to_string()) {
+                        problems.push(format!("{at}: operationId {id} is used twice"));
+                    }
+                }
+            }
+        }
+        assert!(ids.len() >= 28, "{ids:?}");
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+    }
+}

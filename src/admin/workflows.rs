@@ -58,6 +58,9 @@ pub struct WorkflowPath {
 type Ids = web::Path<WorkflowPath>;
 
 #[utoipa::path(
+    operation_id = "list_workflows",
+    summary = "List workflows",
+    description = "The chatbot's workflows, oldest first, a page at a time.",
     tag = "workflows",
     params(("id" = Uuid, Path, description = "Chatbot id"), PageQuery),
     responses((status = 200, description = "A page of workflows, oldest first", body = Page<WorkflowRow>), Errors)
@@ -76,6 +79,9 @@ pub async fn list(
 }
 
 #[utoipa::path(
+    operation_id = "create_workflow",
+    summary = "Create a workflow",
+    description = "Validates and saves a new workflow (version 1); errors name the field at fault.",
     tag = "workflows",
     params(("id" = Uuid, Path, description = "Chatbot id")),
     request_body = WorkflowSpec,
@@ -93,6 +99,9 @@ pub async fn create(
 }
 
 #[utoipa::path(
+    operation_id = "get_workflow",
+    summary = "Get a workflow",
+    description = "The workflow's current version.",
     tag = "workflows",
     params(("id" = Uuid, Path, description = "Chatbot id"), ("wid" = Uuid, Path, description = "Workflow id")),
     responses((status = 200, description = "The workflow's current version", body = WorkflowRow), Errors)
@@ -104,6 +113,9 @@ pub async fn get(state: web::Data<AdminState>, bot: OwnedChatbot, path: Ids) -> 
 }
 
 #[utoipa::path(
+    operation_id = "replace_workflow",
+    summary = "Replace a workflow",
+    description = "Saves a new version; running executions keep the version they started with.",
     tag = "workflows",
     params(("id" = Uuid, Path, description = "Chatbot id"), ("wid" = Uuid, Path, description = "Workflow id")),
     request_body = WorkflowSpec,
@@ -129,6 +141,9 @@ pub struct Patch {
 }
 
 #[utoipa::path(
+    operation_id = "patch_workflow",
+    summary = "Enable or disable a workflow",
+    description = "Turns the workflow on or off without a new version.",
     tag = "workflows",
     params(("id" = Uuid, Path, description = "Chatbot id"), ("wid" = Uuid, Path, description = "Workflow id")),
     request_body = Patch,
@@ -146,6 +161,9 @@ pub async fn patch(
 }
 
 #[utoipa::path(
+    operation_id = "delete_workflow",
+    summary = "Delete a workflow",
+    description = "Deletes the workflow; its executions stay in the history.",
     tag = "workflows",
     params(("id" = Uuid, Path, description = "Chatbot id"), ("wid" = Uuid, Path, description = "Workflow id")),
     responses((status = 204, description = "Deleted; executions already started finish on their version"), Errors)
@@ -158,6 +176,9 @@ pub async fn delete(state: web::Data<AdminState>, bot: OwnedChatbot, path: Ids) 
 }
 
 #[utoipa::path(
+    operation_id = "list_workflow_versions",
+    summary = "List a workflow's versions",
+    description = "Every saved version, newest first.",
     tag = "workflows",
     params(("id" = Uuid, Path, description = "Chatbot id"), ("wid" = Uuid, Path, description = "Workflow id"), PageQuery),
     responses((status = 200, description = "Every saved version, newest first", body = Page<VersionRow>), Errors)
@@ -190,6 +211,9 @@ pub struct CopyRequest {
 }
 
 #[utoipa::path(
+    operation_id = "copy_workflow",
+    summary = "Copy a workflow",
+    description = "Copies the workflow to another chatbot of the same account (or the same chatbot), as version 1 there.",
     tag = "workflows",
     params(("id" = Uuid, Path, description = "Chatbot id"), ("wid" = Uuid, Path, description = "Workflow id")),
     request_body = CopyRequest,
@@ -227,6 +251,9 @@ pub struct Applied {
 }
 
 #[utoipa::path(
+    operation_id = "apply_workflows",
+    summary = "Apply workflows by name",
+    description = "Creates or replaces one workflow or a list by name, in one transaction; unchanged ones keep their version.",
     tag = "workflows",
     params(("id" = Uuid, Path, description = "Chatbot id")),
     request_body(content = Vec<WorkflowSpec>, description = "One workflow or a list"),
@@ -286,6 +313,9 @@ pub struct DryRunResult {
 }
 
 #[utoipa::path(
+    operation_id = "dry_run_workflow",
+    summary = "Dry-run a workflow",
+    description = "Says whether a workflow (given, or saved) would match an event, and why not; runs nothing.",
     tag = "workflows",
     params(("id" = Uuid, Path, description = "Chatbot id")),
     request_body = DryRunRequest,
