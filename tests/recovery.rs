@@ -42,15 +42,6 @@ fn bootstrap(dir: &Path, env: &[(&str, String)], workflow: serde_json::Value) ->
     Setup { key, bot }
 }
 
-/// The embedded server's database, for checking rows.
-async fn embedded_db(dir: &Path) -> tokio_postgres::Client {
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.host_path(dir.join("var/postgres/run").canonicalize().unwrap()).port(5432).user("botflow").dbname("botflow");
-    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(conn);
-    client
-}
-
 fn postmaster_pid(dir: &Path) -> Option<i32> {
     std::fs::read_to_string(dir.join("var/postgres/data/postmaster.pid")).ok()?.lines().next()?.trim().parse().ok()
 }

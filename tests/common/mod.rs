@@ -757,6 +757,16 @@ pub fn serve_socket_only(dir: &std::path::Path, env: &[(&str, String)], stderr: 
     daemon
 }
 
+/// The database of the embedded server a `botflow serve` started under `dir/var`, for
+/// checking rows.
+pub async fn embedded_db(dir: &std::path::Path) -> tokio_postgres::Client {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host_path(dir.join("var/postgres/run").canonicalize().unwrap()).port(5432).user("botflow").dbname("botflow");
+    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+}
+
 /// Polls a blocking condition with a deadline.
 pub fn wait_until(what: &str, cond: impl Fn() -> bool) {
     let start = Instant::now();

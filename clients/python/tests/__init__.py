@@ -1,0 +1,1 @@
+"""Tests of botflow_client against a real daemon, started by tests/client_python.rs."""
