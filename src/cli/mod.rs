@@ -15,6 +15,7 @@ pub mod executions;
 pub mod limits;
 pub mod send;
 pub mod serve;
+pub mod systemd;
 pub mod workflows;
 
 use clap::{Parser, Subcommand};

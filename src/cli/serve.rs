@@ -1,12 +1,15 @@
 //! `serve`, `migrate` and `check-config`.
 
 use super::database::Database;
+use super::systemd::SystemdNotifier;
 use crate::app::App;
 use crate::config::Config;
 use anyhow::Context;
 
 /// Runs the daemon until SIGTERM or SIGINT, then shuts down cleanly.
 pub fn serve(config: Config) -> anyhow::Result<()> {
+    // Taken (and hidden from the processes started later) before anything starts.
+    let systemd = SystemdNotifier::from_env().map(std::sync::Arc::new);
     crate::telemetry::init_logging(&config.log.format, &config.log.level);
     let system = actix_rt::System::new();
     // Watched before anything slow starts: a signal that comes while PostgreSQL starts
@@ -18,7 +21,24 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
     let mut db = Database::open_owned(&config)?;
     let result = system.block_on(async {
         let app = App::start(&config, db.pg.clone()).await?;
+        if let Some(sd) = &systemd {
+            // The listeners are open: `systemctl start` may return.
+            sd.notify(&format!("READY=1\nSTATUS=serving\nMAINPID={}", std::process::id()));
+            if let Some(every) = SystemdNotifier::watchdog_interval() {
+                // On the actor system's own thread: a wedged system stops the pings.
+                let sd = sd.clone();
+                actix_rt::spawn(async move {
+                    loop {
+                        sd.notify("WATCHDOG=1");
+                        tokio::time::sleep(every).await;
+                    }
+                });
+            }
+        }
         stop.wait().await;
+        if let Some(sd) = &systemd {
+            sd.notify("STOPPING=1\nSTATUS=draining: answering what is in flight, finishing running executions");
+        }
         app.shutdown().await;
         anyhow::Ok(())
     });
