@@ -30,7 +30,7 @@ function tcpAddress() {
   return [TCP.slice(0, at), Number(TCP.slice(at + 1))];
 }
 
-describe("against the daemon", { skip: !ready && "needs a daemon (run by tests/client_node.rs)" }, () => {
+describe("against the daemon", { skip: !ready && "needs a daemon (run by tests/clients.rs)" }, () => {
   let clients = [];
 
   afterEach(async () => {

@@ -2,7 +2,7 @@
 // dies are sent again on the next connection and acked once, and a command that was not
 // acked comes again and can be acked then.
 //
-// Needs BOTFLOW_DAEMON_PID (a `botflow serve` that tests/client_node.rs starts again when
+// Needs BOTFLOW_DAEMON_PID (a `botflow serve` that tests/clients.rs starts again when
 // it exits), BOTFLOW_SOCKET, BOTFLOW_TOKEN and BOTFLOW_CHATBOT (a workflow on x.go
 // replying "done <event id>"); skipped without them.
 
@@ -20,7 +20,7 @@ const CHATBOT = env("BOTFLOW_CHATBOT");
 const ready = PID && SOCKET && TOKEN && CHATBOT;
 
 test("unanswered events are resent and an unacked command comes again",
-  { skip: !ready && "needs a daemon it may kill (run by tests/client_node.rs)" }, async () => {
+  { skip: !ready && "needs a daemon it may kill (run by tests/clients.rs)" }, async () => {
     const c = await Client.connectUnix(SOCKET, TOKEN, {
       subscribe: [CHATBOT], reconnectInitialDelayMs: 50, reconnectMaxDelayMs: 500,
     });

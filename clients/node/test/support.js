@@ -1,5 +1,5 @@
 // What the tests share: the daemon's coordinates from the environment (set by
-// tests/client_node.rs), unique ids, and waiting on a condition or a promise with a
+// tests/clients.rs), unique ids, and waiting on a condition or a promise with a
 // deadline instead of sleeping.
 
 import { randomUUID } from "node:crypto";

@@ -1,1 +1,1 @@
-"""Tests of botflow_client against a real daemon, started by tests/client_python.rs."""
+"""Tests of botflow_client against a real daemon, started by tests/clients.rs."""

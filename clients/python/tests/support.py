@@ -1,5 +1,5 @@
 """What the tests share: the daemon's coordinates from the environment (set by
-tests/client_python.rs), unique ids, and waiting on a condition with a deadline."""
+tests/clients.rs), unique ids, and waiting on a condition with a deadline."""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ MAX_IN_FLIGHT = int(env("BOTFLOW_MAX_IN_FLIGHT") or 0)
 
 
 @unittest.skipUnless(SOCKET and TCP and TOKEN and CHATBOT and LIMITED,
-                     "needs a daemon (run by tests/client_python.rs)")
+                     "needs a daemon (run by tests/clients.rs)")
 class AgainstTheDaemon(unittest.IsolatedAsyncioTestCase):
 
     async def asyncSetUp(self):

@@ -2,7 +2,7 @@
 dies are sent again on the next connection and acked once, and a command that was not
 acked comes again and can be acked then.
 
-Needs BOTFLOW_DAEMON_PID (a `botflow serve` that tests/client_python.rs starts again
+Needs BOTFLOW_DAEMON_PID (a `botflow serve` that tests/clients.rs starts again
 when it exits), BOTFLOW_SOCKET, BOTFLOW_TOKEN and BOTFLOW_CHATBOT (a workflow on x.go
 replying "done <event id>"); skipped without them.
 """
@@ -25,7 +25,7 @@ CHATBOT = env("BOTFLOW_CHATBOT")
 
 
 @unittest.skipUnless(PID and SOCKET and TOKEN and CHATBOT,
-                     "needs a daemon it may kill (run by tests/client_python.rs)")
+                     "needs a daemon it may kill (run by tests/clients.rs)")
 class AcrossARestart(unittest.IsolatedAsyncioTestCase):
 
     async def test_unanswered_events_are_resent_and_an_unacked_command_comes_again(self):
