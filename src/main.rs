@@ -40,6 +40,14 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Bench(args) => botflow::cli::bench::run(config, args),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "botflow", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+            .render(&mut std::io::stdout())
+            .map_err(anyhow::Error::from),
         Command::Openapi => botflow::admin::openapi()
             .to_pretty_json()
             .map(|doc| println!("{doc}"))

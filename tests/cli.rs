@@ -918,3 +918,30 @@ fn a_command_whose_reader_goes_away_ends_quietly() {
     assert!(o.status.success() || o.status.signal() == Some(libc::SIGPIPE), "{:?}: {err}", o.status);
 }
 
+
+#[test]
+fn completions_and_the_man_page_come_from_the_command_definition() {
+    let dir = TempDir::new("completions");
+    let o = run(botflow().args(["completions", "bash"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let script = dir.path().join("botflow.bash");
+    std::fs::write(&script, o.stdout).unwrap();
+    // bash loads it and then completes `botflow dl` to `dlq`.
+    let o = run(Command::new("bash").arg("-c").arg(format!(
+        "source {}; COMP_WORDS=(botflow dl); COMP_CWORD=1; COMP_LINE='botflow dl'; COMP_POINT=10; _botflow botflow dl botflow; echo \"${{COMPREPLY[@]}}\"",
+        script.display()
+    )));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), "dlq", "{}", stderr(&o));
+    for shell in ["zsh", "fish", "elvish", "powershell"] {
+        let o = run(botflow().args(["completions", shell]));
+        assert!(o.status.success() && stdout(&o).contains("workflows"), "{shell}: {}", stderr(&o));
+    }
+    let o = run(botflow().arg("man"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let page = stdout(&o);
+    assert!(page.contains(".TH botflow 1"), "{page}");
+    for sub in ["serve", "check\\-config", "workflows", "dlq", "completions"] {
+        assert!(page.contains(sub), "the man page does not list {sub}");
+    }
+}

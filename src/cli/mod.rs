@@ -68,6 +68,14 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Print the admin API's OpenAPI document (the one served at /v1/openapi.json)
     Openapi,
+    /// Print a shell completion script (e.g. `botflow completions bash > /etc/bash_completion.d/botflow`)
+    Completions {
+        /// The shell to complete for
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page, roff (e.g. `botflow man > /usr/local/share/man/man1/botflow.1`)
+    Man,
 }
 
 #[derive(Subcommand, Debug)]
