@@ -100,7 +100,8 @@ fn dashboard_queries() -> Vec<(String, String)> {
     let mut out = Vec::new();
     for p in d["panels"].as_array().unwrap() {
         for t in p["targets"].as_array().unwrap() {
-            let expr = t["expr"].as_str().unwrap().replace("$__rate_interval", "1m");
+            // "All" of the instance and chatbot variables, as Grafana sends it.
+            let expr = t["expr"].as_str().unwrap().replace("$__rate_interval", "1m").replace("$instance", ".*").replace("$chatbot", ".*");
             out.push((p["title"].as_str().unwrap().to_string(), expr));
         }
     }
@@ -145,6 +146,16 @@ fn the_dashboard_uses_a_data_source_variable_and_a_stable_uid() {
     assert_eq!(d["uid"], "botflow-overview");
     let vars = d["templating"]["list"].as_array().unwrap();
     assert!(vars.iter().any(|v| v["type"] == "datasource" && v["name"] == "datasource" && v["query"] == "prometheus"));
+    // Instance and chatbot variables, and every query scoped by them.
+    for (name, source) in [("instance", "up{job=\"botflow\"}"), ("chatbot", "botflow_chatbot_events_received_total")] {
+        let v = vars.iter().find(|v| v["name"] == name).unwrap_or_else(|| panic!("no {name} variable"));
+        assert_eq!(v["query"]["query"], format!("label_values({source}, {name})"), "{v}");
+        assert_eq!((v["includeAll"].as_bool(), v["allValue"].as_str()), (Some(true), Some(".*")), "{v}");
+    }
+    for (title, expr) in dashboard_queries() {
+        let raw = expr.replace(".*", "$instance");
+        assert!(raw.matches("botflow_").count() == raw.matches("instance=~\"$instance\"").count(), "panel {title:?} is not scoped by instance: {expr}");
+    }
     for p in d["panels"].as_array().unwrap() {
         assert_eq!(p["datasource"]["uid"], "${datasource}", "panel {}", p["title"]);
         for t in p["targets"].as_array().unwrap() {
@@ -175,16 +186,23 @@ async fn a_real_prometheus_evaluates_every_dashboard_query_and_alert_rule() {
     tokio::task::spawn_blocking(ensure_prometheus).await.unwrap();
     let receiver = Receiver::start().await;
     receiver.on("/fail", Behaviour::Status(500, "{}".into()));
+    // The chatbots exist before the daemon starts: the watchlist panels read series
+    // that only chatbots on metrics.watchlist have.
+    let pg = fresh_database().await;
+    let store = botflow::store::Store::new(pg.clone(), 2, Duration::from_secs(5), None).unwrap();
+    botflow::store::migrate::migrate(&store).await.unwrap();
+    let t = tenant(&store, "acme", 3).await;
+    let (busy, failing, limited) = (t.chatbots[0], t.chatbots[1], t.chatbots[2]);
+    let watchlist = vec![busy.to_string(), limited.to_string()];
     let daemon = TestDaemon::start_with(DaemonOptions {
-        tweak: Box::new(|c| {
+        pg: Some(pg),
+        tweak: Box::new(move |c| {
             c.scheduler.scan_interval_ms = 200;
             c.outbox.ack_timeout_ms = 2000;
+            c.metrics.watchlist = watchlist;
         }),
-        ..Default::default()
     })
     .await;
-    let t = tenant(&daemon.store, "acme", 3).await;
-    let (busy, failing, limited) = (t.chatbots[0], t.chatbots[1], t.chatbots[2]);
     apply(
         &daemon.store,
         busy,
