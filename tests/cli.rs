@@ -800,13 +800,16 @@ async fn dlq_commands_list_show_replay_and_discard_over_the_api() {
     };
     eventually("the replayed execution succeeds", || succeeded(execution.clone())).await;
 
-    // Bulk: replay what matches, then discard the rest; each prints a count.
+    // Bulk: replay what matches, then discard the rest; each prints a count. In batches
+    // of one here (one request each), with no progress drawn on a pipe.
     let n = cli
         .ok(&["dlq", "replay", "--chatbot", &bot, "--matching", "--workflow", &workflow, "--q", "500", "--max", "1"])
         .await;
     assert_eq!(n.trim(), "1");
-    let n = cli.ok(&["dlq", "discard", "--chatbot", &bot, "--matching"]).await;
-    assert_eq!(n.trim(), "1");
+    let o = cli.run(&["dlq", "discard", "--chatbot", &bot, "--matching", "--batch", "1", "--max", "5"]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), "1");
+    assert!(!stderr(&o).contains(['\r', '\x1b']), "progress drawn on a pipe: {:?}", stderr(&o));
     let o = cli.run(&["dlq", "list", "--chatbot", &bot]).await;
     assert!(o.status.success() && stdout(&o).is_empty(), "nothing open is left: {}", stdout(&o));
     assert!(stderr(&o).contains("no dead letters"), "{}", stderr(&o));

@@ -98,6 +98,9 @@ pub struct ActArgs {
     /// Act on at most this many, 1 to 100000 [default: the API's, 10000]
     #[arg(long, value_name = "N", requires = "matching")]
     max: Option<i64>,
+    /// Letters per request, 1 to 10000: progress is shown between requests
+    #[arg(long, value_name = "N", requires = "matching", default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+    batch: i64,
     #[command(flatten)]
     api: ApiArgs,
 }
@@ -208,26 +211,45 @@ fn act(config: &Config, a: ActArgs, replaying: bool) -> anyhow::Result<()> {
             }
         }
         (None, Some(chatbot)) => {
-            let mut body = json!({});
+            // In batches, so a long run shows its progress. Only letters that died before
+            // the command started: a replayed execution that dies again meanwhile is a
+            // new letter, not one to replay again in the same run.
+            let until = a.until.map_or(Utc::now(), |u| u.min(Utc::now()));
+            let mut body = json!({ "until": rfc3339(Some(until)) });
             for (k, v) in [
                 ("workflow_id", a.workflow.map(|w| json!(w))),
                 ("q", a.q.map(|q| json!(q))),
                 ("since", rfc3339(a.since).map(|t| json!(t))),
-                ("until", rfc3339(a.until).map(|t| json!(t))),
-                ("max", a.max.map(|m| json!(m))),
             ] {
                 if let Some(v) = v {
                     body[k] = v;
                 }
             }
+            let max = a.max.unwrap_or(10_000);
+            if !(1..=100_000).contains(&max) {
+                bail!("--max must be 1 to 100000");
+            }
             let path = format!("/v1/chatbots/{chatbot}/dead-letters/{verb}");
-            let v = block_on(client.call(Method::POST, &path, Some(&body)))?;
-            let letters = if v["count"] == 1 { "dead letter" } else { "dead letters" };
-            eprintln!("{done} {} {letters} of chatbot {chatbot}", cell(&v["count"]));
+            let progress = super::progress::counter(max as u64, done);
+            let mut count = 0;
+            while count < max {
+                let take = a.batch.min(max - count);
+                body["max"] = json!(take);
+                let v = block_on(client.call(Method::POST, &path, Some(&body)))?;
+                let n = v["count"].as_i64().unwrap_or(0);
+                count += n;
+                progress.set_position(count as u64);
+                if n < take {
+                    break;
+                }
+            }
+            progress.finish_and_clear();
+            let letters = if count == 1 { "dead letter" } else { "dead letters" };
+            eprintln!("{done} {count} {letters} of chatbot {chatbot}");
             if a.api.json {
-                println!("{v}");
+                println!("{}", json!({ "count": count }));
             } else {
-                println!("{}", cell(&v["count"]));
+                println!("{count}");
             }
         }
         // clap requires an id or --matching, and --matching requires --chatbot.

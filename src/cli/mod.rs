@@ -13,6 +13,7 @@ pub mod database;
 pub mod dlq;
 pub mod executions;
 pub mod limits;
+pub mod progress;
 pub mod send;
 pub mod serve;
 pub mod systemd;

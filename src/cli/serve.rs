@@ -77,7 +77,11 @@ pub fn migrate(config: Config) -> anyhow::Result<()> {
     rt.block_on(async {
         let store = crate::store::Store::new(db.pg.clone(), 1, std::time::Duration::from_millis(config.database.connect_timeout_ms), config.database_ca_file())?;
         store.wait_until_reachable(std::time::Duration::from_secs(10)).await.context("the database is not reachable")?;
-        let report = crate::store::migrate::migrate(&store).await?;
+        // A migration that rewrites a large table (V6 recounts the rollups) takes a while.
+        let progress = super::progress::spinner("migrating the database");
+        let report = crate::store::migrate::migrate(&store).await;
+        progress.finish_and_clear();
+        let report = report?;
         if report.applied.is_empty() {
             eprintln!("the database is at the latest schema version ({})", report.latest);
         } else {

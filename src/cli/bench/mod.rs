@@ -588,6 +588,8 @@ async fn blast(
     let make = Arc::new(make);
     let per = total / conns as u64;
     let mut tasks = Vec::new();
+    // A million events take a while: show them being answered (on a terminal only).
+    let progress = crate::cli::progress::counter(per * conns as u64, "events answered");
     let start = Instant::now();
     for c in 0..conns {
         // Connection c owns every conns-th chatbot, so each command reaches exactly one client.
@@ -602,6 +604,7 @@ async fn blast(
         let (o2, n2) = (outstanding.clone(), notify.clone());
         let (acks_tx, mut acks_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
         let base = c as u64 * per;
+        let progress = progress.clone();
         let writer = tokio::spawn(async move {
             let mut buf = Vec::with_capacity(256 * 1024);
             let mut sent = 0u64;
@@ -659,6 +662,7 @@ async fn blast(
                 }
                 carry.drain(..done);
                 answered += lines;
+                progress.inc(lines);
                 if !acks.is_empty() {
                     let _ = acks_tx.send(acks);
                 }
@@ -677,6 +681,7 @@ async fn blast(
         answered += a;
         nacked += n;
     }
+    progress.finish_and_clear();
     Ok(Blast { answered, nacked, elapsed: start.elapsed() })
 }
 
