@@ -105,6 +105,7 @@ impl App {
                     connections: connections.clone(),
                     max_frame_bytes: config.ingest.max_frame_bytes,
                     egress: actors.egress.clone(),
+                    retention_defaults: (&config.retention).into(),
                 },
                 2,
             )?),
@@ -297,6 +298,13 @@ impl Actors {
             unreachable_after: Duration::from_secs(config.notify.database_unreachable_seconds),
         };
         actix_rt::spawn(scheduler.run(heartbeat_stop.clone()));
+        actix_rt::spawn(crate::store::retention::keep_pruning(
+            store.clone(),
+            (&config.retention).into(),
+            config.retention.batch_size,
+            Duration::from_secs(config.retention.interval_seconds),
+            heartbeat_stop.clone(),
+        ));
         Ok(Actors { arbiters, workers, journal, outbox, router, heartbeat_stop, egress })
     }
 }

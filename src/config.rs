@@ -38,6 +38,7 @@ pub struct Config {
     pub outbox: OutboxConfig,
     pub notify: NotifyConfig,
     pub egress: EgressConfig,
+    pub retention: RetentionConfig,
     pub log: LogConfig,
 }
 
@@ -198,6 +199,23 @@ pub struct NotifyConfig {
     pub database_unreachable_seconds: u64,
 }
 
+/// How long history is kept (a chatbot may have its own through the admin API); 0 keeps
+/// it forever. A background pruner deletes what is older, in small batches.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Finished executions, with their steps and commands.
+    pub executions_days: i32,
+    /// Dead letters (an execution is kept while its dead letter is).
+    pub dead_letters_days: i32,
+    /// Commands a client acked.
+    pub acked_commands_days: i32,
+    /// How often the pruner runs.
+    pub interval_seconds: u64,
+    /// Rows deleted by one statement: the longest any lock is held.
+    pub batch_size: i64,
+}
+
 /// Where webhooks and notifications may connect (see `egress`): loopback, private,
 /// link-local and the other internal ranges are refused unless listed in `allow`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -237,6 +255,7 @@ impl Default for Config {
             outbox: OutboxConfig::default(),
             notify: NotifyConfig::default(),
             egress: EgressConfig::default(),
+            retention: RetentionConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -343,6 +362,12 @@ impl Default for NotifyConfig {
             failing_threshold: 5,
             database_unreachable_seconds: 30,
         }
+    }
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig { executions_days: 30, dead_letters_days: 90, acked_commands_days: 7, interval_seconds: 300, batch_size: 1000 }
     }
 }
 
@@ -597,6 +622,21 @@ impl Config {
             && !self.notify.webhook_url.starts_with("https://")
         {
             bad("notify.webhook_url", "must be an http:// or https:// URL".into());
+        }
+        for (key, days) in [
+            ("retention.executions_days", self.retention.executions_days),
+            ("retention.dead_letters_days", self.retention.dead_letters_days),
+            ("retention.acked_commands_days", self.retention.acked_commands_days),
+        ] {
+            if !(0..=36_500).contains(&days) {
+                bad(key, format!("must be within 0..36500 days (0: keep forever), got {days}"));
+            }
+        }
+        if self.retention.interval_seconds == 0 {
+            bad("retention.interval_seconds", "must be positive".into());
+        }
+        if !(1..=100_000).contains(&self.retention.batch_size) {
+            bad("retention.batch_size", format!("must be within 1..100000, got {}", self.retention.batch_size));
         }
         if let Err(problems) = self.egress_policy() {
             problems.into_iter().for_each(|(key, message)| bad(&key, message));

@@ -40,6 +40,7 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Bench(args) => botflow::cli::bench::run(config, args),
+        Command::Prune { dry_run } => bootstrap::prune(config, dry_run),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "botflow", &mut std::io::stdout());

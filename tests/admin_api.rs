@@ -244,6 +244,8 @@ const MATRIX: &[&str] = &[
     "GET /v1/chatbots/{id}/executions",
     "GET /v1/chatbots/{id}/limits",
     "PUT /v1/chatbots/{id}/limits",
+    "GET /v1/chatbots/{id}/retention",
+    "PUT /v1/chatbots/{id}/retention",
     "GET /v1/chatbots/{id}/workflows",
     "POST /v1/chatbots/{id}/workflows",
     "POST /v1/chatbots/{id}/workflows/apply",
@@ -378,6 +380,9 @@ fn matrix_request(ep: &str, s: &Side, delete_workflow: Uuid, letter: Uuid, tag: 
         "PUT /v1/chatbots/{id}/limits" => {
             (format!("/v1/chatbots/{bot}/limits"), Some(json!({"events_per_second": 1_000_000, "burst": 1_000_000})))
         }
+        "GET /v1/chatbots/{id}/retention" => (format!("/v1/chatbots/{bot}/retention"), None),
+        // Less than the defaults: what an owner may set.
+        "PUT /v1/chatbots/{id}/retention" => (format!("/v1/chatbots/{bot}/retention"), Some(json!({"executions_days": 30}))),
         "GET /v1/chatbots/{id}/workflows" => (format!("/v1/chatbots/{bot}/workflows"), None),
         "POST /v1/chatbots/{id}/workflows" => (format!("/v1/chatbots/{bot}/workflows"), Some(tag_wf(&format!("wf-{tag}"), "x.other"))),
         "POST /v1/chatbots/{id}/workflows/apply" => {

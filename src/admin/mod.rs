@@ -17,6 +17,7 @@ pub mod events;
 pub mod executions;
 pub mod health;
 pub mod limits;
+pub mod retention;
 pub mod page;
 pub mod workflows;
 
@@ -47,6 +48,8 @@ pub struct AdminState {
     pub max_frame_bytes: usize,
     /// Workflows whose webhook URL is a literal refused address are refused at save.
     pub egress: crate::egress::Egress,
+    /// `[retention]`: what a chatbot without its own keeps, and what its owner may lower.
+    pub retention_defaults: crate::store::retention::Days,
 }
 
 #[derive(OpenApi)]
@@ -55,7 +58,7 @@ pub struct AdminState {
         title = "botflow admin API",
         version = "1",
         description = "Manage chatbots and their workflows, read execution history and analytics, \
-                       handle dead letters, tune rate limits and send events over HTTP. Every \
+                       handle dead letters, tune rate limits and data retention, and send events over HTTP. Every \
                        request carries `Authorization: Bearer <key>`; a key reaches its own \
                        account's chatbots (operators: every account), anything else is 404."
     ),
@@ -151,6 +154,8 @@ where
         .service(dead_letters::discard)
         .service(limits::get)
         .service(limits::put)
+        .service(retention::get)
+        .service(retention::put)
         .service(events::ingest)
 }
 

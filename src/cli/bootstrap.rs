@@ -11,7 +11,7 @@ use crate::workflow::WorkflowSpec;
 use anyhow::bail;
 use uuid::Uuid;
 
-fn run<T>(config: &Config, f: impl AsyncFnOnce(&crate::store::Store) -> anyhow::Result<T>) -> anyhow::Result<T> {
+pub(super) fn run<T>(config: &Config, f: impl AsyncFnOnce(&crate::store::Store) -> anyhow::Result<T>) -> anyhow::Result<T> {
     let db = Database::open_shared(config)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
@@ -76,3 +76,22 @@ pub fn apply_workflows(config: &Config, chatbot: Uuid, specs: &[WorkflowSpec]) -
         other => Ok(other?),
     })
 }
+
+/// `prune`: deletes the history past its retention now, as the daemon's pruner does at
+/// its interval; with `dry_run`, counts what would go. Prints `kind rows` lines.
+pub fn prune(config: Config, dry_run: bool) -> anyhow::Result<()> {
+    let defaults = (&config.retention).into();
+    let progress = super::progress::spinner(if dry_run { "counting" } else { "pruning" });
+    let pruned = run(&config, async |s| {
+        let tick = |_: &str, n: u64| progress.inc(n);
+        Ok(crate::store::retention::prune(s, defaults, config.retention.batch_size, dry_run, tick).await?)
+    });
+    progress.finish_and_clear();
+    let pruned = pruned?;
+    eprintln!("{} past their retention:", if dry_run { "would prune (nothing was deleted)" } else { "pruned" });
+    println!("executions {}", pruned.executions);
+    println!("dead_letters {}", pruned.dead_letters);
+    println!("acked_commands {}", pruned.acked_commands);
+    Ok(())
+}
+

@@ -69,6 +69,12 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Print the admin API's OpenAPI document (the one served at /v1/openapi.json)
     Openapi,
+    /// Delete history past its retention now (a running daemon does it every retention.interval_seconds)
+    Prune {
+        /// Count what would be deleted, delete nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print a shell completion script (e.g. `botflow completions bash > /etc/bash_completion.d/botflow`)
     Completions {
         /// The shell to complete for

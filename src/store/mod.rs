@@ -14,6 +14,7 @@ pub mod limits;
 pub mod listen;
 pub mod migrate;
 pub mod outbox;
+pub mod retention;
 pub mod workflows;
 
 pub use error::{StoreError, StoreResult};

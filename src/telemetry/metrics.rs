@@ -37,6 +37,7 @@ pub const DEAD_LETTERS: &str = "botflow_dead_letters";
 pub const RETRIES: &str = "botflow_retries_total";
 pub const NOTIFICATIONS: &str = "botflow_notifications_total";
 pub const EGRESS_REFUSED: &str = "botflow_egress_refused_total";
+pub const PRUNED: &str = "botflow_pruned_rows_total";
 /// The `rule` labels of `EGRESS_REFUSED` (`egress::Rule::label`; a test there keeps
 /// the two lists equal).
 pub const EGRESS_RULES: [&str; 11] = [
@@ -141,6 +142,7 @@ fn describe() {
     describe_counter!(WORKFLOW_RELOADS, Unit::Count, "Trigger index rebuilds after a workflow change.");
     describe_counter!(RETRIES, Unit::Count, "Attempts that failed and were scheduled to run again.");
     describe_counter!(NOTIFICATIONS, Unit::Count, "Operator notifications sent, by kind.");
+    describe_counter!(PRUNED, Unit::Count, "Rows deleted past their retention, by kind (executions, dead_letters, acked_commands).");
     describe_counter!(
         EGRESS_REFUSED,
         Unit::Count,
@@ -251,6 +253,9 @@ fn register_all() {
     }
     for kind in ["dead_execution", "workflow_failing", "database_unreachable"] {
         metrics::counter!(NOTIFICATIONS, "kind" => kind).absolute(0);
+    }
+    for kind in ["executions", "dead_letters", "acked_commands"] {
+        metrics::counter!(PRUNED, "kind" => kind).absolute(0);
     }
     for rule in EGRESS_RULES {
         metrics::counter!(EGRESS_REFUSED, "rule" => rule).absolute(0);

@@ -1,0 +1,195 @@
+//! Data retention: finished executions (with their steps and commands), dead letters
+//! and acked commands older than their chatbot's retention are deleted in small
+//! batches, each its own short statement (no long transaction, no table rewrite, locks
+//! held for one batch), skipping rows another pruner holds. The per-minute rollups are
+//! kept: they are small, and analytics over windows older than the retention read them.
+
+use super::{Store, StoreResult};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Days each kind of row is kept; 0 keeps it forever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Days {
+    pub executions: i32,
+    pub dead_letters: i32,
+    pub acked_commands: i32,
+}
+
+impl From<&crate::config::RetentionConfig> for Days {
+    fn from(c: &crate::config::RetentionConfig) -> Days {
+        Days { executions: c.executions_days, dead_letters: c.dead_letters_days, acked_commands: c.acked_commands_days }
+    }
+}
+
+/// A chatbot's own retention; `None` keeps the daemon's default for that kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Overrides {
+    pub executions_days: Option<i32>,
+    pub dead_letters_days: Option<i32>,
+    pub acked_commands_days: Option<i32>,
+}
+
+impl Overrides {
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        for (field, v) in [
+            ("executions_days", self.executions_days),
+            ("dead_letters_days", self.dead_letters_days),
+            ("acked_commands_days", self.acked_commands_days),
+        ] {
+            if let Some(v) = v {
+                if !(0..=36_500).contains(&v) {
+                    return Err((field, format!("must be within 0..36500 days (0: keep forever), got {v}")));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Rows pruned (or, in a dry run, that would be).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Pruned {
+    pub executions: u64,
+    pub dead_letters: u64,
+    pub acked_commands: u64,
+}
+
+/// The kinds, their tables and the rows of one chatbot past a number of days, as the
+/// subquery that selects them (`$1` chatbot, `$2` days, `$3` dead-letter days).
+const KINDS: [(&str, &str, &str); 3] = [
+    (
+        "executions",
+        "executions",
+        // Finished ones only, and not while a dead letter of theirs is kept.
+        "SELECT e.id FROM executions e
+          WHERE e.chatbot_id = $1 AND e.created_at < now() - make_interval(days => $2)
+            AND e.status IN ('succeeded', 'failed', 'dead')
+            AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.execution_id = e.id
+                             AND ($3 = 0 OR d.created_at >= now() - make_interval(days => $3)))",
+    ),
+    (
+        "dead_letters",
+        "dead_letters",
+        "SELECT d.id FROM dead_letters d
+          WHERE d.chatbot_id = $1 AND d.created_at < now() - make_interval(days => $2) AND $3 >= 0",
+    ),
+    (
+        "acked_commands",
+        "outbox",
+        "SELECT o.command_id FROM outbox o
+          WHERE o.chatbot_id = $1 AND o.status = 'acked' AND o.acked_at < now() - make_interval(days => $2) AND $3 >= 0",
+    ),
+];
+
+/// One pass over every chatbot: deletes (or with `dry_run` counts) what is past its
+/// retention, `batch` rows a statement. `on_batch` hears each batch (table, rows).
+pub async fn prune(store: &Store, defaults: Days, batch: i64, dry_run: bool, mut on_batch: impl FnMut(&str, u64)) -> StoreResult<Pruned> {
+    let client = store.pool().get().await?;
+    let bots = client
+        .query(
+            "SELECT c.id,
+                    COALESCE(r.executions_days, $1), COALESCE(r.dead_letters_days, $2), COALESCE(r.acked_commands_days, $3)
+               FROM chatbots c LEFT JOIN chatbot_retention r ON r.chatbot_id = c.id",
+            &[&defaults.executions, &defaults.dead_letters, &defaults.acked_commands],
+        )
+        .await?;
+    let mut pruned = Pruned::default();
+    for row in bots {
+        let chatbot: Uuid = row.get(0);
+        let days: [i32; 3] = [row.get(1), row.get(2), row.get(3)];
+        let dead_letter_days = days[1];
+        for ((kind, table, rows), days) in KINDS.iter().zip(days) {
+            if days == 0 {
+                continue;
+            }
+            let key = if *table == "outbox" { "command_id" } else { "id" };
+            let n = if dry_run {
+                let sql = format!("SELECT count(*) FROM ({rows}) x");
+                client.query_one(&sql, &[&chatbot, &days, &dead_letter_days]).await?.get::<_, i64>(0) as u64
+            } else {
+                let sql = format!("DELETE FROM {table} WHERE {key} IN ({rows} LIMIT $4 FOR UPDATE SKIP LOCKED)");
+                let stmt = client.prepare(&sql).await?;
+                let mut total = 0;
+                loop {
+                    let n = client.execute(&stmt, &[&chatbot, &days, &dead_letter_days, &batch]).await?;
+                    if n > 0 {
+                        on_batch(kind, n);
+                    }
+                    total += n;
+                    if n < batch as u64 {
+                        break;
+                    }
+                }
+                total
+            };
+            match *kind {
+                "executions" => pruned.executions += n,
+                "dead_letters" => pruned.dead_letters += n,
+                _ => pruned.acked_commands += n,
+            }
+        }
+    }
+    Ok(pruned)
+}
+
+/// A chatbot's own retention.
+pub async fn get(store: &Store, chatbot: Uuid) -> StoreResult<Overrides> {
+    let client = store.pool().get().await?;
+    let row = client
+        .query_opt(
+            "SELECT executions_days, dead_letters_days, acked_commands_days FROM chatbot_retention WHERE chatbot_id = $1",
+            &[&chatbot],
+        )
+        .await?;
+    Ok(row.map_or_else(Overrides::default, |r| Overrides {
+        executions_days: r.get(0),
+        dead_letters_days: r.get(1),
+        acked_commands_days: r.get(2),
+    }))
+}
+
+/// Sets a chatbot's own retention (all `None`: back to the defaults), recording who.
+pub async fn set(store: &Store, chatbot: Uuid, o: Overrides, by: &str) -> StoreResult<()> {
+    o.validate().map_err(|(f, m)| super::StoreError::Invalid(format!("{f} {m}")))?;
+    let client = store.pool().get().await?;
+    client
+        .execute(
+            "INSERT INTO chatbot_retention (chatbot_id, executions_days, dead_letters_days, acked_commands_days, changed_by)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (chatbot_id) DO UPDATE SET executions_days = $2, dead_letters_days = $3,
+                 acked_commands_days = $4, changed_at = now(), changed_by = $5",
+            &[&chatbot, &o.executions_days, &o.dead_letters_days, &o.acked_commands_days, &by],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Prunes every `every` until cancelled, counting rows in `botflow_pruned_rows_total`.
+/// Every daemon on a database runs one: they skip each other's rows.
+pub async fn keep_pruning(store: Store, defaults: Days, batch: i64, every: std::time::Duration, cancel: tokio_util::sync::CancellationToken) {
+    use crate::telemetry::metrics as m;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let started = std::time::Instant::now();
+        let count = |kind: &str, n: u64| metrics::counter!(m::PRUNED, "kind" => kind.to_string()).increment(n);
+        match prune(&store, defaults, batch, false, count).await {
+            Ok(p) if p != Pruned::default() => tracing::info!(
+                executions = p.executions,
+                dead_letters = p.dead_letters,
+                acked_commands = p.acked_commands,
+                ms = started.elapsed().as_millis() as u64,
+                "pruned history past its retention"
+            ),
+            Ok(_) => {}
+            Err(error) => {
+                metrics::counter!(m::DB_ERRORS, "kind" => error.kind()).increment(1);
+                tracing::warn!(%error, "pruning failed; trying again at the next interval");
+            }
+        }
+    }
+}
