@@ -144,7 +144,7 @@ async fn prune_dry_run_counts_and_deletes_nothing_then_prune_deletes() {
     botflow::store::retention::set(
         &d.store,
         t.chatbots[1],
-        botflow::store::retention::Overrides { executions_days: Some(0), acked_commands_days: Some(0), ..Default::default() },
+        botflow::store::retention::RetentionOverrides { executions_days: Some(0), acked_commands_days: Some(0), ..Default::default() },
         "test",
     )
     .await

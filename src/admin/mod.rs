@@ -49,7 +49,7 @@ pub struct AdminState {
     /// Workflows whose webhook URL is a literal refused address are refused at save.
     pub egress: crate::egress::Egress,
     /// `[retention]`: what a chatbot without its own keeps, and what its owner may lower.
-    pub retention_defaults: crate::store::retention::Days,
+    pub retention_defaults: crate::store::retention::RetentionDays,
 }
 
 #[derive(OpenApi)]

@@ -6,7 +6,7 @@ use super::auth::OwnedChatbot;
 use super::body::Object;
 use super::error::{ApiError, Errors};
 use super::AdminState;
-use crate::store::retention::{self, Days, Overrides};
+use crate::store::retention::{self, RetentionDays, RetentionOverrides};
 use actix_web::{get, put, web, HttpResponse};
 use serde::Serialize;
 use uuid::Uuid;
@@ -15,13 +15,13 @@ use uuid::Uuid;
 pub struct RetentionView {
     pub chatbot_id: Uuid,
     /// In force, in days (0: kept forever): the chatbot's own values, the defaults for the rest.
-    pub retention: Days,
-    pub overrides: Overrides,
-    pub defaults: Days,
+    pub retention: RetentionDays,
+    pub overrides: RetentionOverrides,
+    pub defaults: RetentionDays,
 }
 
-fn resolve(d: Days, o: &Overrides) -> Days {
-    Days {
+fn resolve(d: RetentionDays, o: &RetentionOverrides) -> RetentionDays {
+    RetentionDays {
         executions: o.executions_days.unwrap_or(d.executions),
         dead_letters: o.dead_letters_days.unwrap_or(d.dead_letters),
         acked_commands: o.acked_commands_days.unwrap_or(d.acked_commands),
@@ -53,11 +53,11 @@ pub async fn get(state: web::Data<AdminState>, bot: OwnedChatbot) -> Result<Http
     description = "Sets the chatbot's own retention in days (null: the default). Its owner may keep less than the defaults; keeping more, or forever (0), takes an operator key. The pruner applies it at its next pass.",
     tag = "retention",
     params(("id" = Uuid, Path, description = "Chatbot id")),
-    request_body = Overrides,
+    request_body = RetentionOverrides,
     responses((status = 200, description = "Saved", body = RetentionView), Errors)
 )]
 #[put("/v1/chatbots/{id}/retention")]
-pub async fn put(state: web::Data<AdminState>, bot: OwnedChatbot, body: Object<Overrides>) -> Result<HttpResponse, ApiError> {
+pub async fn put(state: web::Data<AdminState>, bot: OwnedChatbot, body: Object<RetentionOverrides>) -> Result<HttpResponse, ApiError> {
     let overrides = body.into_inner();
     overrides.validate().map_err(|(field, message)| ApiError::invalid(field, format!("{field} {message}")))?;
     if !bot.caller.is_operator() {

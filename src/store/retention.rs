@@ -8,30 +8,30 @@ use super::{Store, StoreResult};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// Days each kind of row is kept; 0 keeps it forever.
+/// RetentionDays each kind of row is kept; 0 keeps it forever.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Days {
+pub struct RetentionDays {
     pub executions: i32,
     pub dead_letters: i32,
     pub acked_commands: i32,
 }
 
-impl From<&crate::config::RetentionConfig> for Days {
-    fn from(c: &crate::config::RetentionConfig) -> Days {
-        Days { executions: c.executions_days, dead_letters: c.dead_letters_days, acked_commands: c.acked_commands_days }
+impl From<&crate::config::RetentionConfig> for RetentionDays {
+    fn from(c: &crate::config::RetentionConfig) -> RetentionDays {
+        RetentionDays { executions: c.executions_days, dead_letters: c.dead_letters_days, acked_commands: c.acked_commands_days }
     }
 }
 
 /// A chatbot's own retention; `None` keeps the daemon's default for that kind.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct Overrides {
+pub struct RetentionOverrides {
     pub executions_days: Option<i32>,
     pub dead_letters_days: Option<i32>,
     pub acked_commands_days: Option<i32>,
 }
 
-impl Overrides {
+impl RetentionOverrides {
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
         for (field, v) in [
             ("executions_days", self.executions_days),
@@ -85,7 +85,7 @@ const KINDS: [(&str, &str, &str); 3] = [
 
 /// One pass over every chatbot: deletes (or with `dry_run` counts) what is past its
 /// retention, `batch` rows a statement. `on_batch` hears each batch (table, rows).
-pub async fn prune(store: &Store, defaults: Days, batch: i64, dry_run: bool, mut on_batch: impl FnMut(&str, u64)) -> StoreResult<Pruned> {
+pub async fn prune(store: &Store, defaults: RetentionDays, batch: i64, dry_run: bool, mut on_batch: impl FnMut(&str, u64)) -> StoreResult<Pruned> {
     let client = store.pool().get().await?;
     let bots = client
         .query(
@@ -135,7 +135,7 @@ pub async fn prune(store: &Store, defaults: Days, batch: i64, dry_run: bool, mut
 }
 
 /// A chatbot's own retention.
-pub async fn get(store: &Store, chatbot: Uuid) -> StoreResult<Overrides> {
+pub async fn get(store: &Store, chatbot: Uuid) -> StoreResult<RetentionOverrides> {
     let client = store.pool().get().await?;
     let row = client
         .query_opt(
@@ -143,7 +143,7 @@ pub async fn get(store: &Store, chatbot: Uuid) -> StoreResult<Overrides> {
             &[&chatbot],
         )
         .await?;
-    Ok(row.map_or_else(Overrides::default, |r| Overrides {
+    Ok(row.map_or_else(RetentionOverrides::default, |r| RetentionOverrides {
         executions_days: r.get(0),
         dead_letters_days: r.get(1),
         acked_commands_days: r.get(2),
@@ -151,7 +151,7 @@ pub async fn get(store: &Store, chatbot: Uuid) -> StoreResult<Overrides> {
 }
 
 /// Sets a chatbot's own retention (all `None`: back to the defaults), recording who.
-pub async fn set(store: &Store, chatbot: Uuid, o: Overrides, by: &str) -> StoreResult<()> {
+pub async fn set(store: &Store, chatbot: Uuid, o: RetentionOverrides, by: &str) -> StoreResult<()> {
     o.validate().map_err(|(f, m)| super::StoreError::Invalid(format!("{f} {m}")))?;
     let client = store.pool().get().await?;
     client
@@ -168,7 +168,7 @@ pub async fn set(store: &Store, chatbot: Uuid, o: Overrides, by: &str) -> StoreR
 
 /// Prunes every `every` until cancelled, counting rows in `botflow_pruned_rows_total`.
 /// Every daemon on a database runs one: they skip each other's rows.
-pub async fn keep_pruning(store: Store, defaults: Days, batch: i64, every: std::time::Duration, cancel: tokio_util::sync::CancellationToken) {
+pub async fn keep_pruning(store: Store, defaults: RetentionDays, batch: i64, every: std::time::Duration, cancel: tokio_util::sync::CancellationToken) {
     use crate::telemetry::metrics as m;
     loop {
         tokio::select! {
