@@ -423,7 +423,7 @@ impl Handler<WorkflowsChanged> for Router {
             }
             Change::Resync => self.slots.values_mut().for_each(reload),
             // Delivered as a `Wake`, or to the outbox, by the daemon; nothing to reload.
-            Change::Wake(_) | Change::Command { .. } | Change::CommandAcked { .. } => {}
+            Change::Wake(_) | Change::Command { .. } | Change::CommandAcked { .. } | Change::Key(_) => {}
             // A supervisor that is not running reads its limits when it starts.
             Change::Limits(id) => {
                 if let Some(Slot::Ready { addr, .. }) = self.slots.get(&id) {

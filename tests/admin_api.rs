@@ -260,6 +260,10 @@ const MATRIX: &[&str] = &[
     "POST /v1/dead-letters/{id}/replay",
     "POST /v1/events",
     "GET /v1/executions/{eid}",
+    "GET /v1/keys",
+    "POST /v1/keys/{kid}/revoke",
+    "POST /v1/keys/{kid}/rotate",
+    "GET /v1/audit",
 ];
 
 /// (method, path, success status) of every operation in the OpenAPI document.
@@ -308,6 +312,8 @@ struct Side {
     /// Open letters for the calls expected to replay or discard one.
     letters: Vec<Uuid>,
     ingest: String,
+    /// A key of the account made for each call that revokes or rotates one.
+    doomed_key: Uuid,
 }
 
 impl Side {
@@ -326,6 +332,7 @@ impl Side {
             witness: r(),
             letters: vec![],
             ingest: String::new(),
+            doomed_key: r(),
         }
     }
 }
@@ -355,6 +362,7 @@ async fn matrix_side(d: &TestDaemon, api: &Api, name: &str, receiver: &Receiver)
         witness: letters[0],
         letters: letters[1..].to_vec(),
         ingest: t.key,
+        doomed_key: Uuid::nil(),
     }
 }
 
@@ -401,6 +409,10 @@ fn matrix_request(ep: &str, s: &Side, delete_workflow: Uuid, letter: Uuid, tag: 
         "POST /v1/dead-letters/{id}/replay" => (format!("/v1/dead-letters/{letter}/replay"), None),
         "POST /v1/events" => ("/v1/events".into(), Some(json!([ev(&format!("m-{tag}"), bot, "x.none", "c-m", json!({}))]))),
         "GET /v1/executions/{eid}" => (format!("/v1/executions/{}", s.execution), None),
+        "GET /v1/keys" => (format!("/v1/keys?account_id={}", s.account), None),
+        "POST /v1/keys/{kid}/revoke" => (format!("/v1/keys/{}/revoke", s.doomed_key), None),
+        "POST /v1/keys/{kid}/rotate" => (format!("/v1/keys/{}/rotate", s.doomed_key), Some(json!({"grace_seconds": 0}))),
+        "GET /v1/audit" => (format!("/v1/audit?account_id={}", s.account), None),
         other => panic!("no request for {other}"),
     }
 }
@@ -424,7 +436,7 @@ fn matrix_expected(ep: &str, who: Who, own: bool, success: u16) -> u16 {
             "POST /v1/events" | "GET /v1/dead-letters" => 403,
             "PUT /v1/chatbots/{id}/limits" if own => 403,
             // Naming another account lists nothing.
-            "GET /v1/chatbots" => 200,
+            "GET /v1/chatbots" | "GET /v1/keys" | "GET /v1/audit" => 200,
             _ if own => success,
             _ => 404,
         },
@@ -511,6 +523,10 @@ async fn ownership_matrix_every_documented_endpoint_every_role_own_and_other_acc
                 } else {
                     side.witness
                 };
+                if ep.starts_with("POST /v1/keys/") {
+                    let doomed = accounts::create_key(&d.store, side.account, Role::Ingest).await.unwrap();
+                    side.doomed_key = uuids(&db, "SELECT id FROM api_keys WHERE prefix = $1", &[&&doomed[4..16]]).await[0];
+                }
                 let (path, body) = matrix_request(&ep, side, delete_workflow, letter, &tag);
                 let r = api.call(m, &path, Auth::Key(&key), body.clone().map(Body::Json)).await;
                 let what = format!("{who:?} on {} account: {ep} ({path})", if own { "its own" } else { "another" });
@@ -553,7 +569,7 @@ async fn ownership_matrix_every_documented_endpoint_every_role_own_and_other_acc
                             failures.push(format!("{what}: unexpected event result {result}"));
                         }
                     }
-                    "GET /v1/chatbots" if who == Who::Admin && !own
+                    "GET /v1/chatbots" | "GET /v1/keys" | "GET /v1/audit" if who == Who::Admin && !own
                         && r.json["items"] != json!([]) => {
                             failures.push(format!("{what}: listed another account's chatbots: {}", r.text));
                         }
@@ -646,6 +662,16 @@ async fn ownership_matrix_every_documented_endpoint_every_role_own_and_other_acc
     .await;
     if refused != 0 {
         failures.push(format!("{refused} workflows or chatbots were created by refused calls"));
+    }
+    // Only the calls expected to act revoked or rotated a key: one each by A's admin and
+    // the operator on A's keys, one each by the operator on B's.
+    for (side, account, want) in [("A", a.account, 2), ("B", b.account, 1)] {
+        for action in ["key.revoke", "key.rotate"] {
+            let n = scalar(&db, "SELECT count(*) FROM audit_log WHERE account_id = $1 AND action = $2", &[&account, &action]).await;
+            if n != want {
+                failures.push(format!("{side}'s keys: {n} {action} entries, want {want}"));
+            }
+        }
     }
     for (side, bot) in [("A", a.bot), ("B", b.bot)] {
         let changes = scalar(&db, "SELECT count(*) FROM limit_changes WHERE chatbot_id = $1", &[&bot]).await;

@@ -4,7 +4,7 @@
 use super::body::Object;
 use super::auth::{Caller, OwnedChatbot};
 use super::error::{ApiError, Errors};
-use super::page::{self, Page, Position};
+use super::page::{self, AccountQuery, Page, Position};
 use super::AdminState;
 use crate::store::accounts::{self, ChatbotRow};
 use actix_web::{get, post, web, HttpResponse};
@@ -19,17 +19,6 @@ pub struct NewChatbot {
     /// The owning account: the caller's own when absent (only operators may name another).
     #[serde(default)]
     pub account_id: Option<Uuid>,
-}
-
-#[derive(Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-#[serde(deny_unknown_fields)]
-pub struct ListQuery {
-    /// Operators: only this account's chatbots.
-    pub account_id: Option<Uuid>,
-    /// 1 to 500 (default 50).
-    pub limit: Option<i64>,
-    pub cursor: Option<String>,
 }
 
 #[utoipa::path(
@@ -67,28 +56,15 @@ pub async fn create(state: web::Data<AdminState>, caller: Caller, body: Object<N
     summary = "List chatbots",
     description = "The chatbots of the key's account (an operator key: every account), oldest first, a page at a time.",
     tag = "chatbots",
-    params(ListQuery),
+    params(AccountQuery),
     responses((status = 200, description = "A page of chatbots, oldest first", body = Page<ChatbotRow>), Errors)
 )]
 #[get("/v1/chatbots")]
-pub async fn list(state: web::Data<AdminState>, caller: Caller, q: web::Query<ListQuery>) -> Result<HttpResponse, ApiError> {
-    caller.require_admin()?;
-    let limit = page::limit(q.limit)?;
-    let account = if caller.is_operator() {
-        q.account_id
-    } else {
-        // An admin sees its own account only; naming another finds nothing.
-        match q.account_id {
-            Some(a) if a != caller.principal.account_id => {
-                return Ok(HttpResponse::Ok().json(Page::<ChatbotRow> { items: vec![], next_cursor: None }))
-            }
-            _ => Some(caller.principal.account_id),
-        }
-    };
-    let query = format!("chatbots:{account:?}");
-    let after = q.cursor.as_deref().map(|c| page::decode(c, &query)?.time()).transpose()?;
-    let rows = accounts::list_chatbots(&state.store, account, after, limit + 1).await?;
-    Ok(HttpResponse::Ok().json(page::page(rows, limit, &query, |r| Position::at(r.created_at, r.id))))
+pub async fn list(state: web::Data<AdminState>, caller: Caller, q: web::Query<AccountQuery>) -> Result<HttpResponse, ApiError> {
+    page::by_account(&caller, &q, "chatbots", |r: &ChatbotRow| Position::at(r.created_at, r.id), |account, after, limit| {
+        accounts::list_chatbots(&state.store, account, after, limit)
+    })
+    .await
 }
 
 #[utoipa::path(

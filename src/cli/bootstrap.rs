@@ -1,7 +1,7 @@
 //! Bootstrap commands against the database, without a running daemon: accounts, keys,
 //! chatbots, and the database side of `workflows apply` (the command itself lives in
 //! `workflows`). A running daemon hears about workflow changes through PostgreSQL
-//! NOTIFY within a second.
+//! NOTIFY within a second. (`keys list|revoke|rotate` go over the admin API, in `keys`.)
 
 use super::database::Database;
 use super::{AccountsCmd, ChatbotsCmd, KeysCmd};
@@ -39,6 +39,9 @@ pub fn keys(config: Config, cmd: KeysCmd) -> anyhow::Result<()> {
             eprintln!("created {article} {role} key for account {account}; it is shown only now");
             println!("{key}");
         }
+        KeysCmd::List(a) => super::keys::list(config, a)?,
+        KeysCmd::Revoke(a) => super::keys::revoke(config, a)?,
+        KeysCmd::Rotate(a) => super::keys::rotate(config, a)?,
     }
     Ok(())
 }

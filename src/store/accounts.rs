@@ -96,7 +96,7 @@ pub struct ChatbotRecord {
     pub webhook_secret: String,
 }
 
-fn random_hex(bytes: usize) -> String {
+pub(super) fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     rand::thread_rng().fill_bytes(&mut buf);
     hex::encode(buf)
@@ -104,6 +104,20 @@ fn random_hex(bytes: usize) -> String {
 
 fn hash_key(key: &str) -> Vec<u8> {
     Sha256::digest(key.as_bytes()).to_vec()
+}
+
+/// A new key of `account_id` with `role`, inserted through `db` (a client or a
+/// transaction); returns its id and the key in clear.
+pub(super) async fn insert_key(db: &impl deadpool_postgres::GenericClient, account_id: Uuid, role: Role) -> StoreResult<(Uuid, String)> {
+    let prefix = random_hex(6);
+    let key = format!("bfk_{prefix}_{}", random_hex(24));
+    let id = Uuid::now_v7();
+    db.execute(
+        "INSERT INTO api_keys (id, account_id, prefix, key_hash, role) VALUES ($1, $2, $3, $4, $5)",
+        &[&id, &account_id, &prefix, &hash_key(&key), &role.as_str()],
+    )
+    .await?;
+    Ok((id, key))
 }
 
 /// Splits `bfk_<prefix>_<secret>`; anything else is not a key.
@@ -134,25 +148,19 @@ pub async fn create_key(store: &Store, account_id: Uuid, role: Role) -> StoreRes
     if !account_exists(store, account_id).await? {
         return Err(StoreError::NotFound { what: "account", id: account_id.to_string() });
     }
-    let prefix = random_hex(6);
-    let key = format!("bfk_{prefix}_{}", random_hex(24));
     let client = store.pool().get().await?;
-    client
-        .execute(
-            "INSERT INTO api_keys (id, account_id, prefix, key_hash, role) VALUES ($1, $2, $3, $4, $5)",
-            &[&Uuid::now_v7(), &account_id, &prefix, &hash_key(&key), &role.as_str()],
-        )
-        .await?;
-    Ok(key)
+    Ok(insert_key(&client, account_id, role).await?.1)
 }
 
-/// The principal of a key, or `None` for a key that is malformed, unknown or revoked.
+/// The principal of a key, or `None` for a key that is malformed, unknown, revoked or
+/// past the grace period of a rotation. Notes the key's last use (see `note_use`).
 pub async fn authenticate(store: &Store, key: &str) -> StoreResult<Option<Principal>> {
     let Some(prefix) = key_prefix(key) else { return Ok(None) };
     let client = store.pool().get().await?;
     let row = client
         .query_opt(
-            "SELECT id, account_id, key_hash, role FROM api_keys WHERE prefix = $1 AND revoked_at IS NULL",
+            "SELECT id, account_id, key_hash, role FROM api_keys
+             WHERE prefix = $1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())",
             &[&prefix],
         )
         .await?;
@@ -163,7 +171,34 @@ pub async fn authenticate(store: &Store, key: &str) -> StoreResult<Option<Princi
     }
     let role: String = row.get(3);
     let role = role.parse().map_err(StoreError::Invalid)?;
-    Ok(Some(Principal { key_id: row.get(0), account_id: row.get(1), role }))
+    let principal = Principal { key_id: row.get(0), account_id: row.get(1), role };
+    note_use(&client, principal.key_id).await;
+    Ok(Some(principal))
+}
+
+/// How often one daemon writes a key's `last_used_at`: HTTP ingest authenticates every
+/// request, and a write per request would cost more than the request.
+const LAST_USED_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Writes `last_used_at` if this process has not done so for the key in the last
+/// minute. A failure is not the caller's: the key was valid.
+async fn note_use(client: &tokio_postgres::Client, key_id: Uuid) {
+    static NOTED: std::sync::Mutex<Option<std::collections::HashMap<Uuid, std::time::Instant>>> = std::sync::Mutex::new(None);
+    let now = std::time::Instant::now();
+    {
+        let mut noted = NOTED.lock().unwrap_or_else(|p| p.into_inner());
+        let map = noted.get_or_insert_with(Default::default);
+        if map.get(&key_id).is_some_and(|at| now.duration_since(*at) < LAST_USED_EVERY) {
+            return;
+        }
+        if map.len() > 100_000 {
+            map.retain(|_, at| now.duration_since(*at) < LAST_USED_EVERY);
+        }
+        map.insert(key_id, now);
+    }
+    if let Err(error) = client.execute("UPDATE api_keys SET last_used_at = now() WHERE id = $1", &[&key_id]).await {
+        tracing::debug!(%error, "cannot note a key's last use");
+    }
 }
 
 pub async fn create_chatbot(store: &Store, account_id: Uuid, name: &str) -> StoreResult<Uuid> {
@@ -219,13 +254,7 @@ pub async fn bootstrap_operator_key(store: &Store) -> StoreResult<Option<String>
     }
     let account_id = Uuid::now_v7();
     tx.execute("INSERT INTO accounts (id, name) VALUES ($1, 'operators')", &[&account_id]).await?;
-    let prefix = random_hex(6);
-    let key = format!("bfk_{prefix}_{}", random_hex(24));
-    tx.execute(
-        "INSERT INTO api_keys (id, account_id, prefix, key_hash, role) VALUES ($1, $2, $3, $4, 'operator')",
-        &[&Uuid::now_v7(), &account_id, &prefix, &hash_key(&key)],
-    )
-    .await?;
+    let (_, key) = insert_key(&tx, account_id, Role::Operator).await?;
     tx.commit().await?;
     Ok(Some(key))
 }

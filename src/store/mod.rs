@@ -5,10 +5,12 @@
 //! never build SQL themselves.
 
 pub mod accounts;
+pub mod audit;
 pub mod dead_letters;
 pub mod error;
 pub mod executions;
 pub mod journal;
+pub mod keys;
 pub mod leases;
 pub mod limits;
 pub mod listen;
