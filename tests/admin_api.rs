@@ -244,6 +244,7 @@ const MATRIX: &[&str] = &[
     "GET /v1/chatbots/{id}/executions",
     "GET /v1/chatbots/{id}/limits",
     "PUT /v1/chatbots/{id}/limits",
+    "POST /v1/chatbots/{id}/rotate-secret",
     "GET /v1/chatbots/{id}/workflows",
     "POST /v1/chatbots/{id}/workflows",
     "POST /v1/chatbots/{id}/workflows/apply",
@@ -410,6 +411,7 @@ fn matrix_request(ep: &str, s: &Side, delete_workflow: Uuid, letter: Uuid, tag: 
         "POST /v1/events" => ("/v1/events".into(), Some(json!([ev(&format!("m-{tag}"), bot, "x.none", "c-m", json!({}))]))),
         "GET /v1/executions/{eid}" => (format!("/v1/executions/{}", s.execution), None),
         "GET /v1/keys" => (format!("/v1/keys?account_id={}", s.account), None),
+        "POST /v1/chatbots/{id}/rotate-secret" => (format!("/v1/chatbots/{}/rotate-secret", s.bot2), Some(json!({"grace_seconds": 60}))),
         "POST /v1/keys/{kid}/revoke" => (format!("/v1/keys/{}/revoke", s.doomed_key), None),
         "POST /v1/keys/{kid}/rotate" => (format!("/v1/keys/{}/rotate", s.doomed_key), Some(json!({"grace_seconds": 0}))),
         "GET /v1/audit" => (format!("/v1/audit?account_id={}", s.account), None),
@@ -671,6 +673,12 @@ async fn ownership_matrix_every_documented_endpoint_every_role_own_and_other_acc
             if n != want {
                 failures.push(format!("{side}'s keys: {n} {action} entries, want {want}"));
             }
+        }
+    }
+    for (side, bot, want) in [("A", a.bot2, 2), ("B", b.bot2, 1)] {
+        let n = scalar(&db, "SELECT count(*) FROM audit_log WHERE target_id = $1 AND action = 'chatbot.rotate_secret'", &[&bot]).await;
+        if n != want {
+            failures.push(format!("{side}'s chatbot: its secret rotated {n} times, want {want}"));
         }
     }
     for (side, bot) in [("A", a.bot), ("B", b.bot)] {

@@ -965,4 +965,15 @@ async fn key_commands_list_rotate_revoke_and_the_audit_over_the_api() {
     let theirs = op.json_lines(&["keys", "list", "--account", &other.account.to_string()]).await;
     let err = cli.fails(&["keys", "revoke", theirs[0]["id"].as_str().unwrap()]).await;
     assert!(err.contains("404") && err.contains("not found"), "{err}");
+
+    // A chatbot's webhook secret: the new one alone on stdout.
+    let bot = botflow::store::accounts::create_chatbot(&d.store, t.account, "support").await.unwrap();
+    let o = cli.run(&["chatbots", "rotate-secret", &bot.to_string(), "--grace", "1h"]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let secret = stdout(&o).trim().to_string();
+    assert_eq!(secret.len(), 64, "{secret:?}");
+    assert!(stderr(&o).contains("old secret's signature too until"), "{}", stderr(&o));
+    let record = botflow::store::accounts::get_chatbot(&d.store, bot).await.unwrap().unwrap();
+    assert_eq!(record.signing().current, secret);
+    assert!(cli.ok(&["audit"]).await.contains("chatbot.rotate_secret"));
 }

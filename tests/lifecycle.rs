@@ -1,7 +1,8 @@
 //! The lifecycle of keys and chatbots as their owners and operators see it: a revoked
 //! key's open connections are told and closed within a second, on the daemon that
 //! revoked it and on another daemon of the same database; a rotated key works during
-//! its grace period and is refused after it; who may manage which keys; the audit log.
+//! its grace period and is refused after it; who may manage which keys; the audit log;
+//! a chatbot's rotated webhook secret signing beside the new one during its grace.
 
 mod common;
 
@@ -222,4 +223,103 @@ async fn keys_are_managed_by_their_accounts_admins_and_by_operators_only() {
     assert_eq!(status, 200);
     let (status, _) = call(&d, reqwest::Method::GET, &admin_a, "/v1/keys", None).await;
     assert_eq!(status, 401);
+}
+
+fn hmac_v1(secret: &str, timestamp: &str, body: &[u8]) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(timestamp.as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!("v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// The secrets whose signatures a request carries, in the header's order.
+fn signed_by(r: &Received, secrets: &[(&str, &str)]) -> Vec<String> {
+    let ts = r.header("X-Botflow-Timestamp").unwrap();
+    r.header("X-Botflow-Signature")
+        .unwrap()
+        .split(',')
+        .map(|sig| {
+            let who = secrets.iter().find(|(_, s)| hmac_v1(s, ts, &r.body) == sig);
+            who.map(|(name, _)| name.to_string()).unwrap_or_else(|| format!("invalid {sig}"))
+        })
+        .collect()
+}
+
+#[actix_rt::test]
+async fn a_rotated_webhook_secret_signs_beside_the_new_one_during_its_grace_period() {
+    let receiver = Receiver::start().await;
+    let d = TestDaemon::start().await;
+    let t = tenant(&d.store, "acme", 2).await;
+    let (bot, other_bot) = (t.chatbots[0], t.chatbots[1]);
+    let admin = accounts::create_key(&d.store, t.account, Role::Admin).await.unwrap();
+    let url = receiver.url("/hook");
+    apply(&d.store, bot, json!([{"name": "hook", "trigger": {"event": "x.go"}, "steps": [{"id": "call", "action": "webhook", "url": url}]}])).await;
+    let old = accounts::get_chatbot(&d.store, bot).await.unwrap().unwrap().signing().current;
+    let mut c = Client::tcp(d.tcp()).await.hello(&t.key, &[]).await;
+    let mut fire = async |id: &str| {
+        c.send(&event(id, bot, "x.go", json!({}))).await;
+        assert_eq!(c.recv().await["op"], "ack");
+    };
+    fire("before").await;
+    let r = receiver.wait_for("/hook", 1).await;
+    assert_eq!(signed_by(&r[0], &[("old", &old)]), ["old"]);
+
+    let (status, v) =
+        call(&d, reqwest::Method::POST, &admin, &format!("/v1/chatbots/{bot}/rotate-secret"), Some(json!({"grace_seconds": 2}))).await;
+    assert_eq!(status, 200, "{v}");
+    let rotated = Instant::now();
+    let new = v["secret"].as_str().unwrap().to_string();
+    assert!(new.len() == 64 && new != old, "{v}");
+    assert!(v["previous_secret_expires_at"].is_string(), "{v}");
+    let both = [("new", new.as_str()), ("old", old.as_str())];
+    fire("during").await;
+    let r = receiver.wait_for("/hook", 2).await;
+    assert!(rotated.elapsed() < Duration::from_secs(2));
+    assert_eq!(signed_by(&r[1], &both), ["new", "old"], "{:?}", r[1].header("X-Botflow-Signature"));
+
+    tokio::time::sleep(Duration::from_secs(2).saturating_sub(rotated.elapsed()) + Duration::from_millis(100)).await;
+    fire("after").await;
+    let r = receiver.wait_for("/hook", 3).await;
+    assert_eq!(signed_by(&r[2], &both), ["new"]);
+
+    // The chatbot's admins and operators only; audited.
+    let other = tenant(&d.store, "other", 0).await;
+    let other_admin = accounts::create_key(&d.store, other.account, Role::Admin).await.unwrap();
+    let (status, _) = call(&d, reqwest::Method::POST, &other_admin, &format!("/v1/chatbots/{other_bot}/rotate-secret"), Some(json!({}))).await;
+    assert_eq!(status, 404);
+    let (status, _) = call(&d, reqwest::Method::POST, &t.key, &format!("/v1/chatbots/{other_bot}/rotate-secret"), Some(json!({}))).await;
+    assert_eq!(status, 403);
+    let (_, audit) = call(&d, reqwest::Method::GET, &admin, "/v1/audit", None).await;
+    assert_eq!(audit["items"][0]["action"], "chatbot.rotate_secret", "{audit}");
+    assert_eq!(audit["items"][0]["target_id"], json!(bot));
+    assert_eq!(audit["items"].as_array().unwrap().len(), 1);
+}
+
+#[actix_rt::test]
+async fn a_secret_rotated_through_another_daemon_signs_here_too() {
+    let receiver = Receiver::start().await;
+    let a = TestDaemon::start().await;
+    let b = TestDaemon::start_with(DaemonOptions { pg: Some(a.pg.clone()), ..Default::default() }).await;
+    let t = tenant(&a.store, "acme", 1).await;
+    let bot = t.chatbots[0];
+    apply(&a.store, bot, json!([{"name": "hook", "trigger": {"event": "x.go"}, "steps": [{"id": "call", "action": "webhook", "url": receiver.url("/hook")}]}])).await;
+    let old = accounts::get_chatbot(&a.store, bot).await.unwrap().unwrap().signing().current;
+    // B's supervisor for the chatbot runs (and holds the secret) before the rotation.
+    let mut c = Client::unix(&b.unix()).await.hello(&t.key, &[]).await;
+    c.send(&event("warm", bot, "x.go", json!({}))).await;
+    assert_eq!(c.recv().await["op"], "ack");
+    receiver.wait_for("/hook", 1).await;
+    let (status, v) =
+        call(&a, reqwest::Method::POST, &operator(&a), &format!("/v1/chatbots/{bot}/rotate-secret"), Some(json!({"grace_seconds": 60}))).await;
+    assert_eq!(status, 200, "{v}");
+    let new = v["secret"].as_str().unwrap().to_string();
+    let both = [("new", new.as_str()), ("old", old.as_str())];
+    // Announced within a second.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c.send(&event("after", bot, "x.go", json!({}))).await;
+    assert_eq!(c.recv().await["op"], "ack");
+    let r = receiver.wait_for("/hook", 2).await;
+    assert_eq!(signed_by(&r[1], &both), ["new", "old"]);
 }

@@ -1,5 +1,6 @@
 //! `/v1/chatbots`: create (in the caller's account; operators may name another),
-//! list (the caller's account; operators: all, or one account) and read one.
+//! list (the caller's account; operators: all, or one account), read one, and rotate
+//! its webhook signing secret (the chatbot's admins and operators).
 
 use super::body::Object;
 use super::auth::{Caller, OwnedChatbot};
@@ -8,6 +9,7 @@ use super::page::{self, AccountQuery, Page, Position};
 use super::AdminState;
 use crate::store::accounts::{self, ChatbotRow};
 use actix_web::{get, post, web, HttpResponse};
+use crate::router::SetSigning;
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -81,4 +83,34 @@ pub async fn get(state: web::Data<AdminState>, bot: OwnedChatbot) -> Result<Http
         .await?
         .ok_or_else(|| ApiError::not_found(format!("chatbot {} not found", bot.id)))?;
     Ok(HttpResponse::Ok().json(row))
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct SecretRotated {
+    pub chatbot_id: Uuid,
+    /// The new webhook signing secret.
+    pub secret: String,
+    /// Until when webhooks also carry the old secret's signature (`null`: they do not).
+    pub previous_secret_expires_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+#[utoipa::path(
+    operation_id = "rotate_chatbot_secret",
+    summary = "Rotate a chatbot's webhook secret",
+    description = "Gives the chatbot a new webhook signing secret and answers it. For `grace_seconds` webhooks carry two \
+                   signatures, `X-Botflow-Signature: v1=<new>,v1=<old>`, so a receiver can switch secrets without \
+                   refusing requests; after it only the new one. Audited.",
+    tag = "chatbots",
+    params(("id" = Uuid, Path, description = "Chatbot id")),
+    request_body = super::keys::Grace,
+    responses((status = 200, description = "The new secret", body = SecretRotated), Errors)
+)]
+#[post("/v1/chatbots/{id}/rotate-secret")]
+pub async fn rotate_secret(state: web::Data<AdminState>, bot: OwnedChatbot, body: Object<super::keys::Grace>) -> Result<HttpResponse, ApiError> {
+    let grace = super::keys::grace(body.grace_seconds)?;
+    let signing = crate::store::secrets::rotate(&state.store, bot.id, grace, Some(&bot.caller.principal)).await?;
+    // In place on this daemon before answering, so the next webhook is signed with both.
+    let _ = state.router.send(SetSigning(bot.id, signing.clone())).await;
+    let previous_secret_expires_at = signing.previous.as_ref().map(|(_, until)| *until).filter(|until| *until > chrono::Utc::now());
+    Ok(HttpResponse::Ok().json(SecretRotated { chatbot_id: bot.id, secret: signing.current, previous_secret_expires_at }))
 }

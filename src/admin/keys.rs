@@ -20,11 +20,11 @@ use serde::Deserialize;
 use std::time::Duration;
 use uuid::Uuid;
 
+/// A rotation's grace period.
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct Rotation {
-    /// How long the old key keeps working, in seconds (0 to 2592000, 30 days; default 0:
-    /// refused at once).
+pub struct Grace {
+    /// How long the old one keeps working, in seconds (0 to 2592000, 30 days; default 0).
     #[serde(default)]
     pub grace_seconds: u64,
 }
@@ -92,7 +92,7 @@ pub async fn revoke(state: web::Data<AdminState>, caller: Caller, kid: web::Path
                    or already rotated key answers 409. Audited.",
     tag = "keys",
     params(("kid" = Uuid, Path, description = "Key id")),
-    request_body = Rotation,
+    request_body = Grace,
     responses((status = 201, description = "The new key, and both keys' rows", body = Rotated), Errors)
 )]
 #[post("/v1/keys/{kid}/rotate")]
@@ -100,7 +100,7 @@ pub async fn rotate(
     state: web::Data<AdminState>,
     caller: Caller,
     kid: web::Path<Uuid>,
-    body: Object<Rotation>,
+    body: Object<Grace>,
 ) -> Result<HttpResponse, ApiError> {
     let key = caller.managed_key(&state, kid.into_inner()).await?;
     let grace = grace(body.grace_seconds)?;

@@ -131,6 +131,7 @@ where
         .service(chatbots::create)
         .service(chatbots::list)
         .service(chatbots::get)
+        .service(chatbots::rotate_secret)
         .service(workflows::dry_run)
         .service(workflows::apply)
         .service(workflows::list)

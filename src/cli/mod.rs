@@ -13,7 +13,7 @@ pub mod bootstrap;
 pub mod database;
 pub mod dlq;
 pub mod executions;
-pub mod keys;
+pub mod lifecycle;
 pub mod limits;
 pub mod send;
 pub mod serve;
@@ -65,7 +65,7 @@ pub enum Command {
     #[command(subcommand)]
     Limits(limits::LimitsCmd),
     /// Who revoked or rotated keys, rotated webhook secrets, deleted chatbots (over the admin API)
-    Audit(keys::ListArgs),
+    Audit(lifecycle::ListArgs),
     /// Stream NDJSON events to the daemon and print every line it answers
     Send(send::SendArgs),
     /// Measure the daemon's throughput and latency against a real PostgreSQL
@@ -96,13 +96,13 @@ pub enum KeysCmd {
     },
     /// List API keys: prefix, role, account, created, last used, revoked or expiring
     /// (over the admin API; never the keys themselves)
-    List(keys::ListArgs),
+    List(lifecycle::ListArgs),
     /// Revoke a key now: refused by the API at once, its socket connections closed
     /// within a second (over the admin API)
-    Revoke(keys::RevokeArgs),
+    Revoke(lifecycle::RevokeArgs),
     /// Make a new key in place of one; the old one works for --grace more. Prints the
     /// new key, shown only this once (over the admin API)
-    Rotate(keys::RotateArgs),
+    Rotate(lifecycle::RotateArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -121,6 +121,9 @@ pub enum ChatbotsCmd {
         #[arg(value_parser = crate::cli::id_arg)]
         chatbot: uuid::Uuid,
     },
+    /// Give the chatbot a new webhook secret and print it; webhooks carry the old
+    /// secret's signature too for --grace (over the admin API)
+    RotateSecret(lifecycle::RotateArgs),
 }
 
 /// Reads an id argument (a chatbot, workflow, account, execution or dead letter id),

@@ -93,7 +93,36 @@ pub struct ChatbotRecord {
     pub id: Uuid,
     pub account_id: Uuid,
     pub name: String,
-    pub webhook_secret: String,
+    /// Shared by every holder of the record (the router, the supervisor, its
+    /// executors), so a rotated secret reaches the next webhook without a restart.
+    pub signing: std::sync::Arc<std::sync::RwLock<Signing>>,
+}
+
+/// The secrets that sign a chatbot's webhooks: the current one, and during the grace
+/// period of a rotation the previous one too.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Signing {
+    pub current: String,
+    pub previous: Option<(String, chrono::DateTime<chrono::Utc>)>,
+}
+
+impl Signing {
+    /// The secrets that sign now: the current one first.
+    pub fn secrets(&self, now: chrono::DateTime<chrono::Utc>) -> Vec<String> {
+        let previous = self.previous.iter().filter(|(_, until)| *until > now).map(|(s, _)| s.clone());
+        std::iter::once(self.current.clone()).chain(previous).collect()
+    }
+}
+
+impl ChatbotRecord {
+    pub fn signing(&self) -> Signing {
+        self.signing.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Puts rotated secrets in place for every holder of this record.
+    pub fn set_signing(&self, signing: Signing) {
+        *self.signing.write().unwrap_or_else(|p| p.into_inner()) = signing;
+    }
 }
 
 pub(super) fn random_hex(bytes: usize) -> String {
@@ -223,13 +252,19 @@ pub async fn create_chatbot(store: &Store, account_id: Uuid, name: &str) -> Stor
 pub async fn get_chatbot(store: &Store, id: Uuid) -> StoreResult<Option<ChatbotRecord>> {
     let client = store.pool().get().await?;
     let stmt = client
-        .prepare_cached("SELECT id, account_id, name, webhook_secret FROM chatbots WHERE id = $1")
+        .prepare_cached(
+            "SELECT id, account_id, name, webhook_secret, previous_webhook_secret, previous_secret_expires_at
+             FROM chatbots WHERE id = $1",
+        )
         .await?;
-    Ok(client.query_opt(&stmt, &[&id]).await?.map(|r| ChatbotRecord {
-        id: r.get(0),
-        account_id: r.get(1),
-        name: r.get(2),
-        webhook_secret: r.get(3),
+    Ok(client.query_opt(&stmt, &[&id]).await?.map(|r| {
+        let previous = r.get::<_, Option<String>>(4).zip(r.get(5));
+        ChatbotRecord {
+            id: r.get(0),
+            account_id: r.get(1),
+            name: r.get(2),
+            signing: std::sync::Arc::new(std::sync::RwLock::new(Signing { current: r.get(3), previous })),
+        }
     }))
 }
 

@@ -23,6 +23,8 @@ pub enum Change {
     Limits(Uuid),
     /// This API key was revoked or rotated: connections it opened may have to close.
     Key(Uuid),
+    /// This chatbot's webhook secret was rotated.
+    Secret(Uuid),
     /// Another node (`node`) committed a pending command for `chatbot_id`.
     Command { node: Uuid, chatbot_id: Uuid, command_id: String },
     /// A client acked this command through some node, with a key of this account
@@ -64,10 +66,11 @@ pub async fn run(store: Store, tx: mpsc::UnboundedSender<Change>, cancel: Cancel
                     }
                 });
                 let listen = format!(
-                    "LISTEN {}; LISTEN {WAKE_CHANNEL}; LISTEN {COMMANDS_CHANNEL}; LISTEN {}; LISTEN {}",
+                    "LISTEN {}; LISTEN {WAKE_CHANNEL}; LISTEN {COMMANDS_CHANNEL}; LISTEN {}; LISTEN {}; LISTEN {}",
                     super::workflows::WORKFLOWS_CHANNEL,
                     super::limits::LIMITS_CHANNEL,
-                    super::keys::KEYS_CHANNEL
+                    super::keys::KEYS_CHANNEL,
+                    super::secrets::SECRETS_CHANNEL
                 );
                 if let Err(error) = client.batch_execute(&listen).await {
                     tracing::warn!(%error, "cannot LISTEN for workflow changes");
@@ -95,6 +98,7 @@ pub async fn run(store: Store, tx: mpsc::UnboundedSender<Change>, cancel: Cancel
                                             WAKE_CHANNEL => Change::Wake(id),
                                             super::limits::LIMITS_CHANNEL => Change::Limits(id),
                                             super::keys::KEYS_CHANNEL => Change::Key(id),
+                                            super::secrets::SECRETS_CHANNEL => Change::Secret(id),
                                             _ => Change::Workflows(id),
                                         };
                                         let _ = tx.send(change);

@@ -16,6 +16,7 @@ pub mod limits;
 pub mod listen;
 pub mod migrate;
 pub mod outbox;
+pub mod secrets;
 pub mod workflows;
 
 pub use error::{StoreError, StoreResult};

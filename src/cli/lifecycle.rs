@@ -1,6 +1,7 @@
-//! `botflow keys list|revoke|rotate` and `botflow audit`, over the admin API of a
-//! running daemon (`keys create` works on the database, see `bootstrap`). The API
-//! records the key that revoked or rotated another in the audit log, which `audit`
+//! The lifecycle of keys and chatbots over the admin API of a running daemon:
+//! `botflow keys list|revoke|rotate`, `botflow chatbots rotate-secret` and `botflow
+//! audit` (`keys create` and `chatbots create|secret` work on the database, see
+//! `bootstrap`). The API records the key that acted in the audit log, which `audit`
 //! prints.
 
 use super::api::{block_on, call_and_print, cell, print_fields, print_json_lines, time_cell, Api, ApiArgs, Table};
@@ -15,13 +16,13 @@ use uuid::Uuid;
 pub struct PageArgs {
     /// Rows per page, 1 to 500 [default: the API's, 50]
     #[arg(long, value_name = "N")]
-    limit: Option<i64>,
+    pub limit: Option<i64>,
     /// Start after the page that printed this cursor
     #[arg(long, conflicts_with = "all_pages")]
-    cursor: Option<String>,
+    pub cursor: Option<String>,
     /// Follow every page
     #[arg(long)]
-    all_pages: bool,
+    pub all_pages: bool,
 }
 
 /// A list of an account's things: keys, audit entries.
@@ -47,10 +48,10 @@ pub struct RevokeArgs {
 
 #[derive(Args, Debug)]
 pub struct RotateArgs {
-    /// The key's id (as `keys list` shows it)
+    /// The key's id (as `keys list` shows it), or with `chatbots rotate-secret` the chatbot's
     #[arg(value_parser = crate::cli::id_arg)]
     id: Uuid,
-    /// How long the old key keeps working: `0s`, `90s`, `10m`, `2h`, `7d` (at most 30 days)
+    /// How long the old one keeps working: `0s`, `90s`, `10m`, `2h`, `7d` (at most 30 days)
     #[arg(long, value_name = "DURATION", value_parser = grace_arg)]
     grace: std::time::Duration,
     #[command(flatten)]
@@ -141,6 +142,23 @@ pub fn rotate(config: Config, a: RotateArgs) -> anyhow::Result<()> {
     );
     println!("{}", cell(&v["key"]));
     Ok(())
+}
+
+/// Prints the new secret alone on stdout, the rest on stderr.
+pub fn rotate_secret(config: Config, a: RotateArgs) -> anyhow::Result<()> {
+    let body = json!({"grace_seconds": a.grace.as_secs()});
+    call_and_print(&config, &a.api, Method::POST, &format!("/v1/chatbots/{}/rotate-secret", a.id), Some(&body), |v| {
+        match v["previous_secret_expires_at"].as_str() {
+            Some(_) => eprintln!(
+                "new webhook secret of chatbot {}; webhooks carry the old secret's signature too until {}",
+                a.id,
+                time_cell(&v["previous_secret_expires_at"])
+            ),
+            None => eprintln!("new webhook secret of chatbot {}; the old one no longer signs", a.id),
+        }
+        println!("{}", cell(&v["secret"]));
+        Ok(())
+    })
 }
 
 fn print_key(k: &Value) {
