@@ -1,9 +1,7 @@
 -- botflow schema, version 9: the lifecycle of keys and chatbots. A rotated key keeps
 -- working until `expires_at`; `last_used_at` is refreshed at most once a minute per
 -- daemon. A chatbot's rotated webhook secret still signs beside the new one until
--- `previous_secret_expires_at`. A deleted chatbot whose history is kept stays as a row
--- with `deleted_at` set (its executions reference its workflows); one whose history is
--- pruned is gone with everything under it. `audit_log` records who did what, when.
+-- `previous_secret_expires_at`. `audit_log` records who did what, when.
 
 ALTER TABLE api_keys
     ADD COLUMN expires_at    timestamptz,
@@ -15,8 +13,7 @@ CREATE INDEX api_keys_page_idx ON api_keys (created_at, id);
 
 ALTER TABLE chatbots
     ADD COLUMN previous_webhook_secret     text,
-    ADD COLUMN previous_secret_expires_at  timestamptz,
-    ADD COLUMN deleted_at                  timestamptz;
+    ADD COLUMN previous_secret_expires_at  timestamptz;
 
 -- No foreign keys: the record outlives what it names (a pruned chatbot, a deleted
 -- account). `account_id` is the account whose resource was acted on, which is whose
