@@ -1,5 +1,5 @@
 //! `GET /v1/audit`: who revoked or rotated which key, rotated which chatbot's webhook
-//! secret, deleted which chatbot, and when. An admin key reads its own account's
+//! secret, and when. An admin key reads its own account's
 //! entries; an operator key every account's, or one account's.
 
 use super::auth::Caller;
@@ -12,7 +12,7 @@ use actix_web::{get, web, HttpResponse};
 #[utoipa::path(
     operation_id = "list_audit",
     summary = "Read the audit log",
-    description = "Key revocations and rotations, webhook secret rotations and chatbot deletions of the key's account \
+    description = "Key revocations and rotations and webhook secret rotations of the key's account \
                    (an operator key: every account, or the one named), newest first, each with the key that acted.",
     tag = "audit",
     params(AccountQuery),

@@ -64,7 +64,7 @@ pub enum Command {
     /// Per-chatbot rate limits (over the admin API of a running daemon)
     #[command(subcommand)]
     Limits(limits::LimitsCmd),
-    /// Who revoked or rotated keys, rotated webhook secrets, deleted chatbots (over the admin API)
+    /// Who revoked or rotated keys and rotated webhook secrets, when (over the admin API)
     Audit(lifecycle::ListArgs),
     /// Stream NDJSON events to the daemon and print every line it answers
     Send(send::SendArgs),

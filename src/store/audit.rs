@@ -20,12 +20,12 @@ pub struct Entry {
     pub actor_key_id: Option<Uuid>,
     pub actor_account_id: Option<Uuid>,
     pub actor_role: Option<String>,
-    /// `key.revoke`, `key.rotate`, `chatbot.rotate_secret` or `chatbot.delete`.
+    /// `key.revoke`, `key.rotate` or `chatbot.rotate_secret`.
     pub action: String,
     /// `key` or `chatbot`.
     pub target_type: String,
     pub target_id: Uuid,
-    /// What the action did (the new key's id, the grace period, the history choice...).
+    /// What the action did (the new key's id, the grace period).
     #[schema(value_type = Object)]
     pub details: serde_json::Value,
 }
