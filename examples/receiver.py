@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """A webhook receiver for the worked example: prints every request botflow sends,
-checks its signature with the chatbot's secret (`botflow chatbots secret ID`), and
+checks its signature with the chatbot's secret (`botflow chatbots secret ID`; during
+the grace period of `botflow chatbots rotate-secret` the request carries a signature of
+the old secret too, and the one matching is enough), and
 answers with a ticket number the workflow uses in its reply.
 
 The secret comes from BOTFLOW_WEBHOOK_SECRET, or else from the file named by
@@ -40,7 +42,10 @@ class Handler(BaseHTTPRequestHandler):
         if secret:
             ts = self.headers.get("X-Botflow-Timestamp", "")
             mac = hmac.new(secret.encode(), f"{ts}.".encode() + body, hashlib.sha256).hexdigest()
-            verdict = "valid" if hmac.compare_digest(signature, f"v1={mac}") else "INVALID"
+            # While a rotated secret's grace period runs the header holds two
+            # signatures, "v1=<new>,v1=<old>": either one matching is enough.
+            valid = any(hmac.compare_digest(sig.strip(), f"v1={mac}") for sig in signature.split(","))
+            verdict = "valid" if valid else "INVALID"
         print(f"webhook {self.path}  idempotency-key={self.headers.get('Idempotency-Key')}  signature {verdict}")
         print(f"  {body.decode()}", flush=True)
         answer = json.dumps({"ticket": f"T-{next(tickets)}"}).encode()

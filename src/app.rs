@@ -15,6 +15,7 @@ use crate::egress::Egress;
 use crate::ingest::budget::ConnectionBudget;
 use crate::ingest::connection::IngestDeps;
 use crate::ingest::listener::{self, Workers};
+use crate::ingest::sessions::Sessions;
 use crate::outbox::{Outbox, RedeliverPending, RemoteAck, RemoteCommand};
 use crate::notify::Notifier;
 use crate::router::{BusySupervisors, Router, Wake, WorkflowsChanged};
@@ -89,7 +90,8 @@ impl App {
         let bound = Bound::bind(config)?;
         let shutdown = CancellationToken::new();
         let actors = Actors::start(config, &store, node, bound.addrs())?;
-        forward_changes(&store, &actors, &shutdown);
+        let sessions = Sessions::new();
+        forward_changes(&store, &actors, &sessions, &shutdown);
 
         // Open socket connections and HTTP ingest requests: the shutdown drain waits for both.
         let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -131,6 +133,7 @@ impl App {
                 config.ingest.buffer_budget_bytes,
             ),
             connections: connections.clone(),
+            sessions,
         });
         let tcp_addr = bound.tcp.as_ref().and_then(|(l, _)| l.local_addr().ok());
         let unix_path = bound.unix.as_ref().map(|(_, p)| p.clone());
@@ -310,11 +313,13 @@ impl Actors {
 }
 
 /// Changes made by any process on this database (workflow and limit changes, replays,
-/// commands and acks of other nodes) go to the router or the outbox.
-fn forward_changes(store: &Store, actors: &Actors, shutdown: &CancellationToken) {
+/// commands and acks of other nodes) go to the router or the outbox; key revocations
+/// and rotations to the connections' sessions.
+fn forward_changes(store: &Store, actors: &Actors, sessions: &Arc<Sessions>, shutdown: &CancellationToken) {
     let (change_tx, mut change_rx) = tokio::sync::mpsc::unbounded_channel();
     actix_rt::spawn(listen::run(store.clone(), change_tx, shutdown.clone()));
     let (r, o) = (actors.router.clone(), actors.outbox.clone());
+    let (sessions, store) = (sessions.clone(), store.clone());
     actix_rt::spawn(async move {
         while let Some(change) = change_rx.recv().await {
             match change {
@@ -324,8 +329,12 @@ fn forward_changes(store: &Store, actors: &Actors, shutdown: &CancellationToken)
                     let scope = account.map_or(Scope::All, Scope::Account);
                     o.do_send(RemoteAck { command_id, scope })
                 }
+                Change::Key(key) => {
+                    actix_rt::spawn(sessions.clone().check(store.clone(), key));
+                }
                 Change::Resync => {
-                    // Command announcements missed while disconnected, too.
+                    // Command announcements and key withdrawals missed while disconnected, too.
+                    sessions.check_all(&store);
                     o.do_send(RedeliverPending);
                     r.do_send(WorkflowsChanged(Change::Resync))
                 }

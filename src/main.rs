@@ -34,6 +34,7 @@ fn main() -> ExitCode {
         Command::Analytics(args) => botflow::cli::analytics::run(config, args),
         Command::Dlq(cmd) => botflow::cli::dlq::run(config, cmd),
         Command::Limits(cmd) => botflow::cli::limits::run(config, cmd),
+        Command::Audit(args) => botflow::cli::lifecycle::audit(config, args),
         Command::Send(args) => match botflow::cli::send::run(config, args) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(1),

@@ -12,7 +12,8 @@
 //! - idle: the router takes the supervisor out of service, asks it to stop, and holds
 //!   that chatbot's new events until the answer (busy: back in service; stopped: a new
 //!   supervisor takes the held events);
-//! - workflow changes (LISTEN/NOTIFY) are passed to the running supervisor.
+//! - workflow changes (LISTEN/NOTIFY) are passed to the running supervisor; a rotated
+//!   webhook secret is put into the chatbot's record, which its supervisor shares.
 //!
 //! Forwarding costs a hash lookup per chatbot per batch, not per event.
 
@@ -332,6 +333,32 @@ impl Router {
     }
 }
 
+impl Router {
+    /// The record of a chatbot this router knows, if it holds one.
+    fn record(&self, chatbot_id: Uuid) -> Option<Arc<ChatbotRecord>> {
+        match self.slots.get(&chatbot_id)? {
+            Slot::Known { record, .. } | Slot::Ready { record, .. } => Some(record.clone()),
+            Slot::Loading(_) | Slot::Stopping { .. } | Slot::Missing { .. } => None,
+        }
+    }
+}
+
+/// Sent by the admin API after it rotated a chatbot's webhook secret: the next webhook
+/// on this daemon is signed with the new secrets (other daemons hear of it by NOTIFY).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetSigning(pub Uuid, pub accounts::Signing);
+
+impl Handler<SetSigning> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetSigning, _ctx: &mut Context<Self>) {
+        if let Some(record) = self.record(msg.0) {
+            record.set_signing(msg.1);
+        }
+    }
+}
+
 /// Passes a workflow change to the slot's supervisor, now or when it stays.
 fn reload(slot: &mut Slot) {
     match slot {
@@ -413,8 +440,24 @@ impl Handler<Wake> for Router {
 impl Handler<WorkflowsChanged> for Router {
     type Result = ();
 
-    fn handle(&mut self, msg: WorkflowsChanged, _ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: WorkflowsChanged, ctx: &mut Context<Self>) {
         match msg.0 {
+            Change::Secret(id) => {
+                // Another process rotated it: read the secrets it saved.
+                if let Some(record) = self.record(id) {
+                    let store = self.deps.store.clone();
+                    ctx.spawn(
+                        async move {
+                            match accounts::get_chatbot(&store, id).await {
+                                Ok(Some(fresh)) => record.set_signing(fresh.signing()),
+                                Ok(None) => {}
+                                Err(error) => tracing::warn!(%error, chatbot_id = %id, "cannot read a rotated webhook secret"),
+                            }
+                        }
+                        .into_actor(self),
+                    );
+                }
+            }
             Change::Workflows(id) => {
                 if let Some(slot) = self.slots.get_mut(&id) {
                     reload(slot);
@@ -423,7 +466,7 @@ impl Handler<WorkflowsChanged> for Router {
             }
             Change::Resync => self.slots.values_mut().for_each(reload),
             // Delivered as a `Wake`, or to the outbox, by the daemon; nothing to reload.
-            Change::Wake(_) | Change::Command { .. } | Change::CommandAcked { .. } => {}
+            Change::Wake(_) | Change::Command { .. } | Change::CommandAcked { .. } | Change::Key(_) => {}
             // A supervisor that is not running reads its limits when it starts.
             Change::Limits(id) => {
                 if let Some(Slot::Ready { addr, .. }) = self.slots.get(&id) {

@@ -246,6 +246,7 @@ const MATRIX: &[&str] = &[
     "PUT /v1/chatbots/{id}/limits",
     "GET /v1/chatbots/{id}/retention",
     "PUT /v1/chatbots/{id}/retention",
+    "POST /v1/chatbots/{id}/rotate-secret",
     "GET /v1/chatbots/{id}/workflows",
     "POST /v1/chatbots/{id}/workflows",
     "POST /v1/chatbots/{id}/workflows/apply",
@@ -262,6 +263,10 @@ const MATRIX: &[&str] = &[
     "POST /v1/dead-letters/{id}/replay",
     "POST /v1/events",
     "GET /v1/executions/{eid}",
+    "GET /v1/keys",
+    "POST /v1/keys/{kid}/revoke",
+    "POST /v1/keys/{kid}/rotate",
+    "GET /v1/audit",
 ];
 
 /// (method, path, success status) of every operation in the OpenAPI document.
@@ -310,6 +315,8 @@ struct Side {
     /// Open letters for the calls expected to replay or discard one.
     letters: Vec<Uuid>,
     ingest: String,
+    /// A key of the account made for each call that revokes or rotates one.
+    doomed_key: Uuid,
 }
 
 impl Side {
@@ -328,6 +335,7 @@ impl Side {
             witness: r(),
             letters: vec![],
             ingest: String::new(),
+            doomed_key: r(),
         }
     }
 }
@@ -357,6 +365,7 @@ async fn matrix_side(d: &TestDaemon, api: &Api, name: &str, receiver: &Receiver)
         witness: letters[0],
         letters: letters[1..].to_vec(),
         ingest: t.key,
+        doomed_key: Uuid::nil(),
     }
 }
 
@@ -406,6 +415,11 @@ fn matrix_request(ep: &str, s: &Side, delete_workflow: Uuid, letter: Uuid, tag: 
         "POST /v1/dead-letters/{id}/replay" => (format!("/v1/dead-letters/{letter}/replay"), None),
         "POST /v1/events" => ("/v1/events".into(), Some(json!([ev(&format!("m-{tag}"), bot, "x.none", "c-m", json!({}))]))),
         "GET /v1/executions/{eid}" => (format!("/v1/executions/{}", s.execution), None),
+        "GET /v1/keys" => (format!("/v1/keys?account_id={}", s.account), None),
+        "POST /v1/chatbots/{id}/rotate-secret" => (format!("/v1/chatbots/{}/rotate-secret", s.bot2), Some(json!({"grace_seconds": 60}))),
+        "POST /v1/keys/{kid}/revoke" => (format!("/v1/keys/{}/revoke", s.doomed_key), None),
+        "POST /v1/keys/{kid}/rotate" => (format!("/v1/keys/{}/rotate", s.doomed_key), Some(json!({"grace_seconds": 0}))),
+        "GET /v1/audit" => (format!("/v1/audit?account_id={}", s.account), None),
         other => panic!("no request for {other}"),
     }
 }
@@ -429,7 +443,7 @@ fn matrix_expected(ep: &str, who: Who, own: bool, success: u16) -> u16 {
             "POST /v1/events" | "GET /v1/dead-letters" => 403,
             "PUT /v1/chatbots/{id}/limits" if own => 403,
             // Naming another account lists nothing.
-            "GET /v1/chatbots" => 200,
+            "GET /v1/chatbots" | "GET /v1/keys" | "GET /v1/audit" => 200,
             _ if own => success,
             _ => 404,
         },
@@ -516,6 +530,10 @@ async fn ownership_matrix_every_documented_endpoint_every_role_own_and_other_acc
                 } else {
                     side.witness
                 };
+                if ep.starts_with("POST /v1/keys/") {
+                    let doomed = accounts::create_key(&d.store, side.account, Role::Ingest).await.unwrap();
+                    side.doomed_key = uuids(&db, "SELECT id FROM api_keys WHERE prefix = $1", &[&&doomed[4..16]]).await[0];
+                }
                 let (path, body) = matrix_request(&ep, side, delete_workflow, letter, &tag);
                 let r = api.call(m, &path, Auth::Key(&key), body.clone().map(Body::Json)).await;
                 let what = format!("{who:?} on {} account: {ep} ({path})", if own { "its own" } else { "another" });
@@ -558,7 +576,7 @@ async fn ownership_matrix_every_documented_endpoint_every_role_own_and_other_acc
                             failures.push(format!("{what}: unexpected event result {result}"));
                         }
                     }
-                    "GET /v1/chatbots" if who == Who::Admin && !own
+                    "GET /v1/chatbots" | "GET /v1/keys" | "GET /v1/audit" if who == Who::Admin && !own
                         && r.json["items"] != json!([]) => {
                             failures.push(format!("{what}: listed another account's chatbots: {}", r.text));
                         }
@@ -651,6 +669,22 @@ async fn ownership_matrix_every_documented_endpoint_every_role_own_and_other_acc
     .await;
     if refused != 0 {
         failures.push(format!("{refused} workflows or chatbots were created by refused calls"));
+    }
+    // Only the calls expected to act revoked or rotated a key: one each by A's admin and
+    // the operator on A's keys, one each by the operator on B's.
+    for (side, account, want) in [("A", a.account, 2), ("B", b.account, 1)] {
+        for action in ["key.revoke", "key.rotate"] {
+            let n = scalar(&db, "SELECT count(*) FROM audit_log WHERE account_id = $1 AND action = $2", &[&account, &action]).await;
+            if n != want {
+                failures.push(format!("{side}'s keys: {n} {action} entries, want {want}"));
+            }
+        }
+    }
+    for (side, bot, want) in [("A", a.bot2, 2), ("B", b.bot2, 1)] {
+        let n = scalar(&db, "SELECT count(*) FROM audit_log WHERE target_id = $1 AND action = 'chatbot.rotate_secret'", &[&bot]).await;
+        if n != want {
+            failures.push(format!("{side}'s chatbot: its secret rotated {n} times, want {want}"));
+        }
     }
     for (side, bot) in [("A", a.bot), ("B", b.bot)] {
         let changes = scalar(&db, "SELECT count(*) FROM limit_changes WHERE chatbot_id = $1", &[&bot]).await;

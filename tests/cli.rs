@@ -948,3 +948,62 @@ fn completions_and_the_man_page_come_from_the_command_definition() {
         assert!(page.contains(sub), "the man page does not list {sub}");
     }
 }
+
+#[actix_rt::test]
+async fn key_commands_list_rotate_revoke_and_the_audit_over_the_api() {
+    let d = TestDaemon::start().await;
+    let t = tenant(&d.store, "acme", 0).await;
+    let admin = botflow::store::accounts::create_key(&d.store, t.account, botflow::store::accounts::Role::Admin).await.unwrap();
+    let cli = ApiCli::new(&d, &admin);
+    let prefix = &t.key[4..16];
+
+    // A table of the account's keys, never a key itself.
+    let out = cli.ok(&["keys", "list"]).await;
+    let table = rows(&out);
+    assert_eq!(table.len(), 2, "{out}");
+    assert!(out.starts_with("ID") && out.contains("LAST USED") && out.contains(&format!("bfk_{prefix}_…")), "{out}");
+    assert!(!out.contains(&t.key[17..]), "{out}");
+    let id = table.iter().find(|r| r[1].contains(prefix)).unwrap()[0].clone();
+    assert!(table.iter().all(|r| r.contains(&"active".to_string())), "{out}");
+
+    // Rotation prints only the new key on stdout.
+    let o = cli.run(&["keys", "rotate", &id, "--grace", "10m"]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let new_key = stdout(&o).trim().to_string();
+    assert!(new_key.starts_with("bfk_") && !new_key.contains(char::is_whitespace), "{new_key:?}");
+    assert!(stderr(&o).contains("works until"), "{}", stderr(&o));
+    let err = cli.fails(&["keys", "rotate", &id, "--grace", "ten minutes"]).await;
+    assert!(err.contains("10m"), "{err}");
+    let listed = cli.json_lines(&["keys", "list"]).await;
+    assert_eq!(listed.len(), 3);
+    let old = listed.iter().find(|k| k["id"] == id.as_str()).unwrap();
+    assert_eq!(old["state"], "expiring", "{old}");
+    let left = chrono::DateTime::parse_from_rfc3339(old["expires_at"].as_str().unwrap()).unwrap().to_utc() - chrono::Utc::now();
+    assert!(left > chrono::TimeDelta::seconds(590) && left <= chrono::TimeDelta::seconds(600), "{left}");
+
+    // Revocation shows the key's fields; the audit lists both actions, newest first.
+    let out = cli.ok(&["keys", "revoke", &id]).await;
+    assert!(out.contains("state") && out.contains("revoked"), "{out}");
+    let out = cli.ok(&["audit"]).await;
+    let entries = rows(&out);
+    assert_eq!(entries.iter().map(|r| r[2].as_str()).collect::<Vec<_>>(), ["key.revoke", "key.rotate"], "{out}");
+    let json = cli.json_lines(&["audit"]).await;
+    assert_eq!(json[1]["details"]["new_key_id"], listed.iter().find(|k| k["id"] != id.as_str() && k["role"] == "ingest").unwrap()["id"]);
+    // Another account's key is not found.
+    let other = tenant(&d.store, "other", 0).await;
+    let op = ApiCli::new(&d, &operator_key(&d).await);
+    let theirs = op.json_lines(&["keys", "list", "--account", &other.account.to_string()]).await;
+    let err = cli.fails(&["keys", "revoke", theirs[0]["id"].as_str().unwrap()]).await;
+    assert!(err.contains("404") && err.contains("not found"), "{err}");
+
+    // A chatbot's webhook secret: the new one alone on stdout.
+    let bot = botflow::store::accounts::create_chatbot(&d.store, t.account, "support").await.unwrap();
+    let o = cli.run(&["chatbots", "rotate-secret", &bot.to_string(), "--grace", "1h"]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let secret = stdout(&o).trim().to_string();
+    assert_eq!(secret.len(), 64, "{secret:?}");
+    assert!(stderr(&o).contains("old secret's signature too until"), "{}", stderr(&o));
+    let record = botflow::store::accounts::get_chatbot(&d.store, bot).await.unwrap().unwrap();
+    assert_eq!(record.signing().current, secret);
+    assert!(cli.ok(&["audit"]).await.contains("chatbot.rotate_secret"));
+}

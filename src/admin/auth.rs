@@ -46,6 +46,18 @@ impl Caller {
         self.is_operator() || self.principal.account_id == account
     }
 
+    /// Which account a list is filtered to when `asked` is the `account_id` the caller
+    /// gave: an operator's choice (`Some(None)`: every account), an admin's own account.
+    /// `None` when an admin named another account: the list is empty, as if that
+    /// account had nothing.
+    pub fn listed_account(&self, asked: Option<Uuid>) -> Option<Option<Uuid>> {
+        match asked {
+            _ if self.is_operator() => Some(asked),
+            Some(a) if a != self.principal.account_id => None,
+            _ => Some(Some(self.principal.account_id)),
+        }
+    }
+
     /// The chatbot of a resource found by its own id (an execution, a dead letter), if
     /// this caller may reach it; otherwise the resource is "not found", named as asked.
     pub async fn owner(&self, state: &AdminState, chatbot: Option<Uuid>, what: &str, id: Uuid) -> Result<ChatbotRecord, ApiError> {

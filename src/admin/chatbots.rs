@@ -1,13 +1,15 @@
 //! `/v1/chatbots`: create (in the caller's account; operators may name another),
-//! list (the caller's account; operators: all, or one account) and read one.
+//! list (the caller's account; operators: all, or one account), read one, and rotate
+//! its webhook signing secret (the chatbot's admins and operators).
 
 use super::body::Object;
 use super::auth::{Caller, OwnedChatbot};
 use super::error::{ApiError, Errors};
-use super::page::{self, Page, Position};
+use super::page::{self, AccountQuery, Page, Position};
 use super::AdminState;
 use crate::store::accounts::{self, ChatbotRow};
 use actix_web::{get, post, web, HttpResponse};
+use crate::router::SetSigning;
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -19,17 +21,6 @@ pub struct NewChatbot {
     /// The owning account: the caller's own when absent (only operators may name another).
     #[serde(default)]
     pub account_id: Option<Uuid>,
-}
-
-#[derive(Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-#[serde(deny_unknown_fields)]
-pub struct ListQuery {
-    /// Operators: only this account's chatbots.
-    pub account_id: Option<Uuid>,
-    /// 1 to 500 (default 50).
-    pub limit: Option<i64>,
-    pub cursor: Option<String>,
 }
 
 #[utoipa::path(
@@ -67,28 +58,15 @@ pub async fn create(state: web::Data<AdminState>, caller: Caller, body: Object<N
     summary = "List chatbots",
     description = "The chatbots of the key's account (an operator key: every account), oldest first, a page at a time.",
     tag = "chatbots",
-    params(ListQuery),
+    params(AccountQuery),
     responses((status = 200, description = "A page of chatbots, oldest first", body = Page<ChatbotRow>), Errors)
 )]
 #[get("/v1/chatbots")]
-pub async fn list(state: web::Data<AdminState>, caller: Caller, q: web::Query<ListQuery>) -> Result<HttpResponse, ApiError> {
-    caller.require_admin()?;
-    let limit = page::limit(q.limit)?;
-    let account = if caller.is_operator() {
-        q.account_id
-    } else {
-        // An admin sees its own account only; naming another finds nothing.
-        match q.account_id {
-            Some(a) if a != caller.principal.account_id => {
-                return Ok(HttpResponse::Ok().json(Page::<ChatbotRow> { items: vec![], next_cursor: None }))
-            }
-            _ => Some(caller.principal.account_id),
-        }
-    };
-    let query = format!("chatbots:{account:?}");
-    let after = q.cursor.as_deref().map(|c| page::decode(c, &query)?.time()).transpose()?;
-    let rows = accounts::list_chatbots(&state.store, account, after, limit + 1).await?;
-    Ok(HttpResponse::Ok().json(page::page(rows, limit, &query, |r| Position::at(r.created_at, r.id))))
+pub async fn list(state: web::Data<AdminState>, caller: Caller, q: web::Query<AccountQuery>) -> Result<HttpResponse, ApiError> {
+    page::by_account(&caller, &q, "chatbots", |r: &ChatbotRow| Position::at(r.created_at, r.id), |account, after, limit| {
+        accounts::list_chatbots(&state.store, account, after, limit)
+    })
+    .await
 }
 
 #[utoipa::path(
@@ -105,4 +83,34 @@ pub async fn get(state: web::Data<AdminState>, bot: OwnedChatbot) -> Result<Http
         .await?
         .ok_or_else(|| ApiError::not_found(format!("chatbot {} not found", bot.id)))?;
     Ok(HttpResponse::Ok().json(row))
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct SecretRotated {
+    pub chatbot_id: Uuid,
+    /// The new webhook signing secret.
+    pub secret: String,
+    /// Until when webhooks also carry the old secret's signature (`null`: they do not).
+    pub previous_secret_expires_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+#[utoipa::path(
+    operation_id = "rotate_chatbot_secret",
+    summary = "Rotate a chatbot's webhook secret",
+    description = "Gives the chatbot a new webhook signing secret and answers it. For `grace_seconds` webhooks carry two \
+                   signatures, `X-Botflow-Signature: v1=<new>,v1=<old>`, so a receiver can switch secrets without \
+                   refusing requests; after it only the new one. Audited.",
+    tag = "chatbots",
+    params(("id" = Uuid, Path, description = "Chatbot id")),
+    request_body = super::keys::Grace,
+    responses((status = 200, description = "The new secret", body = SecretRotated), Errors)
+)]
+#[post("/v1/chatbots/{id}/rotate-secret")]
+pub async fn rotate_secret(state: web::Data<AdminState>, bot: OwnedChatbot, body: Object<super::keys::Grace>) -> Result<HttpResponse, ApiError> {
+    let grace = super::keys::grace(body.grace_seconds)?;
+    let signing = crate::store::secrets::rotate(&state.store, bot.id, grace, Some(&bot.caller.principal)).await?;
+    // In place on this daemon before answering, so the next webhook is signed with both.
+    let _ = state.router.send(SetSigning(bot.id, signing.clone())).await;
+    let previous_secret_expires_at = signing.previous.as_ref().map(|(_, until)| *until).filter(|until| *until > chrono::Utc::now());
+    Ok(HttpResponse::Ok().json(SecretRotated { chatbot_id: bot.id, secret: signing.current, previous_secret_expires_at }))
 }

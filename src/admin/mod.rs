@@ -8,6 +8,7 @@
 //! unknown fields, bad UUIDs in paths or queries and oversized bodies all answer 4xx
 //! with a message naming the problem.
 
+pub mod audit;
 pub mod auth;
 pub mod body;
 pub mod chatbots;
@@ -16,6 +17,7 @@ pub mod error;
 pub mod events;
 pub mod executions;
 pub mod health;
+pub mod keys;
 pub mod limits;
 pub mod retention;
 pub mod page;
@@ -132,6 +134,7 @@ where
         .service(chatbots::create)
         .service(chatbots::list)
         .service(chatbots::get)
+        .service(chatbots::rotate_secret)
         .service(workflows::dry_run)
         .service(workflows::apply)
         .service(workflows::list)
@@ -157,6 +160,10 @@ where
         .service(retention::get)
         .service(retention::put)
         .service(events::ingest)
+        .service(keys::list)
+        .service(keys::revoke)
+        .service(keys::rotate)
+        .service(audit::list)
 }
 
 /// The OpenAPI document of every route, generated from the handlers' attributes.

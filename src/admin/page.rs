@@ -8,7 +8,11 @@
 //! is used with other filters than the ones it came from answers 400. (The checksum
 //! catches edits, it is not a secret: a forged cursor can only reach rows the caller
 //! may read anyway.)
+//!
+//! `by_account` is the one shape of the lists of an account's things (chatbots, keys,
+//! the audit log): an admin's own account, an operator's every account or the one named.
 
+use super::auth::Caller;
 use super::error::ApiError;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -126,6 +130,44 @@ pub fn limit(asked: Option<i64>) -> Result<i64, ApiError> {
         Some(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
         Some(n) => Err(ApiError::bad_request(format!("limit {n} is out of range (1 to {MAX_LIMIT})")).field("limit")),
     }
+}
+
+/// The query of a list of an account's things.
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct AccountQuery {
+    /// Operators: only this account's. (An admin key lists its own account's; naming
+    /// another lists nothing.)
+    pub account_id: Option<Uuid>,
+    /// 1 to 500 (default 50).
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+}
+
+/// A page of the list `name` of the caller's account (an operator's: every account's,
+/// or the one named), fetched by `fetch(account, position, limit + 1)` and ordered as
+/// `pos` says.
+pub async fn by_account<T, Fut>(
+    caller: &Caller,
+    q: &AccountQuery,
+    name: &str,
+    pos: impl Fn(&T) -> Position,
+    fetch: impl FnOnce(Option<Uuid>, Option<(DateTime<Utc>, Uuid)>, i64) -> Fut,
+) -> Result<actix_web::HttpResponse, ApiError>
+where
+    T: utoipa::ToSchema + Serialize,
+    Fut: std::future::Future<Output = crate::store::StoreResult<Vec<T>>>,
+{
+    caller.require_admin()?;
+    let limit = limit(q.limit)?;
+    let Some(account) = caller.listed_account(q.account_id) else {
+        return Ok(actix_web::HttpResponse::Ok().json(Page::<T> { items: vec![], next_cursor: None }));
+    };
+    let query = format!("{name}:{account:?}");
+    let at = q.cursor.as_deref().map(|c| decode(c, &query)?.time()).transpose()?;
+    let rows = fetch(account, at, limit + 1).await?;
+    Ok(actix_web::HttpResponse::Ok().json(page(rows, limit, &query, pos)))
 }
 
 /// Builds a page from `limit + 1` rows fetched: the extra row only says there is more.

@@ -320,7 +320,8 @@ impl Effects for StepEffects<'_> {
             lease_epoch: job.epoch,
             max_body_bytes: self.env.max_request_body_bytes,
         };
-        actions::webhook::call(&self.env.egress, &self.env.chatbot.webhook_secret, request).await
+        let secrets = self.env.chatbot.signing().secrets(chrono::Utc::now());
+        actions::webhook::call(&self.env.egress, &secrets, request).await
     }
 
     async fn send_command(&self, kind: CommandKind, payload: Value) -> Result<Value, StepError> {

@@ -1,7 +1,8 @@
 //! Bootstrap commands against the database, without a running daemon: accounts, keys,
 //! chatbots, and the database side of `workflows apply` (the command itself lives in
 //! `workflows`). A running daemon hears about workflow changes through PostgreSQL
-//! NOTIFY within a second.
+//! NOTIFY within a second. (`keys list|revoke|rotate` and `chatbots rotate-secret` go over the admin API, in
+//! `lifecycle`.)
 
 use super::database::Database;
 use super::{AccountsCmd, ChatbotsCmd, KeysCmd};
@@ -39,6 +40,9 @@ pub fn keys(config: Config, cmd: KeysCmd) -> anyhow::Result<()> {
             eprintln!("created {article} {role} key for account {account}; it is shown only now");
             println!("{key}");
         }
+        KeysCmd::List(a) => super::lifecycle::list(config, a)?,
+        KeysCmd::Revoke(a) => super::lifecycle::revoke(config, a)?,
+        KeysCmd::Rotate(a) => super::lifecycle::rotate(config, a)?,
     }
     Ok(())
 }
@@ -53,8 +57,9 @@ pub fn chatbots(config: Config, cmd: ChatbotsCmd) -> anyhow::Result<()> {
         ChatbotsCmd::Secret { chatbot } => {
             let record = run(&config, async |s| Ok(accounts::get_chatbot(s, chatbot).await?))?;
             let Some(record) = record else { bail!("chatbot {chatbot} does not exist") };
-            println!("{}", record.webhook_secret);
+            println!("{}", record.signing().current);
         }
+        ChatbotsCmd::RotateSecret(a) => super::lifecycle::rotate_secret(config, a)?,
     }
     Ok(())
 }

@@ -56,15 +56,8 @@ pub struct ListArgs {
     /// Text in the last error, case-insensitive, taken literally
     #[arg(long, value_name = "TEXT")]
     q: Option<String>,
-    /// Letters per page, 1 to 500 [default: the API's, 50]
-    #[arg(long, value_name = "N")]
-    limit: Option<i64>,
-    /// Start after the page that printed this cursor
-    #[arg(long, conflicts_with = "all_pages")]
-    cursor: Option<String>,
-    /// Follow every page
-    #[arg(long)]
-    all_pages: bool,
+    #[command(flatten)]
+    page: super::lifecycle::PageArgs,
     /// Gone: see --state and --all-pages
     #[arg(long, hide = true)]
     all: bool,
@@ -132,9 +125,9 @@ fn list(config: &Config, a: ListArgs) -> anyhow::Result<()> {
         ("since", rfc3339(a.since)),
         ("until", rfc3339(a.until)),
         ("q", a.q),
-        ("limit", a.limit.map(|l| l.to_string())),
+        ("limit", a.page.limit.map(|l| l.to_string())),
     ];
-    let page = block_on(client.list(&path, &params, a.cursor.as_deref(), a.all_pages))?;
+    let page = block_on(client.list(&path, &params, a.page.cursor.as_deref(), a.page.all_pages))?;
     let items = &page.items;
     if a.api.json {
         print_json_lines(items);

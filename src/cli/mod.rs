@@ -1,7 +1,8 @@
 //! The `botflow` command line: the daemon (`serve`), database and configuration
 //! chores, the bootstrap commands that work without a running daemon, the commands
 //! over the admin API of a running daemon (workflows, executions, analytics, dead
-//! letters, limits; `api` is their client), `send`, and `bench`. Commands that create
+//! letters, limits, the lifecycle of keys and chatbots, the audit log; `api` is their
+//! client), `send`, and `bench`. Commands that create
 //! something print only the new id or key on stdout; everything for people goes to
 //! stderr.
 
@@ -12,6 +13,7 @@ pub mod bootstrap;
 pub mod database;
 pub mod dlq;
 pub mod executions;
+pub mod lifecycle;
 pub mod limits;
 pub mod progress;
 pub mod send;
@@ -63,6 +65,8 @@ pub enum Command {
     /// Per-chatbot rate limits (over the admin API of a running daemon)
     #[command(subcommand)]
     Limits(limits::LimitsCmd),
+    /// Who revoked or rotated keys and rotated webhook secrets, when (over the admin API)
+    Audit(lifecycle::ListArgs),
     /// Stream NDJSON events to the daemon and print every line it answers
     Send(send::SendArgs),
     /// Measure the daemon's throughput and latency against a real PostgreSQL
@@ -105,6 +109,15 @@ pub enum KeysCmd {
         #[arg(long)]
         role: crate::store::accounts::Role,
     },
+    /// List API keys: prefix, role, account, created, last used, revoked or expiring
+    /// (over the admin API; never the keys themselves)
+    List(lifecycle::ListArgs),
+    /// Revoke a key now: refused by the API at once, its socket connections closed
+    /// within a second (over the admin API)
+    Revoke(lifecycle::RevokeArgs),
+    /// Make a new key in place of one; the old one works for --grace more. Prints the
+    /// new key, shown only this once (over the admin API)
+    Rotate(lifecycle::RotateArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -123,6 +136,9 @@ pub enum ChatbotsCmd {
         #[arg(value_parser = crate::cli::id_arg)]
         chatbot: uuid::Uuid,
     },
+    /// Give the chatbot a new webhook secret and print it; webhooks carry the old
+    /// secret's signature too for --grace (over the admin API)
+    RotateSecret(lifecycle::RotateArgs),
 }
 
 /// Reads an id argument (a chatbot, workflow, account, execution or dead letter id),

@@ -18,6 +18,7 @@
 use super::budget::{ConnectionBudget, Refused, Slot};
 use super::codec::{Frame, LineDecoder};
 use super::protocol::{self, ClientFrame, FrameError, Hello, Refusal};
+use super::sessions::{KeyWithdrawn, Sessions};
 use crate::event::Event;
 use crate::outbox::{ClientAck, DeliverCommand, Outbox, Subscribe, Unsubscribe};
 use crate::router::{RouteEvents, Router};
@@ -55,6 +56,8 @@ pub struct IngestDeps {
     pub budget: Arc<ConnectionBudget>,
     /// Open connections, for the shutdown drain.
     pub connections: Arc<std::sync::atomic::AtomicUsize>,
+    /// The connections of each key, closed when the key is revoked or expires.
+    pub sessions: Arc<Sessions>,
 }
 
 /// One item the reader decoded.
@@ -511,6 +514,10 @@ impl Connection {
         ctx.wait(fut.into_actor(self).map(|res, act, ctx| match res {
             Err((code, message)) => act.fatal(code, &message, ctx),
             Ok((principal, scope, client, allowed, refused)) => {
+                if let Err(why) = act.deps.sessions.add(principal.key_id, act.id, ctx.address().recipient()) {
+                    act.fatal(ErrorCode::Unauthenticated, why, ctx);
+                    return;
+                }
                 tracing::info!(
                     connection = act.id,
                     peer = %act.peer,
@@ -569,6 +576,9 @@ impl Actor for Connection {
         if self.subscribed {
             self.deps.outbox.do_send(Unsubscribe { connection_id: self.id });
         }
+        if let Some(p) = &self.principal {
+            self.deps.sessions.remove(p.key_id, self.id);
+        }
         tracing::debug!(connection = self.id, peer = %self.peer, lasted_ms = self.opened_at.elapsed().as_millis() as u64, "connection closed");
     }
 }
@@ -605,6 +615,14 @@ impl Handler<EventOutcomes> for Connection {
         hot.in_flight.decrement(n as f64);
         self.unanswered = self.unanswered.saturating_sub(n);
         self.maybe_finish(ctx);
+    }
+}
+
+impl Handler<KeyWithdrawn> for Connection {
+    type Result = ();
+    fn handle(&mut self, msg: KeyWithdrawn, ctx: &mut Context<Self>) {
+        // Events in flight are not answered: the key that sent them no longer counts.
+        self.fatal(ErrorCode::Unauthenticated, msg.0, ctx);
     }
 }
 

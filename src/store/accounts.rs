@@ -93,10 +93,39 @@ pub struct ChatbotRecord {
     pub id: Uuid,
     pub account_id: Uuid,
     pub name: String,
-    pub webhook_secret: String,
+    /// Shared by every holder of the record (the router, the supervisor, its
+    /// executors), so a rotated secret reaches the next webhook without a restart.
+    pub signing: std::sync::Arc<std::sync::RwLock<Signing>>,
 }
 
-fn random_hex(bytes: usize) -> String {
+/// The secrets that sign a chatbot's webhooks: the current one, and during the grace
+/// period of a rotation the previous one too.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Signing {
+    pub current: String,
+    pub previous: Option<(String, chrono::DateTime<chrono::Utc>)>,
+}
+
+impl Signing {
+    /// The secrets that sign now: the current one first.
+    pub fn secrets(&self, now: chrono::DateTime<chrono::Utc>) -> Vec<String> {
+        let previous = self.previous.iter().filter(|(_, until)| *until > now).map(|(s, _)| s.clone());
+        std::iter::once(self.current.clone()).chain(previous).collect()
+    }
+}
+
+impl ChatbotRecord {
+    pub fn signing(&self) -> Signing {
+        self.signing.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Puts rotated secrets in place for every holder of this record.
+    pub fn set_signing(&self, signing: Signing) {
+        *self.signing.write().unwrap_or_else(|p| p.into_inner()) = signing;
+    }
+}
+
+pub(super) fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     rand::thread_rng().fill_bytes(&mut buf);
     hex::encode(buf)
@@ -104,6 +133,20 @@ fn random_hex(bytes: usize) -> String {
 
 fn hash_key(key: &str) -> Vec<u8> {
     Sha256::digest(key.as_bytes()).to_vec()
+}
+
+/// A new key of `account_id` with `role`, inserted through `db` (a client or a
+/// transaction); returns its id and the key in clear.
+pub(super) async fn insert_key(db: &impl deadpool_postgres::GenericClient, account_id: Uuid, role: Role) -> StoreResult<(Uuid, String)> {
+    let prefix = random_hex(6);
+    let key = format!("bfk_{prefix}_{}", random_hex(24));
+    let id = Uuid::now_v7();
+    db.execute(
+        "INSERT INTO api_keys (id, account_id, prefix, key_hash, role) VALUES ($1, $2, $3, $4, $5)",
+        &[&id, &account_id, &prefix, &hash_key(&key), &role.as_str()],
+    )
+    .await?;
+    Ok((id, key))
 }
 
 /// Splits `bfk_<prefix>_<secret>`; anything else is not a key.
@@ -134,25 +177,19 @@ pub async fn create_key(store: &Store, account_id: Uuid, role: Role) -> StoreRes
     if !account_exists(store, account_id).await? {
         return Err(StoreError::NotFound { what: "account", id: account_id.to_string() });
     }
-    let prefix = random_hex(6);
-    let key = format!("bfk_{prefix}_{}", random_hex(24));
     let client = store.pool().get().await?;
-    client
-        .execute(
-            "INSERT INTO api_keys (id, account_id, prefix, key_hash, role) VALUES ($1, $2, $3, $4, $5)",
-            &[&Uuid::now_v7(), &account_id, &prefix, &hash_key(&key), &role.as_str()],
-        )
-        .await?;
-    Ok(key)
+    Ok(insert_key(&client, account_id, role).await?.1)
 }
 
-/// The principal of a key, or `None` for a key that is malformed, unknown or revoked.
+/// The principal of a key, or `None` for a key that is malformed, unknown, revoked or
+/// past the grace period of a rotation. Notes the key's last use (see `note_use`).
 pub async fn authenticate(store: &Store, key: &str) -> StoreResult<Option<Principal>> {
     let Some(prefix) = key_prefix(key) else { return Ok(None) };
     let client = store.pool().get().await?;
     let row = client
         .query_opt(
-            "SELECT id, account_id, key_hash, role FROM api_keys WHERE prefix = $1 AND revoked_at IS NULL",
+            "SELECT id, account_id, key_hash, role FROM api_keys
+             WHERE prefix = $1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())",
             &[&prefix],
         )
         .await?;
@@ -163,7 +200,34 @@ pub async fn authenticate(store: &Store, key: &str) -> StoreResult<Option<Princi
     }
     let role: String = row.get(3);
     let role = role.parse().map_err(StoreError::Invalid)?;
-    Ok(Some(Principal { key_id: row.get(0), account_id: row.get(1), role }))
+    let principal = Principal { key_id: row.get(0), account_id: row.get(1), role };
+    note_use(&client, principal.key_id).await;
+    Ok(Some(principal))
+}
+
+/// How often one daemon writes a key's `last_used_at`: HTTP ingest authenticates every
+/// request, and a write per request would cost more than the request.
+const LAST_USED_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Writes `last_used_at` if this process has not done so for the key in the last
+/// minute. A failure is not the caller's: the key was valid.
+async fn note_use(client: &tokio_postgres::Client, key_id: Uuid) {
+    static NOTED: std::sync::Mutex<Option<std::collections::HashMap<Uuid, std::time::Instant>>> = std::sync::Mutex::new(None);
+    let now = std::time::Instant::now();
+    {
+        let mut noted = NOTED.lock().unwrap_or_else(|p| p.into_inner());
+        let map = noted.get_or_insert_with(Default::default);
+        if map.get(&key_id).is_some_and(|at| now.duration_since(*at) < LAST_USED_EVERY) {
+            return;
+        }
+        if map.len() > 100_000 {
+            map.retain(|_, at| now.duration_since(*at) < LAST_USED_EVERY);
+        }
+        map.insert(key_id, now);
+    }
+    if let Err(error) = client.execute("UPDATE api_keys SET last_used_at = now() WHERE id = $1", &[&key_id]).await {
+        tracing::debug!(%error, "cannot note a key's last use");
+    }
 }
 
 pub async fn create_chatbot(store: &Store, account_id: Uuid, name: &str) -> StoreResult<Uuid> {
@@ -188,13 +252,19 @@ pub async fn create_chatbot(store: &Store, account_id: Uuid, name: &str) -> Stor
 pub async fn get_chatbot(store: &Store, id: Uuid) -> StoreResult<Option<ChatbotRecord>> {
     let client = store.pool().get().await?;
     let stmt = client
-        .prepare_cached("SELECT id, account_id, name, webhook_secret FROM chatbots WHERE id = $1")
+        .prepare_cached(
+            "SELECT id, account_id, name, webhook_secret, previous_webhook_secret, previous_secret_expires_at
+             FROM chatbots WHERE id = $1",
+        )
         .await?;
-    Ok(client.query_opt(&stmt, &[&id]).await?.map(|r| ChatbotRecord {
-        id: r.get(0),
-        account_id: r.get(1),
-        name: r.get(2),
-        webhook_secret: r.get(3),
+    Ok(client.query_opt(&stmt, &[&id]).await?.map(|r| {
+        let previous = r.get::<_, Option<String>>(4).zip(r.get(5));
+        ChatbotRecord {
+            id: r.get(0),
+            account_id: r.get(1),
+            name: r.get(2),
+            signing: std::sync::Arc::new(std::sync::RwLock::new(Signing { current: r.get(3), previous })),
+        }
     }))
 }
 
@@ -219,13 +289,7 @@ pub async fn bootstrap_operator_key(store: &Store) -> StoreResult<Option<String>
     }
     let account_id = Uuid::now_v7();
     tx.execute("INSERT INTO accounts (id, name) VALUES ($1, 'operators')", &[&account_id]).await?;
-    let prefix = random_hex(6);
-    let key = format!("bfk_{prefix}_{}", random_hex(24));
-    tx.execute(
-        "INSERT INTO api_keys (id, account_id, prefix, key_hash, role) VALUES ($1, $2, $3, $4, 'operator')",
-        &[&Uuid::now_v7(), &account_id, &prefix, &hash_key(&key)],
-    )
-    .await?;
+    let (_, key) = insert_key(&tx, account_id, Role::Operator).await?;
     tx.commit().await?;
     Ok(Some(key))
 }

@@ -1,6 +1,7 @@
 //! LISTEN for changes made by any process on the database (the CLI, the admin API,
 //! another daemon): workflow changes, limit changes and dead-letter replays by chatbot
-//! id, and the commands other nodes wrote or had acked. Reconnects by itself; after a
+//! id, key revocations and rotations by key id, and the commands other nodes wrote or
+//! had acked. Reconnects by itself; after a
 //! (re)connect it reports `Resync`, because notifications sent while it was not
 //! listening are lost (commands are then delivered on a reconnect or a retry).
 
@@ -20,6 +21,10 @@ pub enum Change {
     Wake(Uuid),
     /// The rate limits of this chatbot changed.
     Limits(Uuid),
+    /// This API key was revoked or rotated: connections it opened may have to close.
+    Key(Uuid),
+    /// This chatbot's webhook secret was rotated.
+    Secret(Uuid),
     /// Another node (`node`) committed a pending command for `chatbot_id`.
     Command { node: Uuid, chatbot_id: Uuid, command_id: String },
     /// A client acked this command through some node, with a key of this account
@@ -61,9 +66,11 @@ pub async fn run(store: Store, tx: mpsc::UnboundedSender<Change>, cancel: Cancel
                     }
                 });
                 let listen = format!(
-                    "LISTEN {}; LISTEN {WAKE_CHANNEL}; LISTEN {COMMANDS_CHANNEL}; LISTEN {}",
+                    "LISTEN {}; LISTEN {WAKE_CHANNEL}; LISTEN {COMMANDS_CHANNEL}; LISTEN {}; LISTEN {}; LISTEN {}",
                     super::workflows::WORKFLOWS_CHANNEL,
-                    super::limits::LIMITS_CHANNEL
+                    super::limits::LIMITS_CHANNEL,
+                    super::keys::KEYS_CHANNEL,
+                    super::secrets::SECRETS_CHANNEL
                 );
                 if let Err(error) = client.batch_execute(&listen).await {
                     tracing::warn!(%error, "cannot LISTEN for workflow changes");
@@ -90,6 +97,8 @@ pub async fn run(store: Store, tx: mpsc::UnboundedSender<Change>, cancel: Cancel
                                         let change = match channel.as_str() {
                                             WAKE_CHANNEL => Change::Wake(id),
                                             super::limits::LIMITS_CHANNEL => Change::Limits(id),
+                                            super::keys::KEYS_CHANNEL => Change::Key(id),
+                                            super::secrets::SECRETS_CHANNEL => Change::Secret(id),
                                             _ => Change::Workflows(id),
                                         };
                                         let _ = tx.send(change);

@@ -5,16 +5,19 @@
 //! never build SQL themselves.
 
 pub mod accounts;
+pub mod audit;
 pub mod dead_letters;
 pub mod error;
 pub mod executions;
 pub mod journal;
+pub mod keys;
 pub mod leases;
 pub mod limits;
 pub mod listen;
 pub mod migrate;
 pub mod outbox;
 pub mod retention;
+pub mod secrets;
 pub mod workflows;
 
 pub use error::{StoreError, StoreResult};

@@ -5,7 +5,11 @@
 //! - `X-Botflow-Timestamp`: Unix seconds when the request was signed;
 //! - `X-Botflow-Signature`: `v1=<hex HMAC-SHA256 of "<timestamp>.<body>">` with the
 //!   chatbot's webhook secret (the timestamp is signed so a captured request cannot
-//!   be replayed later unnoticed);
+//!   be replayed later unnoticed). During the grace period of a secret rotation the
+//!   header carries two signatures, the new secret's first, separated by a comma:
+//!   `v1=<new>,v1=<old>`. A receiver splits the header on `,` and accepts the request
+//!   when any `v1=` value matches its secret, so it keeps working with either secret
+//!   while it is switched over;
 //! - `Idempotency-Key`: `<execution id>:<step id>`, the same on every attempt;
 //! - `X-Botflow-Execution`, `X-Botflow-Event`, `X-Botflow-Attempt` (the execution's
 //!   attempt) and `X-Botflow-Lease-Epoch` (which claim of the execution sent it).
@@ -53,7 +57,13 @@ pub fn sign(secret: &str, timestamp: i64, body: &[u8]) -> String {
     format!("v1={}", hex::encode(mac.finalize().into_bytes()))
 }
 
-pub async fn call(egress: &Egress, secret: &str, req: Request) -> Result<Value, StepError> {
+/// The signature header's value: one `v1=` signature per secret, comma-separated.
+pub fn signature_header(secrets: &[String], timestamp: i64, body: &[u8]) -> String {
+    secrets.iter().map(|s| sign(s, timestamp, body)).collect::<Vec<_>>().join(",")
+}
+
+/// Sends the request signed with each of `secrets` (the current one first).
+pub async fn call(egress: &Egress, secrets: &[String], req: Request) -> Result<Value, StepError> {
     let http = egress.client_for(&req.url).map_err(|refusal| StepError::new(refusal.to_string()))?;
     let body = serde_json::to_vec(&req.body).map_err(|e| StepError::new(format!("cannot encode the body: {e}")))?;
     if body.len() > req.max_body_bytes {
@@ -70,7 +80,7 @@ pub async fn call(egress: &Egress, secret: &str, req: Request) -> Result<Value, 
         .timeout(req.timeout)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .header("X-Botflow-Timestamp", timestamp.to_string())
-        .header("X-Botflow-Signature", sign(secret, timestamp, &body))
+        .header("X-Botflow-Signature", signature_header(secrets, timestamp, &body))
         .header("Idempotency-Key", &req.idempotency_key)
         .header("X-Botflow-Execution", req.execution_id.to_string())
         .header("X-Botflow-Event", &req.event_id)
@@ -186,6 +196,9 @@ mod tests {
         );
         assert_ne!(sign("secret", 1, b"x"), sign("other", 1, b"x"));
         assert_ne!(sign("secret", 1, b"x"), sign("secret", 2, b"x"));
+        let both = signature_header(&["new".into(), "old".into()], 1, b"x");
+        assert_eq!(both, format!("{},{}", sign("new", 1, b"x"), sign("old", 1, b"x")));
+        assert_eq!(signature_header(&["new".into()], 1, b"x"), sign("new", 1, b"x"));
     }
 
     #[test]

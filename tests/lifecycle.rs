@@ -1,0 +1,325 @@
+//! The lifecycle of keys and chatbots as their owners and operators see it: a revoked
+//! key's open connections are told and closed within a second, on the daemon that
+//! revoked it and on another daemon of the same database; a rotated key works during
+//! its grace period and is refused after it; who may manage which keys; the audit log;
+//! a chatbot's rotated webhook secret signing beside the new one during its grace.
+
+mod common;
+
+use botflow::store::accounts::{self, Role};
+use common::*;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+async fn call(d: &TestDaemon, method: reqwest::Method, key: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let mut req = reqwest::Client::new().request(method, format!("{}{path}", d.admin())).bearer_auth(key);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+fn operator(d: &TestDaemon) -> String {
+    d.app().operator_key.clone().expect("a fresh database gets an operator key")
+}
+
+async fn key_id(d: &TestDaemon, key: &str) -> Uuid {
+    let db = d.db().await;
+    db.query_one("SELECT id FROM api_keys WHERE prefix = $1", &[&&key[4..16]]).await.unwrap().get(0)
+}
+
+/// Reads until the daemon closes the connection, at most `within`; the lines read, and
+/// when the close came.
+async fn closed_within(c: &mut Client, within: Duration) -> (Vec<Value>, Instant) {
+    let lines = tokio::time::timeout(within, c.until_closed()).await.unwrap_or_else(|_| panic!("still open after {within:?}"));
+    (lines, Instant::now())
+}
+
+fn withdrawn_line(lines: &[Value], why: &str) {
+    let last = lines.last().unwrap_or_else(|| panic!("no error line before the close"));
+    assert_eq!(last["op"], "error", "{lines:?}");
+    assert_eq!(last["error"]["code"], "unauthenticated", "{lines:?}");
+    assert!(last["error"]["message"].as_str().unwrap().contains(why), "{lines:?}");
+}
+
+/// A hello with `key` is refused with `unauthenticated`.
+async fn hello_refused(d: &TestDaemon, key: &str) {
+    let mut c = Client::tcp(d.tcp()).await;
+    c.send(&json!({"op":"hello","version":1,"token":key})).await;
+    let lines = c.until_closed().await;
+    assert_eq!(lines[0]["error"]["code"], "unauthenticated", "{lines:?}");
+}
+
+#[actix_rt::test]
+async fn a_revoked_keys_connections_are_closed_within_a_second_on_every_daemon() {
+    let a = TestDaemon::start().await;
+    let b = TestDaemon::start_with(DaemonOptions { pg: Some(a.pg.clone()), ..Default::default() }).await;
+    let t = tenant(&a.store, "acme", 1).await;
+    let bot = t.chatbots[0];
+    let other = accounts::create_key(&a.store, t.account, Role::Ingest).await.unwrap();
+    let mut on_a = Client::tcp(a.tcp()).await.hello(&t.key, &[bot]).await;
+    let mut on_b = Client::unix(&b.unix()).await.hello(&t.key, &[bot]).await;
+    let mut bystander = Client::tcp(b.tcp()).await.hello(&other, &[bot]).await;
+    // The connections work before.
+    on_b.send(&event("before", bot, "x.none", json!({}))).await;
+    assert_eq!(on_b.recv().await["op"], "ack");
+
+    let id = key_id(&a, &t.key).await;
+    let (status, row) = call(&a, reqwest::Method::POST, &operator(&a), &format!("/v1/keys/{id}/revoke"), None).await;
+    assert_eq!(status, 200, "{row}");
+    let revoked_at = Instant::now();
+    assert_eq!(row["state"], "revoked", "{row}");
+    let ((lines_a, _), (lines_b, _)) =
+        tokio::join!(closed_within(&mut on_a, Duration::from_secs(1)), closed_within(&mut on_b, Duration::from_secs(1)));
+    assert!(revoked_at.elapsed() < Duration::from_secs(1), "closed after {:?}", revoked_at.elapsed());
+    withdrawn_line(&lines_a, "revoked");
+    withdrawn_line(&lines_b, "revoked");
+
+    // Refused from now on, over HTTP and on the socket, on both daemons.
+    let (status, _) = call(&a, reqwest::Method::POST, &t.key, "/v1/events", Some(json!([]))).await;
+    assert_eq!(status, 401);
+    hello_refused(&a, &t.key).await;
+    hello_refused(&b, &t.key).await;
+    // Another key of the same account is not disturbed.
+    bystander.send(&json!({"op":"ping"})).await;
+    assert_eq!(bystander.recv().await["op"], "pong");
+    // Revoking again changes nothing, and is audited once.
+    let (status, again) = call(&a, reqwest::Method::POST, &operator(&a), &format!("/v1/keys/{id}/revoke"), None).await;
+    assert_eq!((status, &again["revoked_at"]), (200, &row["revoked_at"]));
+    let (_, audit) = call(&a, reqwest::Method::GET, &operator(&a), &format!("/v1/audit?account_id={}", t.account), None).await;
+    let items = audit["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{audit}");
+    assert_eq!((items[0]["action"].as_str(), items[0]["target_id"].as_str()), (Some("key.revoke"), Some(&*id.to_string())));
+    assert_eq!(items[0]["actor_role"], "operator");
+}
+
+#[actix_rt::test]
+async fn a_rotated_key_works_during_its_grace_period_and_is_refused_after_it() {
+    let d = TestDaemon::start().await;
+    let t = tenant(&d.store, "acme", 1).await;
+    let bot = t.chatbots[0];
+    let admin = accounts::create_key(&d.store, t.account, Role::Admin).await.unwrap();
+    let old_id = key_id(&d, &t.key).await;
+    let mut open = Client::tcp(d.tcp()).await.hello(&t.key, &[bot]).await;
+
+    let (status, rotated) =
+        call(&d, reqwest::Method::POST, &admin, &format!("/v1/keys/{old_id}/rotate"), Some(json!({"grace_seconds": 2}))).await;
+    assert_eq!(status, 201, "{rotated}");
+    let grace_from = Instant::now();
+    let new_key = rotated["key"].as_str().unwrap().to_string();
+    assert_eq!((rotated["new"]["role"].as_str(), rotated["new"]["state"].as_str()), (Some("ingest"), Some("active")));
+    assert_eq!(rotated["old"]["state"], "expiring");
+    assert_eq!(rotated["old"]["replaced_by"], rotated["new"]["id"]);
+    // A rotated key cannot be rotated again: its replacement is the one to rotate.
+    let (status, _) =
+        call(&d, reqwest::Method::POST, &admin, &format!("/v1/keys/{old_id}/rotate"), Some(json!({"grace_seconds": 2}))).await;
+    assert_eq!(status, 409);
+
+    // During the grace both keys work: the open connection, a new one, HTTP.
+    open.send(&event("during", bot, "x.none", json!({}))).await;
+    assert_eq!(open.recv().await["op"], "ack");
+    let mut fresh_old = Client::tcp(d.tcp()).await.hello(&t.key, &[]).await;
+    let mut fresh_new = Client::tcp(d.tcp()).await.hello(&new_key, &[bot]).await;
+    let http_event = json!([{"id": "http", "chatbot_id": bot, "type": "x.none", "conversation_id": "c"}]);
+    let (status, answer) = call(&d, reqwest::Method::POST, &t.key, "/v1/events", Some(http_event)).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(grace_from.elapsed() < Duration::from_secs(2), "the checks took the whole grace period");
+
+    // After it the old key's connections are told and closed (within a second of the
+    // expiry), and the old key is refused; the new one goes on.
+    let ((lines, closed), (lines2, _)) =
+        tokio::join!(closed_within(&mut open, Duration::from_secs(4)), closed_within(&mut fresh_old, Duration::from_secs(4)));
+    withdrawn_line(&lines, "expired");
+    withdrawn_line(&lines2, "expired");
+    let after = closed.duration_since(grace_from);
+    assert!(after >= Duration::from_millis(1900) && after < Duration::from_secs(3), "closed {after:?} after the rotation");
+    hello_refused(&d, &t.key).await;
+    let (status, _) = call(&d, reqwest::Method::POST, &t.key, "/v1/events", Some(json!([]))).await;
+    assert_eq!(status, 401);
+    fresh_new.send(&event("after", bot, "x.none", json!({}))).await;
+    assert_eq!(fresh_new.recv().await["op"], "ack");
+
+    // The list shows both, never a key; the audit names the admin key that rotated.
+    let (_, keys) = call(&d, reqwest::Method::GET, &admin, "/v1/keys", None).await;
+    let items = keys["items"].as_array().unwrap();
+    assert_eq!(items.len(), 3, "{keys}");
+    let state = |id: &Value| items.iter().find(|k| &k["id"] == id).map(|k| k["state"].clone());
+    assert_eq!(state(&json!(old_id)), Some(json!("expired")));
+    assert_eq!(state(&rotated["new"]["id"]), Some(json!("active")));
+    assert!(!keys.to_string().contains(&new_key[17..]) && !keys.to_string().contains(&t.key[17..]), "{keys}");
+    assert!(items.iter().all(|k| k.get("key_hash").is_none()));
+    let used = items.iter().find(|k| k["id"] == json!(old_id)).unwrap();
+    assert!(used["last_used_at"].is_string(), "{used}");
+    let (_, audit) = call(&d, reqwest::Method::GET, &admin, "/v1/audit", None).await;
+    let entry = &audit["items"][0];
+    assert_eq!(entry["action"], "key.rotate", "{audit}");
+    assert_eq!(entry["actor_key_id"], json!(key_id(&d, &admin).await));
+    assert_eq!(entry["details"]["new_key_id"], rotated["new"]["id"]);
+    assert_eq!(entry["details"]["grace_seconds"], 2.0);
+}
+
+#[actix_rt::test]
+async fn keys_are_managed_by_their_accounts_admins_and_by_operators_only() {
+    let d = TestDaemon::start().await;
+    let op = operator(&d);
+    let a = tenant(&d.store, "alpha", 0).await;
+    let b = tenant(&d.store, "bravo", 0).await;
+    let admin_a = accounts::create_key(&d.store, a.account, Role::Admin).await.unwrap();
+    let operator_in_a = accounts::create_key(&d.store, a.account, Role::Operator).await.unwrap();
+    let (a_ingest, b_ingest, a_op) = (key_id(&d, &a.key).await, key_id(&d, &b.key).await, key_id(&d, &operator_in_a).await);
+    let post = reqwest::Method::POST;
+
+    // An admin lists its own account's keys only; naming another lists nothing.
+    let (_, mine) = call(&d, reqwest::Method::GET, &admin_a, "/v1/keys", None).await;
+    let accounts_seen: Vec<&Value> = mine["items"].as_array().unwrap().iter().map(|k| &k["account_id"]).collect();
+    assert!(accounts_seen.len() == 3 && accounts_seen.iter().all(|x| **x == json!(a.account)), "{mine}");
+    let (status, theirs) = call(&d, reqwest::Method::GET, &admin_a, &format!("/v1/keys?account_id={}", b.account), None).await;
+    assert_eq!((status, &theirs["items"]), (200, &json!([])));
+    // Another account's key is not found, word for word as one that does not exist.
+    let (status, e) = call(&d, post.clone(), &admin_a, &format!("/v1/keys/{b_ingest}/revoke"), None).await;
+    assert_eq!(status, 404, "{e}");
+    let ghost = Uuid::now_v7();
+    let (_, g) = call(&d, post.clone(), &admin_a, &format!("/v1/keys/{ghost}/revoke"), None).await;
+    assert_eq!(e["error"]["message"].as_str().unwrap().replace(&b_ingest.to_string(), "X"), g["error"]["message"].as_str().unwrap().replace(&ghost.to_string(), "X"));
+    // An admin may not revoke or rotate an operator key, even in its own account.
+    let (status, _) = call(&d, post.clone(), &admin_a, &format!("/v1/keys/{a_op}/revoke"), None).await;
+    assert_eq!(status, 403);
+    let (status, _) = call(&d, post.clone(), &admin_a, &format!("/v1/keys/{a_op}/rotate"), Some(json!({}))).await;
+    assert_eq!(status, 403);
+    // An ingest key manages nothing.
+    let (status, _) = call(&d, post.clone(), &a.key, &format!("/v1/keys/{a_ingest}/revoke"), None).await;
+    assert_eq!(status, 403);
+    let (status, _) = call(&d, reqwest::Method::GET, &a.key, "/v1/keys", None).await;
+    assert_eq!(status, 403);
+    // A grace period beyond 30 days is refused, naming the field.
+    let (status, e) =
+        call(&d, post.clone(), &admin_a, &format!("/v1/keys/{a_ingest}/rotate"), Some(json!({"grace_seconds": 9_999_999}))).await;
+    assert_eq!((status, e["error"]["field"].as_str()), (422, Some("grace_seconds")), "{e}");
+    // Nothing of that changed a key.
+    let db = d.db().await;
+    let changed: i64 = db
+        .query_one("SELECT count(*) FROM api_keys WHERE revoked_at IS NOT NULL OR expires_at IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(changed, 0);
+    // The admin revokes its account's ingest key; the operator any key, operator ones too.
+    let (status, _) = call(&d, post.clone(), &admin_a, &format!("/v1/keys/{a_ingest}/revoke"), None).await;
+    assert_eq!(status, 200);
+    let (status, _) = call(&d, post.clone(), &op, &format!("/v1/keys/{a_op}/revoke"), None).await;
+    assert_eq!(status, 200);
+    let (status, _) = call(&d, post, &op, &format!("/v1/keys/{b_ingest}/revoke"), None).await;
+    assert_eq!(status, 200);
+    // Each account's admins read their own account's audit only.
+    let (_, audit) = call(&d, reqwest::Method::GET, &admin_a, "/v1/audit", None).await;
+    let targets: Vec<&Value> = audit["items"].as_array().unwrap().iter().map(|e| &e["target_id"]).collect();
+    assert_eq!(targets, vec![&json!(a_op), &json!(a_ingest)], "{audit}");
+    // An admin that revokes its own key is refused from then on.
+    let own = key_id(&d, &admin_a).await;
+    let (status, _) = call(&d, reqwest::Method::POST, &admin_a, &format!("/v1/keys/{own}/revoke"), None).await;
+    assert_eq!(status, 200);
+    let (status, _) = call(&d, reqwest::Method::GET, &admin_a, "/v1/keys", None).await;
+    assert_eq!(status, 401);
+}
+
+fn hmac_v1(secret: &str, timestamp: &str, body: &[u8]) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(timestamp.as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!("v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// The secrets whose signatures a request carries, in the header's order.
+fn signed_by(r: &Received, secrets: &[(&str, &str)]) -> Vec<String> {
+    let ts = r.header("X-Botflow-Timestamp").unwrap();
+    r.header("X-Botflow-Signature")
+        .unwrap()
+        .split(',')
+        .map(|sig| {
+            let who = secrets.iter().find(|(_, s)| hmac_v1(s, ts, &r.body) == sig);
+            who.map(|(name, _)| name.to_string()).unwrap_or_else(|| format!("invalid {sig}"))
+        })
+        .collect()
+}
+
+#[actix_rt::test]
+async fn a_rotated_webhook_secret_signs_beside_the_new_one_during_its_grace_period() {
+    let receiver = Receiver::start().await;
+    let d = TestDaemon::start().await;
+    let t = tenant(&d.store, "acme", 2).await;
+    let (bot, other_bot) = (t.chatbots[0], t.chatbots[1]);
+    let admin = accounts::create_key(&d.store, t.account, Role::Admin).await.unwrap();
+    let url = receiver.url("/hook");
+    apply(&d.store, bot, json!([{"name": "hook", "trigger": {"event": "x.go"}, "steps": [{"id": "call", "action": "webhook", "url": url}]}])).await;
+    let old = accounts::get_chatbot(&d.store, bot).await.unwrap().unwrap().signing().current;
+    let mut c = Client::tcp(d.tcp()).await.hello(&t.key, &[]).await;
+    let mut fire = async |id: &str| {
+        c.send(&event(id, bot, "x.go", json!({}))).await;
+        assert_eq!(c.recv().await["op"], "ack");
+    };
+    fire("before").await;
+    let r = receiver.wait_for("/hook", 1).await;
+    assert_eq!(signed_by(&r[0], &[("old", &old)]), ["old"]);
+
+    let (status, v) =
+        call(&d, reqwest::Method::POST, &admin, &format!("/v1/chatbots/{bot}/rotate-secret"), Some(json!({"grace_seconds": 2}))).await;
+    assert_eq!(status, 200, "{v}");
+    let rotated = Instant::now();
+    let new = v["secret"].as_str().unwrap().to_string();
+    assert!(new.len() == 64 && new != old, "{v}");
+    assert!(v["previous_secret_expires_at"].is_string(), "{v}");
+    let both = [("new", new.as_str()), ("old", old.as_str())];
+    fire("during").await;
+    let r = receiver.wait_for("/hook", 2).await;
+    assert!(rotated.elapsed() < Duration::from_secs(2));
+    assert_eq!(signed_by(&r[1], &both), ["new", "old"], "{:?}", r[1].header("X-Botflow-Signature"));
+
+    tokio::time::sleep(Duration::from_secs(2).saturating_sub(rotated.elapsed()) + Duration::from_millis(100)).await;
+    fire("after").await;
+    let r = receiver.wait_for("/hook", 3).await;
+    assert_eq!(signed_by(&r[2], &both), ["new"]);
+
+    // The chatbot's admins and operators only; audited.
+    let other = tenant(&d.store, "other", 0).await;
+    let other_admin = accounts::create_key(&d.store, other.account, Role::Admin).await.unwrap();
+    let (status, _) = call(&d, reqwest::Method::POST, &other_admin, &format!("/v1/chatbots/{other_bot}/rotate-secret"), Some(json!({}))).await;
+    assert_eq!(status, 404);
+    let (status, _) = call(&d, reqwest::Method::POST, &t.key, &format!("/v1/chatbots/{other_bot}/rotate-secret"), Some(json!({}))).await;
+    assert_eq!(status, 403);
+    let (_, audit) = call(&d, reqwest::Method::GET, &admin, "/v1/audit", None).await;
+    assert_eq!(audit["items"][0]["action"], "chatbot.rotate_secret", "{audit}");
+    assert_eq!(audit["items"][0]["target_id"], json!(bot));
+    assert_eq!(audit["items"].as_array().unwrap().len(), 1);
+}
+
+#[actix_rt::test]
+async fn a_secret_rotated_through_another_daemon_signs_here_too() {
+    let receiver = Receiver::start().await;
+    let a = TestDaemon::start().await;
+    let b = TestDaemon::start_with(DaemonOptions { pg: Some(a.pg.clone()), ..Default::default() }).await;
+    let t = tenant(&a.store, "acme", 1).await;
+    let bot = t.chatbots[0];
+    apply(&a.store, bot, json!([{"name": "hook", "trigger": {"event": "x.go"}, "steps": [{"id": "call", "action": "webhook", "url": receiver.url("/hook")}]}])).await;
+    let old = accounts::get_chatbot(&a.store, bot).await.unwrap().unwrap().signing().current;
+    // B's supervisor for the chatbot runs (and holds the secret) before the rotation.
+    let mut c = Client::unix(&b.unix()).await.hello(&t.key, &[]).await;
+    c.send(&event("warm", bot, "x.go", json!({}))).await;
+    assert_eq!(c.recv().await["op"], "ack");
+    receiver.wait_for("/hook", 1).await;
+    let (status, v) =
+        call(&a, reqwest::Method::POST, &operator(&a), &format!("/v1/chatbots/{bot}/rotate-secret"), Some(json!({"grace_seconds": 60}))).await;
+    assert_eq!(status, 200, "{v}");
+    let new = v["secret"].as_str().unwrap().to_string();
+    let both = [("new", new.as_str()), ("old", old.as_str())];
+    // Announced within a second.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c.send(&event("after", bot, "x.go", json!({}))).await;
+    assert_eq!(c.recv().await["op"], "ack");
+    let r = receiver.wait_for("/hook", 2).await;
+    assert_eq!(signed_by(&r[1], &both), ["new", "old"]);
+}
