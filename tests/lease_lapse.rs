@@ -39,12 +39,12 @@ fn signal(pids: &[i32], sig: libc::c_int) {
 /// The tests stall the server the whole process shares: one at a time.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// A daemon with a short lease TTL, a chatbot whose workflow sends one reply (and
-/// waits for a client's ack), and an event of it acked and running.
-async fn running_reply() -> (TestDaemon, Tenant, tokio_postgres::Client) {
+/// A daemon with lease TTL `ttl_ms` and a chatbot whose workflow sends one reply (and
+/// waits for a client's ack).
+async fn reply_daemon(ttl_ms: u64) -> (TestDaemon, Tenant, tokio_postgres::Client) {
     let daemon = TestDaemon::start_with(DaemonOptions {
-        tweak: Box::new(|c| {
-            c.lease.ttl_ms = 1_500;
+        tweak: Box::new(move |c| {
+            c.lease.ttl_ms = ttl_ms;
             c.outbox.ack_timeout_ms = 120_000;
             c.scheduler.scan_interval_ms = 200;
         }),
@@ -52,12 +52,19 @@ async fn running_reply() -> (TestDaemon, Tenant, tokio_postgres::Client) {
     })
     .await;
     let t = tenant(&daemon.store, "acme", 1).await;
-    let bot = t.chatbots[0];
-    apply(&daemon.store, bot, json!([{"name": "answer", "trigger": {"event": "x.ask"},
+    apply(&daemon.store, t.chatbots[0], json!([{"name": "answer", "trigger": {"event": "x.ask"},
         "steps": [{"id": "say", "action": "reply", "text": "hello {{event.id}}"}],
         "retry": {"max_attempts": 2, "initial_backoff_ms": 100, "jitter": false}}]))
     .await;
     let db = daemon.db().await;
+    (daemon, t, db)
+}
+
+/// A daemon with a short lease TTL, a chatbot whose workflow sends one reply (and
+/// waits for a client's ack), and an event of it acked and running.
+async fn running_reply() -> (TestDaemon, Tenant, tokio_postgres::Client) {
+    let (daemon, t, db) = reply_daemon(1_500).await;
+    let bot = t.chatbots[0];
     let mut sender = Client::unix(&daemon.unix()).await.hello(&t.key, &[]).await;
     sender.send(&event("e1", bot, "x.ask", json!({}))).await;
     let (a, _) = sender.recv_until(|v| v["id"] == "e1").await;
@@ -132,20 +139,8 @@ async fn a_reply_acked_while_its_step_was_interrupted_is_not_sent_again_when_the
     // the locked row: 5 s after a beat sent a third of a TTL after the last) well
     // before it lapses: the step is interrupted and run again under the same lease
     // and attempt.
-    let daemon = TestDaemon::start_with(DaemonOptions {
-        tweak: Box::new(|c| {
-            c.lease.ttl_ms = 12_000;
-            c.outbox.ack_timeout_ms = 120_000;
-        }),
-        ..Default::default()
-    })
-    .await;
-    let t = tenant(&daemon.store, "acme", 1).await;
+    let (daemon, t, db) = reply_daemon(12_000).await;
     let bot = t.chatbots[0];
-    apply(&daemon.store, bot, json!([{"name": "answer", "trigger": {"event": "x.ask"},
-        "steps": [{"id": "say", "action": "reply", "text": "hello {{event.id}}"}]}]))
-    .await;
-    let db = daemon.db().await;
     let mut chat = Client::unix(&daemon.unix()).await.hello(&t.key, &[bot]).await;
     chat.send(&event("e1", bot, "x.ask", json!({}))).await;
     let (cmd, _) = chat.recv_until(|v| v["op"] == "command").await;
