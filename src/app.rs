@@ -77,6 +77,8 @@ struct Actors {
     heartbeat_stop: CancellationToken,
     /// The admin API checks saved workflows against its policy.
     egress: Egress,
+    /// Starts a pruning pass now (a chatbot was deleted).
+    prune_now: Arc<tokio::sync::Notify>,
 }
 
 impl App {
@@ -301,24 +303,26 @@ impl Actors {
             unreachable_after: Duration::from_secs(config.notify.database_unreachable_seconds),
         };
         actix_rt::spawn(scheduler.run(heartbeat_stop.clone()));
+        let prune_now = Arc::new(tokio::sync::Notify::new());
         actix_rt::spawn(crate::store::retention::keep_pruning(
             store.clone(),
             (&config.retention).into(),
             config.retention.batch_size,
             Duration::from_secs(config.retention.interval_seconds),
+            prune_now.clone(),
             heartbeat_stop.clone(),
         ));
-        Ok(Actors { arbiters, workers, journal, outbox, router, heartbeat_stop, egress })
+        Ok(Actors { arbiters, workers, journal, outbox, router, heartbeat_stop, egress, prune_now })
     }
 }
 
 /// Changes made by any process on this database (workflow and limit changes, replays,
-/// commands and acks of other nodes) go to the router or the outbox; key revocations
-/// and rotations to the connections' sessions.
+/// commands and acks of other nodes, deleted chatbots) go to the router, the outbox or
+/// the pruner; key revocations and rotations to the connections' sessions.
 fn forward_changes(store: &Store, actors: &Actors, sessions: &Arc<Sessions>, shutdown: &CancellationToken) {
     let (change_tx, mut change_rx) = tokio::sync::mpsc::unbounded_channel();
     actix_rt::spawn(listen::run(store.clone(), change_tx, shutdown.clone()));
-    let (r, o) = (actors.router.clone(), actors.outbox.clone());
+    let (r, o, prune_now) = (actors.router.clone(), actors.outbox.clone(), actors.prune_now.clone());
     let (sessions, store) = (sessions.clone(), store.clone());
     actix_rt::spawn(async move {
         while let Some(change) = change_rx.recv().await {
@@ -337,6 +341,12 @@ fn forward_changes(store: &Store, actors: &Actors, sessions: &Arc<Sessions>, shu
                     sessions.check_all(&store);
                     o.do_send(RedeliverPending);
                     r.do_send(WorkflowsChanged(Change::Resync))
+                }
+                Change::Deleted(chatbot_id) => {
+                    r.do_send(WorkflowsChanged(change));
+                    // Its history may be waiting to be pruned, and stragglers cancelled.
+                    prune_now.notify_one();
+                    tracing::debug!(%chatbot_id, "heard of a deleted chatbot");
                 }
                 other => r.do_send(WorkflowsChanged(other)),
             }

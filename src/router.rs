@@ -13,13 +13,16 @@
 //!   that chatbot's new events until the answer (busy: back in service; stopped: a new
 //!   supervisor takes the held events);
 //! - workflow changes (LISTEN/NOTIFY) are passed to the running supervisor; a rotated
-//!   webhook secret is put into the chatbot's record, which its supervisor shares.
+//!   webhook secret is put into the chatbot's record, which its supervisor shares;
+//! - deleted (by the admin API here, or announced by NOTIFY): the supervisor is told to
+//!   stop after the events already sent to it, and the chatbot is answered as unknown.
 //!
 //! Forwarding costs a hash lookup per chatbot per batch, not per event.
 
 use crate::chatbot::limits::{Limits, Usage};
 use crate::chatbot::supervisor::{
-    ApplyLimits, ChatbotSupervisor, GetUsage, LimitsChanged, Reload, StopIfIdle, SupervisorDeps, SupervisorEvents, WakeUp,
+    ApplyLimits, ChatbotSupervisor, GetUsage, LimitsChanged, Reload, Retire, StopIfIdle, SupervisorDeps, SupervisorEvents,
+    WakeUp,
 };
 use crate::event::Event;
 use crate::store::accounts::{self, ChatbotRecord, Scope};
@@ -83,8 +86,8 @@ enum Slot {
     Known { record: Arc<ChatbotRecord>, since: Instant },
     Ready { record: Arc<ChatbotRecord>, addr: Addr<ChatbotSupervisor>, last_event: Instant },
     /// Asked to stop because idle; batches wait for the answer, and a workflow change
-    /// that arrives meanwhile is passed on if it stays.
-    Stopping { held: Vec<Held>, reload: bool },
+    /// that arrives meanwhile is passed on if it stays (a deletion: it is retired).
+    Stopping { held: Vec<Held>, reload: bool, deleted: bool },
     /// No such chatbot, remembered briefly so a flood of bad ids costs no queries.
     Missing { until: Instant },
 }
@@ -264,17 +267,26 @@ impl Router {
         for chatbot_id in idle {
             let Some(slot) = self.slots.remove(&chatbot_id) else { continue };
             let Slot::Ready { record, addr, .. } = slot else { continue };
-            self.slots.insert(chatbot_id, Slot::Stopping { held: Vec::new(), reload: false });
+            self.slots.insert(chatbot_id, Slot::Stopping { held: Vec::new(), reload: false, deleted: false });
             let fut = addr.send(StopIfIdle);
             ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
-                let (held, reload) = match act.slots.remove(&chatbot_id) {
-                    Some(Slot::Stopping { held, reload, .. }) => (held, reload),
+                let (held, reload, deleted) = match act.slots.remove(&chatbot_id) {
+                    Some(Slot::Stopping { held, reload, deleted }) => (held, reload, deleted),
                     Some(other) => {
                         act.slots.insert(chatbot_id, other);
                         return;
                     }
-                    None => (Vec::new(), false),
+                    None => (Vec::new(), false, false),
                 };
+                if deleted {
+                    addr.do_send(Retire);
+                    act.slots.insert(chatbot_id, Slot::Missing { until: Instant::now() + Duration::from_secs(1) });
+                    for h in held {
+                        nack_all(h, unknown(chatbot_id));
+                    }
+                    act.publish_gauge();
+                    return;
+                }
                 match res {
                     Ok(false) => {
                         if reload {
@@ -356,6 +368,71 @@ impl Handler<SetSigning> for Router {
         if let Some(record) = self.record(msg.0) {
             record.set_signing(msg.1);
         }
+    }
+}
+
+/// Sent by the admin API after it deleted a chatbot: its supervisor on this daemon
+/// stops before the answer (other daemons hear of it by NOTIFY).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ChatbotDeleted(pub Uuid);
+
+impl Handler<ChatbotDeleted> for Router {
+    type Result = ();
+
+    fn handle(&mut self, msg: ChatbotDeleted, _ctx: &mut Context<Self>) {
+        self.forget(msg.0);
+    }
+}
+
+impl Router {
+    /// A deleted chatbot: its supervisor is retired after the events already sent to it
+    /// (the mailbox keeps their order), events waiting here and from now on are answered
+    /// `unknown_chatbot`, and its record is dropped (a later load finds it deleted).
+    fn forget(&mut self, chatbot_id: Uuid) {
+        self.wakes.remove(&chatbot_id);
+        let missing = Slot::Missing { until: Instant::now() + Duration::from_secs(1) };
+        match self.slots.remove(&chatbot_id) {
+            Some(Slot::Ready { addr, .. }) => {
+                addr.do_send(Retire);
+                self.slots.insert(chatbot_id, missing);
+                tracing::info!(%chatbot_id, "chatbot deleted; its supervisor stops");
+            }
+            Some(Slot::Known { .. }) => {
+                self.slots.insert(chatbot_id, missing);
+            }
+            Some(Slot::Loading(waiting)) => {
+                // The load may have read the row before the deletion committed; its
+                // answer finds this slot and leaves it.
+                self.slots.insert(chatbot_id, missing);
+                for held in waiting {
+                    nack_all(held, unknown(chatbot_id));
+                }
+            }
+            Some(Slot::Stopping { held, reload, .. }) => {
+                self.slots.insert(chatbot_id, Slot::Stopping { held, reload, deleted: true });
+            }
+            Some(m @ Slot::Missing { .. }) => {
+                self.slots.insert(chatbot_id, m);
+            }
+            None => {}
+        }
+        self.publish_gauge();
+    }
+
+    /// After the change listener reconnected: a deletion announced meanwhile was not
+    /// heard, so ask the database which of the chatbots known here are deleted.
+    fn forget_deleted(&mut self, ctx: &mut Context<Self>) {
+        let ids: Vec<Uuid> = self.slots.iter().filter(|(_, s)| matches!(s, Slot::Ready { .. } | Slot::Known { .. })).map(|(id, _)| *id).collect();
+        if ids.is_empty() {
+            return;
+        }
+        let store = self.deps.store.clone();
+        let fut = async move { crate::store::deletion::deleted_among(&store, &ids).await };
+        ctx.spawn(fut.into_actor(self).map(|res, act, _ctx| match res {
+            Ok(deleted) => deleted.into_iter().for_each(|id| act.forget(id)),
+            Err(error) => tracing::warn!(%error, "cannot check for deleted chatbots after a reconnect"),
+        }));
     }
 }
 
@@ -464,7 +541,11 @@ impl Handler<WorkflowsChanged> for Router {
                 }
                 // A chatbot without a supervisor reads its workflows when one starts.
             }
-            Change::Resync => self.slots.values_mut().for_each(reload),
+            Change::Resync => {
+                self.slots.values_mut().for_each(reload);
+                self.forget_deleted(ctx);
+            }
+            Change::Deleted(id) => self.forget(id),
             // Delivered as a `Wake`, or to the outbox, by the daemon; nothing to reload.
             Change::Wake(_) | Change::Command { .. } | Change::CommandAcked { .. } | Change::Key(_) => {}
             // A supervisor that is not running reads its limits when it starts.

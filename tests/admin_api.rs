@@ -237,6 +237,7 @@ const MATRIX: &[&str] = &[
     "GET /v1/chatbots",
     "POST /v1/chatbots",
     "GET /v1/chatbots/{id}",
+    "DELETE /v1/chatbots/{id}",
     "GET /v1/chatbots/{id}/analytics",
     "GET /v1/chatbots/{id}/dead-letters",
     "POST /v1/chatbots/{id}/dead-letters/discard",
@@ -317,6 +318,8 @@ struct Side {
     ingest: String,
     /// A key of the account made for each call that revokes or rotates one.
     doomed_key: Uuid,
+    /// A chatbot of the account made for each call that deletes one.
+    doomed_bot: Uuid,
 }
 
 impl Side {
@@ -336,6 +339,7 @@ impl Side {
             letters: vec![],
             ingest: String::new(),
             doomed_key: r(),
+            doomed_bot: r(),
         }
     }
 }
@@ -366,6 +370,7 @@ async fn matrix_side(d: &TestDaemon, api: &Api, name: &str, receiver: &Receiver)
         letters: letters[1..].to_vec(),
         ingest: t.key,
         doomed_key: Uuid::nil(),
+        doomed_bot: Uuid::nil(),
     }
 }
 
@@ -380,6 +385,7 @@ fn matrix_request(ep: &str, s: &Side, delete_workflow: Uuid, letter: Uuid, tag: 
         "GET /v1/chatbots" => (format!("/v1/chatbots?account_id={}", s.account), None),
         "POST /v1/chatbots" => ("/v1/chatbots".into(), Some(json!({"name": format!("bot-{tag}"), "account_id": s.account}))),
         "GET /v1/chatbots/{id}" => (format!("/v1/chatbots/{bot}"), None),
+        "DELETE /v1/chatbots/{id}" => (format!("/v1/chatbots/{}?history=keep", s.doomed_bot), None),
         "GET /v1/chatbots/{id}/analytics" => (format!("/v1/chatbots/{bot}/analytics"), None),
         "GET /v1/chatbots/{id}/dead-letters" => (format!("/v1/chatbots/{bot}/dead-letters"), None),
         "POST /v1/chatbots/{id}/dead-letters/discard" => (format!("/v1/chatbots/{bot}/dead-letters/discard"), Some(nothing)),
@@ -530,6 +536,9 @@ async fn ownership_matrix_every_documented_endpoint_every_role_own_and_other_acc
                 } else {
                     side.witness
                 };
+                if ep == "DELETE /v1/chatbots/{id}" {
+                    side.doomed_bot = accounts::create_chatbot(&d.store, side.account, &format!("doomed-{n}")).await.unwrap();
+                }
                 if ep.starts_with("POST /v1/keys/") {
                     let doomed = accounts::create_key(&d.store, side.account, Role::Ingest).await.unwrap();
                     side.doomed_key = uuids(&db, "SELECT id FROM api_keys WHERE prefix = $1", &[&&doomed[4..16]]).await[0];
@@ -669,6 +678,14 @@ async fn ownership_matrix_every_documented_endpoint_every_role_own_and_other_acc
     .await;
     if refused != 0 {
         failures.push(format!("{refused} workflows or chatbots were created by refused calls"));
+    }
+    // Only the calls expected to act deleted a chatbot: A's admin's, the operator's on each.
+    for (side, account, want) in [("A", a.account, 2), ("B", b.account, 1)] {
+        let n = scalar(&db, "SELECT count(*) FROM chatbots WHERE account_id = $1 AND name ~ '^doomed-' AND deleted_at IS NOT NULL", &[&account]).await;
+        let audited = scalar(&db, "SELECT count(*) FROM audit_log WHERE account_id = $1 AND action = 'chatbot.delete'", &[&account]).await;
+        if (n, audited) != (want, want) {
+            failures.push(format!("{side}'s chatbots: {n} deleted, {audited} deletions audited, want {want}"));
+        }
     }
     // Only the calls expected to act revoked or rotated a key: one each by A's admin and
     // the operator on A's keys, one each by the operator on B's.

@@ -1006,4 +1006,16 @@ async fn key_commands_list_rotate_revoke_and_the_audit_over_the_api() {
     let record = botflow::store::accounts::get_chatbot(&d.store, bot).await.unwrap().unwrap();
     assert_eq!(record.signing().current, secret);
     assert!(cli.ok(&["audit"]).await.contains("chatbot.rotate_secret"));
+
+    // Deleting it: the operator must say what becomes of its history.
+    let err = cli.fails(&["chatbots", "delete", &bot.to_string()]).await;
+    assert!(err.contains("--history"), "{err}");
+    let o = cli.run(&["chatbots", "delete", &bot.to_string(), "--history", "prune"]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("is deleted; its history is being pruned"), "{}", stderr(&o));
+    assert!(stdout(&o).contains("cancelled executions") && stdout(&o).contains("prune"), "{}", stdout(&o));
+    assert!(botflow::store::accounts::get_chatbot(&d.store, bot).await.unwrap().is_none());
+    assert!(cli.ok(&["audit"]).await.contains("chatbot.delete"));
+    let err = cli.fails(&["chatbots", "delete", &bot.to_string(), "--history", "keep"]).await;
+    assert!(err.contains("404") && err.contains("not found"), "{err}");
 }

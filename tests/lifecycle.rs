@@ -2,7 +2,8 @@
 //! key's open connections are told and closed within a second, on the daemon that
 //! revoked it and on another daemon of the same database; a rotated key works during
 //! its grace period and is refused after it; who may manage which keys; the audit log;
-//! a chatbot's rotated webhook secret signing beside the new one during its grace.
+//! a chatbot's rotated webhook secret signing beside the new one during its grace; a
+//! deleted chatbot refused on every daemon, its history kept or pruned as asked.
 
 mod common;
 
@@ -322,4 +323,154 @@ async fn a_secret_rotated_through_another_daemon_signs_here_too() {
     assert_eq!(c.recv().await["op"], "ack");
     let r = receiver.wait_for("/hook", 2).await;
     assert_eq!(signed_by(&r[1], &both), ["new", "old"]);
+}
+
+/// Rows of `sql` (one bind: a chatbot id) counted.
+async fn count_of(db: &tokio_postgres::Client, sql: &str, bot: Uuid) -> i64 {
+    db.query_one(sql, &[&bot]).await.unwrap().get(0)
+}
+
+/// Sends `id` for `bot` until it is refused as an unknown chatbot; answers the acks seen
+/// before that.
+async fn until_unknown(c: &mut Client, bot: Uuid, id: &str) -> usize {
+    let mut acked = 0;
+    let mut n = 0;
+    loop {
+        n += 1;
+        c.send(&event(&format!("{id}-{n}"), bot, "x.go", json!({}))).await;
+        let answer = c.recv().await;
+        match answer["op"].as_str() {
+            Some("ack") => acked += 1,
+            _ => {
+                assert_eq!(answer["error"]["code"], "unknown_chatbot", "{answer}");
+                assert_eq!(answer["error"]["message"], format!("chatbot {bot} does not exist"), "{answer}");
+                return acked;
+            }
+        }
+        assert!(n < 500, "events for a deleted chatbot are still acked");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[actix_rt::test]
+async fn a_deleted_chatbot_is_refused_on_every_daemon_and_its_history_kept_or_pruned_as_asked() {
+    // The pruner runs only when told (a deletion) in this test.
+    let slow = |c: &mut botflow::config::Config| c.retention.interval_seconds = 3600;
+    let a = TestDaemon::start_with(DaemonOptions { tweak: Box::new(slow), ..Default::default() }).await;
+    let b = TestDaemon::start_with(DaemonOptions { pg: Some(a.pg.clone()), tweak: Box::new(slow) }).await;
+    let t = tenant(&a.store, "acme", 3).await;
+    let (kept, pruned, bystander) = (t.chatbots[0], t.chatbots[1], t.chatbots[2]);
+    let flows = json!([
+        {"name": "quick", "trigger": {"event": "x.go"}, "steps": [{"id": "t", "action": "delay", "duration": "0s"}]},
+        {"name": "later", "trigger": {"event": "x.later"}, "steps": [{"id": "w", "action": "delay", "duration": "1h"}]}
+    ]);
+    for bot in [kept, pruned, bystander] {
+        apply(&a.store, bot, flows.clone()).await;
+    }
+    let db = a.db().await;
+    // History on daemon B: finished executions of each, and one waiting an hour on `kept`.
+    let mut on_b = Client::unix(&b.unix()).await.hello(&t.key, &[]).await;
+    for bot in [kept, pruned, bystander] {
+        for i in 0..5 {
+            on_b.send(&event(&format!("h{i}-{bot}"), bot, "x.go", json!({}))).await;
+            assert_eq!(on_b.recv().await["op"], "ack");
+        }
+    }
+    on_b.send(&event("wait", kept, "x.later", json!({}))).await;
+    assert_eq!(on_b.recv().await["op"], "ack");
+    let finished = "SELECT count(*) FROM executions WHERE chatbot_id = $1 AND status = 'succeeded'";
+    for bot in [kept, pruned, bystander] {
+        eventually("the history is written", || async { count_of(&db, finished, bot).await == 5 }).await;
+    }
+    let op = operator(&a);
+    let admin = accounts::create_key(&a.store, t.account, Role::Admin).await.unwrap();
+
+    // Refused while an execution is unfinished, naming why; nothing changes.
+    let (status, v) = call(&a, reqwest::Method::DELETE, &admin, &format!("/v1/chatbots/{kept}?history=keep"), None).await;
+    assert_eq!((status, v["error"]["code"].as_str()), (409, Some("conflict")), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("1 unfinished executions"), "{v}");
+    let (status, _) = call(&a, reqwest::Method::GET, &admin, &format!("/v1/chatbots/{kept}"), None).await;
+    assert_eq!(status, 200);
+    // The history must be named.
+    let (status, v) = call(&a, reqwest::Method::DELETE, &admin, &format!("/v1/chatbots/{kept}"), None).await;
+    assert_eq!((status, v["error"]["field"].as_str()), (422, Some("history")), "{v}");
+    assert!(v.to_string().contains("history=keep or history=prune"), "{v}");
+
+    // With force: the waiting execution is cancelled, and B refuses the chatbot's events
+    // once it heard of the deletion.
+    let (status, v) = call(&a, reqwest::Method::DELETE, &admin, &format!("/v1/chatbots/{kept}?history=keep&force=true"), None).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!((v["history"].as_str(), v["cancelled_executions"].as_i64()), (Some("keep"), Some(1)), "{v}");
+    // Events B acked before it heard are recorded (and cancelled by the pruner's sweep).
+    let late = until_unknown(&mut on_b, kept, "late").await as i64;
+    let cancelled = db
+        .query_one("SELECT status, error FROM executions WHERE chatbot_id = $1 AND event_id = 'wait'", &[&kept])
+        .await
+        .unwrap();
+    assert_eq!(cancelled.get::<_, String>(0), "cancelled");
+    assert_eq!(cancelled.get::<_, String>(1), "the chatbot was deleted");
+    // Gone from the API, on both daemons; the rest of the account is not.
+    for d in [&a, &b] {
+        for path in [format!("/v1/chatbots/{kept}"), format!("/v1/chatbots/{kept}/workflows"), format!("/v1/chatbots/{kept}/executions")] {
+            let (status, v) = call(d, reqwest::Method::GET, &admin, &path, None).await;
+            assert_eq!((status, v["error"]["message"].as_str()), (404, Some(&*format!("chatbot {kept} not found"))), "{path} {v}");
+        }
+        let (_, list) = call(d, reqwest::Method::GET, &admin, "/v1/chatbots", None).await;
+        let ids: Vec<&str> = list["items"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
+        assert_eq!(ids, [pruned.to_string(), bystander.to_string()], "{list}");
+    }
+    // Kept: its history stays in the database (and goes as its retention says).
+    assert_eq!(count_of(&db, "SELECT count(*) FROM executions WHERE chatbot_id = $1", kept).await, 6 + late);
+
+    // Pruned: its executions go now, in the background.
+    let (status, v) = call(&b, reqwest::Method::DELETE, &op, &format!("/v1/chatbots/{pruned}?history=prune"), None).await;
+    assert_eq!((status, v["cancelled_executions"].as_i64()), (200, Some(0)), "{v}");
+    eventually("the deleted chatbot's executions are pruned", || async {
+        count_of(&db, "SELECT count(*) FROM executions WHERE chatbot_id = $1", pruned).await == 0
+    })
+    .await;
+    // Deleted through B: refused there before the answer.
+    assert_eq!(until_unknown(&mut on_b, pruned, "late").await, 0);
+    // The bystander works on both daemons.
+    let mut on_a = Client::tcp(a.tcp()).await.hello(&t.key, &[]).await;
+    for c in [&mut on_a, &mut on_b] {
+        c.send(&event(&format!("after-{}", Uuid::now_v7()), bystander, "x.go", json!({}))).await;
+        assert_eq!(c.recv().await["op"], "ack");
+    }
+    eventually("the bystander runs", || async { count_of(&db, finished, bystander).await == 7 }).await;
+    // A deleted chatbot cannot be deleted again, nor given workflows.
+    let (status, _) = call(&a, reqwest::Method::DELETE, &op, &format!("/v1/chatbots/{pruned}?history=prune"), None).await;
+    assert_eq!(status, 404);
+    let bytes = serde_json::to_vec(&flows).unwrap();
+    let specs = botflow::workflow::parse_workflows(&bytes).unwrap();
+    assert!(botflow::store::workflows::apply(&a.store, pruned, &specs).await.is_err());
+
+    // Audited: who, which history, whether forced.
+    let (_, audit) = call(&a, reqwest::Method::GET, &op, &format!("/v1/audit?account_id={}", t.account), None).await;
+    let deletions: Vec<&Value> = audit["items"].as_array().unwrap().iter().filter(|e| e["action"] == "chatbot.delete").collect();
+    assert_eq!(deletions.len(), 2, "{audit}");
+    assert_eq!(deletions[0]["target_id"], pruned.to_string());
+    assert_eq!(deletions[0]["actor_role"], "operator");
+    assert_eq!(deletions[0]["details"], json!({"history": "prune", "force": false, "cancelled_executions": 0}));
+    assert_eq!(deletions[1]["target_id"], kept.to_string());
+    assert_eq!(deletions[1]["actor_role"], "admin");
+    assert_eq!(deletions[1]["details"], json!({"history": "keep", "force": true, "cancelled_executions": 1}));
+
+    // A minute after the deletion the pruner drops the rows left: the pruned chatbot
+    // with its workflows and rollups; the kept one stays while its history does.
+    db.execute("UPDATE chatbots SET deleted_at = deleted_at - interval '2 minutes' WHERE id = ANY($1)", &[&vec![kept, pruned]])
+        .await
+        .unwrap();
+    let defaults = (&a.config.retention).into();
+    let swept = botflow::store::retention::prune(&a.store, defaults, 100, false, |_, _| {}).await.unwrap();
+    assert_eq!(swept.chatbots, 1, "{swept:?}");
+    assert_eq!(count_of(&db, "SELECT count(*) FROM chatbots WHERE id = $1", pruned).await, 0);
+    assert_eq!(count_of(&db, "SELECT count(*) FROM workflows WHERE chatbot_id = $1", pruned).await, 0);
+    assert_eq!(count_of(&db, "SELECT count(*) FROM execution_stats WHERE chatbot_id = $1", pruned).await, 0);
+    assert_eq!(count_of(&db, "SELECT count(*) FROM chatbots WHERE id = $1", kept).await, 1);
+    assert_eq!(count_of(&db, "SELECT count(*) FROM executions WHERE chatbot_id = $1", kept).await, 6 + late);
+    let unfinished = "SELECT count(*) FROM executions WHERE chatbot_id = $1 AND status IN ('queued', 'running', 'retrying', 'waiting')";
+    assert_eq!(count_of(&db, unfinished, kept).await, 0);
+    let text = a.metrics().await;
+    assert!(metric(&text, "botflow_pruned_rows_total", Some("kind=\"executions\"")) >= 5.0, "{text}");
 }

@@ -72,6 +72,8 @@ async fn history(d: &TestDaemon, t: &Tenant) {
     for (sql, ids) in [
         ("UPDATE executions SET created_at = now() - interval '40 days' WHERE event_id = ANY($1)", vec!["a-old-1", "a-old-2", "a-old-3", "a-dl-mid", "a-wait-old", "b-old-1"]),
         ("UPDATE executions SET created_at = now() - interval '100 days' WHERE event_id = ANY($1)", vec!["a-dl-old"]),
+        // Cancelled ones are finished too (a deleted chatbot's, say).
+        ("UPDATE executions SET status = 'cancelled' WHERE event_id = ANY($1)", vec!["a-old-3"]),
         ("UPDATE dead_letters d SET created_at = now() - interval '40 days' FROM executions e WHERE e.id = d.execution_id AND e.event_id = ANY($1)", vec!["a-dl-mid"]),
         ("UPDATE dead_letters d SET created_at = now() - interval '100 days' FROM executions e WHERE e.id = d.execution_id AND e.event_id = ANY($1)", vec!["a-dl-old"]),
         // Old acked commands of executions that are kept go by their own age.
@@ -159,12 +161,12 @@ async fn prune_dry_run_counts_and_deletes_nothing_then_prune_deletes() {
     let counted = prune(&["prune", "--dry-run"]);
     // Executions a-old-1..3 and a-dl-old (its dead letter is past its own retention),
     // the 100-day dead letter, the three old acked commands: each kind counted alone.
-    assert_eq!(counted, "executions 4\ndead_letters 1\nacked_commands 3\n");
+    assert_eq!(counted, "executions 4\ndead_letters 1\nacked_commands 3\ndeleted_chatbots 0\n");
     assert_eq!(executions_of(&db, t.chatbots[0]).await.len(), 7, "a dry run deleted something");
     let first = prune(&["prune"]);
-    assert_eq!(first, "executions 4\ndead_letters 0\nacked_commands 0\n", "the letter and commands went with their executions");
+    assert_eq!(first, "executions 4\ndead_letters 0\nacked_commands 0\ndeleted_chatbots 0\n", "the letter and commands went with their executions");
     assert_pruned(&db, &t).await;
-    assert_eq!(prune(&["prune", "--dry-run"]), "executions 0\ndead_letters 0\nacked_commands 0\n");
+    assert_eq!(prune(&["prune", "--dry-run"]), "executions 0\ndead_letters 0\nacked_commands 0\ndeleted_chatbots 0\n");
 }
 
 #[actix_rt::test]

@@ -1,6 +1,6 @@
 //! `/v1/chatbots`: create (in the caller's account; operators may name another),
-//! list (the caller's account; operators: all, or one account), read one, and rotate
-//! its webhook signing secret (the chatbot's admins and operators).
+//! list (the caller's account; operators: all, or one account), read one, rotate its
+//! webhook signing secret and delete it (the chatbot's admins and operators).
 
 use super::body::Object;
 use super::auth::{Caller, OwnedChatbot};
@@ -8,8 +8,9 @@ use super::error::{ApiError, Errors};
 use super::page::{self, AccountQuery, Page, Position};
 use super::AdminState;
 use crate::store::accounts::{self, ChatbotRow};
-use actix_web::{get, post, web, HttpResponse};
-use crate::router::SetSigning;
+use actix_web::{delete, get, post, web, HttpResponse};
+use crate::router::{ChatbotDeleted, SetSigning};
+use crate::store::deletion::{self, Deleted, History};
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -113,4 +114,40 @@ pub async fn rotate_secret(state: web::Data<AdminState>, bot: OwnedChatbot, body
     let _ = state.router.send(SetSigning(bot.id, signing.clone())).await;
     let previous_secret_expires_at = signing.previous.as_ref().map(|(_, until)| *until).filter(|until| *until > chrono::Utc::now());
     Ok(HttpResponse::Ok().json(SecretRotated { chatbot_id: bot.id, secret: signing.current, previous_secret_expires_at }))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DeleteQuery {
+    /// `keep`: the executions, dead letters and commands stay, pruned as the chatbot's
+    /// retention says; `prune`: they are removed now, in the background, in small batches.
+    pub history: Option<History>,
+    /// Cancel unfinished executions (queued, running, retrying, waiting) instead of
+    /// refusing with 409.
+    #[serde(default)]
+    pub force: bool,
+}
+
+#[utoipa::path(
+    operation_id = "delete_chatbot",
+    summary = "Delete a chatbot",
+    description = "Deletes a chatbot: from the answer on, the API answers 404 for it and ingest `unknown_chatbot`, and \
+                   every daemon on the database stops its supervisor within a second. Refused with 409 while it has \
+                   unfinished executions, unless `force=true`, which cancels them. `history` (required) says whether its \
+                   executions, dead letters and commands are kept (pruned as its retention says) or pruned now; the \
+                   chatbot's workflows, limits and retention go once its history is gone. Audited.",
+    tag = "chatbots",
+    params(("id" = Uuid, Path, description = "Chatbot id"), DeleteQuery),
+    responses((status = 200, description = "Deleted", body = Deleted), Errors)
+)]
+#[delete("/v1/chatbots/{id}")]
+pub async fn delete(state: web::Data<AdminState>, bot: OwnedChatbot, q: web::Query<DeleteQuery>) -> Result<HttpResponse, ApiError> {
+    let history = q.history.ok_or_else(|| {
+        ApiError::invalid("history", "say what becomes of the chatbot's history: history=keep or history=prune")
+    })?;
+    let deleted = deletion::delete_chatbot(&state.store, bot.id, history, q.force, Some(&bot.caller.principal)).await?;
+    // Stopped on this daemon before answering; the others hear of it by NOTIFY.
+    let _ = state.router.send(ChatbotDeleted(bot.id)).await;
+    Ok(HttpResponse::Ok().json(deleted))
 }

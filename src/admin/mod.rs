@@ -65,7 +65,7 @@ pub struct AdminState {
                        account's chatbots (operators: every account), anything else is 404."
     ),
     // Enums used only in query parameters are referenced, so listed here.
-    components(schemas(error::ErrorBody, error::ErrorDetail, crate::store::dead_letters::State)),
+    components(schemas(error::ErrorBody, error::ErrorDetail, crate::store::dead_letters::State, crate::store::deletion::History)),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]
@@ -135,6 +135,7 @@ where
         .service(chatbots::list)
         .service(chatbots::get)
         .service(chatbots::rotate_secret)
+        .service(chatbots::delete)
         .service(workflows::dry_run)
         .service(workflows::apply)
         .service(workflows::list)

@@ -106,6 +106,13 @@ pub struct WakeUp {
 #[rtype(result = "bool")]
 pub struct StopIfIdle;
 
+/// Sent by the Router when the chatbot was deleted: stop now. The events sent before
+/// this were handled (the mailbox keeps order); running steps end with the actor, and
+/// their writes are refused (the deletion took their leases).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Retire;
+
 /// Whether executions are planned, waiting or running (for shutdown).
 #[derive(Message)]
 #[rtype(result = "bool")]
@@ -834,6 +841,14 @@ impl Handler<StopIfIdle> for ChatbotSupervisor {
         }
         ctx.stop();
         true
+    }
+}
+
+impl Handler<Retire> for ChatbotSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Retire, ctx: &mut Context<Self>) {
+        ctx.stop();
     }
 }
 

@@ -60,6 +60,7 @@ pub fn chatbots(config: Config, cmd: ChatbotsCmd) -> anyhow::Result<()> {
             println!("{}", record.signing().current);
         }
         ChatbotsCmd::RotateSecret(a) => super::lifecycle::rotate_secret(config, a)?,
+        ChatbotsCmd::Delete(a) => super::lifecycle::delete_chatbot(config, a)?,
     }
     Ok(())
 }
@@ -97,6 +98,7 @@ pub fn prune(config: Config, dry_run: bool) -> anyhow::Result<()> {
     println!("executions {}", pruned.executions);
     println!("dead_letters {}", pruned.dead_letters);
     println!("acked_commands {}", pruned.acked_commands);
+    println!("deleted_chatbots {}", pruned.chatbots);
     Ok(())
 }
 

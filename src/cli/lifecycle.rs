@@ -1,6 +1,6 @@
 //! The lifecycle of keys and chatbots over the admin API of a running daemon:
-//! `botflow keys list|revoke|rotate`, `botflow chatbots rotate-secret` and `botflow
-//! audit` (`keys create` and `chatbots create|secret` work on the database, see
+//! `botflow keys list|revoke|rotate`, `botflow chatbots rotate-secret|delete` and
+//! `botflow audit` (`keys create` and `chatbots create|secret` work on the database, see
 //! `bootstrap`). The API records the key that acted in the audit log, which `audit`
 //! prints.
 
@@ -54,6 +54,23 @@ pub struct RotateArgs {
     /// How long the old one keeps working: `0s`, `90s`, `10m`, `2h`, `7d` (at most 30 days)
     #[arg(long, value_name = "DURATION", value_parser = grace_arg)]
     grace: std::time::Duration,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct DeleteArgs {
+    /// The chatbot's id
+    #[arg(value_parser = crate::cli::id_arg)]
+    id: Uuid,
+    /// What becomes of its executions, dead letters and commands: kept and pruned as its
+    /// retention says, or pruned now (in the background, in small batches)
+    #[arg(long, value_enum)]
+    history: crate::store::deletion::History,
+    /// Cancel its unfinished executions (queued, running, retrying, waiting) instead of
+    /// refusing
+    #[arg(long)]
+    force: bool,
     #[command(flatten)]
     api: ApiArgs,
 }
@@ -157,6 +174,24 @@ pub fn rotate_secret(config: Config, a: RotateArgs) -> anyhow::Result<()> {
             None => eprintln!("new webhook secret of chatbot {}; the old one no longer signs", a.id),
         }
         println!("{}", cell(&v["secret"]));
+        Ok(())
+    })
+}
+
+pub fn delete_chatbot(config: Config, a: DeleteArgs) -> anyhow::Result<()> {
+    let path = format!("/v1/chatbots/{}?history={}&force={}", a.id, a.history.as_str(), a.force);
+    call_and_print(&config, &a.api, Method::DELETE, &path, None, |v| {
+        let history = match a.history {
+            crate::store::deletion::History::Keep => "its history is kept and pruned as its retention says",
+            crate::store::deletion::History::Prune => "its history is being pruned",
+        };
+        eprintln!("chatbot {} is deleted; {history}", a.id);
+        print_fields(&[
+            ("chatbot", cell(&v["chatbot_id"])),
+            ("deleted", time_cell(&v["deleted_at"])),
+            ("history", cell(&v["history"])),
+            ("cancelled executions", cell(&v["cancelled_executions"])),
+        ]);
         Ok(())
     })
 }

@@ -139,6 +139,10 @@ pub enum ChatbotsCmd {
     /// Give the chatbot a new webhook secret and print it; webhooks carry the old
     /// secret's signature too for --grace (over the admin API)
     RotateSecret(lifecycle::RotateArgs),
+    /// Delete a chatbot: ingest and the API refuse it at once, every daemon stops its
+    /// supervisor; refused while executions are unfinished unless --force (over the
+    /// admin API)
+    Delete(lifecycle::DeleteArgs),
 }
 
 /// Reads an id argument (a chatbot, workflow, account, execution or dead letter id),

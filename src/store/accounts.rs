@@ -249,12 +249,13 @@ pub async fn create_chatbot(store: &Store, account_id: Uuid, name: &str) -> Stor
     Ok(id)
 }
 
+/// A chatbot that is not deleted.
 pub async fn get_chatbot(store: &Store, id: Uuid) -> StoreResult<Option<ChatbotRecord>> {
     let client = store.pool().get().await?;
     let stmt = client
         .prepare_cached(
             "SELECT id, account_id, name, webhook_secret, previous_webhook_secret, previous_secret_expires_at
-             FROM chatbots WHERE id = $1",
+             FROM chatbots WHERE id = $1 AND deleted_at IS NULL",
         )
         .await?;
     Ok(client.query_opt(&stmt, &[&id]).await?.map(|r| {
@@ -271,7 +272,7 @@ pub async fn get_chatbot(store: &Store, id: Uuid) -> StoreResult<Option<ChatbotR
 /// The owning account of each of `ids` that exists, in one query.
 pub async fn chatbot_owners(store: &Store, ids: &[Uuid]) -> StoreResult<std::collections::HashMap<Uuid, Uuid>> {
     let client = store.pool().get().await?;
-    let rows = client.query("SELECT id, account_id FROM chatbots WHERE id = ANY($1)", &[&ids]).await?;
+    let rows = client.query("SELECT id, account_id FROM chatbots WHERE id = ANY($1) AND deleted_at IS NULL", &[&ids]).await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
@@ -337,7 +338,7 @@ fn to_chatbot_row(r: &tokio_postgres::Row) -> ChatbotRow {
 
 pub async fn chatbot_row(store: &Store, id: Uuid) -> StoreResult<Option<ChatbotRow>> {
     let client = store.pool().get().await?;
-    let row = client.query_opt(&format!("SELECT {CHATBOT_ROW} FROM chatbots c WHERE c.id = $1"), &[&id]).await?;
+    let row = client.query_opt(&format!("SELECT {CHATBOT_ROW} FROM chatbots c WHERE c.id = $1 AND c.deleted_at IS NULL"), &[&id]).await?;
     Ok(row.as_ref().map(to_chatbot_row))
 }
 
@@ -354,7 +355,7 @@ pub async fn list_chatbots(
         .query(
             &format!(
                 "SELECT {CHATBOT_ROW} FROM chatbots c
-                 WHERE ($1::uuid IS NULL OR c.account_id = $1)
+                 WHERE ($1::uuid IS NULL OR c.account_id = $1) AND c.deleted_at IS NULL
                    AND ($2::timestamptz IS NULL OR (c.created_at, c.id) > ($2, $3))
                  ORDER BY c.created_at, c.id LIMIT $4"
             ),

@@ -20,7 +20,7 @@ pub struct Entry {
     pub actor_key_id: Option<Uuid>,
     pub actor_account_id: Option<Uuid>,
     pub actor_role: Option<String>,
-    /// `key.revoke`, `key.rotate` or `chatbot.rotate_secret`.
+    /// `key.revoke`, `key.rotate`, `chatbot.rotate_secret` or `chatbot.delete`.
     pub action: String,
     /// `key` or `chatbot`.
     pub target_type: String,

@@ -75,7 +75,7 @@ pub async fn set(store: &Store, chatbot: Uuid, new: Overrides, by: &str) -> Stor
     let mut client = store.pool().get().await?;
     let tx = client.transaction().await?;
     // Serialises changes to one chatbot, so the audit's "old" is really the old value.
-    if tx.query_opt("SELECT 1 FROM chatbots WHERE id = $1 FOR UPDATE", &[&chatbot]).await?.is_none() {
+    if tx.query_opt("SELECT 1 FROM chatbots WHERE id = $1 AND deleted_at IS NULL FOR UPDATE", &[&chatbot]).await?.is_none() {
         return Err(StoreError::NotFound { what: "chatbot", id: chatbot.to_string() });
     }
     let row = tx

@@ -1,6 +1,6 @@
 //! LISTEN for changes made by any process on the database (the CLI, the admin API,
 //! another daemon): workflow changes, limit changes and dead-letter replays by chatbot
-//! id, key revocations and rotations by key id, and the commands other nodes wrote or
+//! id, key revocations and rotations by key id, deleted chatbots, and the commands other nodes wrote or
 //! had acked. Reconnects by itself; after a
 //! (re)connect it reports `Resync`, because notifications sent while it was not
 //! listening are lost (commands are then delivered on a reconnect or a retry).
@@ -25,6 +25,8 @@ pub enum Change {
     Key(Uuid),
     /// This chatbot's webhook secret was rotated.
     Secret(Uuid),
+    /// This chatbot was deleted: its supervisor must stop.
+    Deleted(Uuid),
     /// Another node (`node`) committed a pending command for `chatbot_id`.
     Command { node: Uuid, chatbot_id: Uuid, command_id: String },
     /// A client acked this command through some node, with a key of this account
@@ -66,11 +68,12 @@ pub async fn run(store: Store, tx: mpsc::UnboundedSender<Change>, cancel: Cancel
                     }
                 });
                 let listen = format!(
-                    "LISTEN {}; LISTEN {WAKE_CHANNEL}; LISTEN {COMMANDS_CHANNEL}; LISTEN {}; LISTEN {}; LISTEN {}",
+                    "LISTEN {}; LISTEN {WAKE_CHANNEL}; LISTEN {COMMANDS_CHANNEL}; LISTEN {}; LISTEN {}; LISTEN {}; LISTEN {}",
                     super::workflows::WORKFLOWS_CHANNEL,
                     super::limits::LIMITS_CHANNEL,
                     super::keys::KEYS_CHANNEL,
-                    super::secrets::SECRETS_CHANNEL
+                    super::secrets::SECRETS_CHANNEL,
+                    super::deletion::CHATBOTS_CHANNEL
                 );
                 if let Err(error) = client.batch_execute(&listen).await {
                     tracing::warn!(%error, "cannot LISTEN for workflow changes");
@@ -99,6 +102,7 @@ pub async fn run(store: Store, tx: mpsc::UnboundedSender<Change>, cancel: Cancel
                                             super::limits::LIMITS_CHANNEL => Change::Limits(id),
                                             super::keys::KEYS_CHANNEL => Change::Key(id),
                                             super::secrets::SECRETS_CHANNEL => Change::Secret(id),
+                                            super::deletion::CHATBOTS_CHANNEL => Change::Deleted(id),
                                             _ => Change::Workflows(id),
                                         };
                                         let _ = tx.send(change);

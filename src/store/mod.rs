@@ -7,6 +7,7 @@
 pub mod accounts;
 pub mod audit;
 pub mod dead_letters;
+pub mod deletion;
 pub mod error;
 pub mod executions;
 pub mod journal;

@@ -3,6 +3,11 @@
 //! batches, each its own short statement (no long transaction, no table rewrite, locks
 //! held for one batch), skipping rows another pruner holds. The per-minute rollups are
 //! kept: they are small, and analytics over windows older than the retention read them.
+//!
+//! A deleted chatbot (`deletion`) is finished here: executions a daemon committed
+//! before it heard of the deletion are cancelled, its history goes at once when the
+//! operator asked to prune it (else as its retention says), and once none is left its
+//! rollups and then its row (with workflows, limits and retention) are deleted.
 
 use super::{Store, StoreResult};
 use serde::{Deserialize, Serialize};
@@ -54,7 +59,17 @@ pub struct Pruned {
     pub executions: u64,
     pub dead_letters: u64,
     pub acked_commands: u64,
+    /// Deleted chatbots whose last rows went.
+    pub chatbots: u64,
 }
+
+/// Days that select every row of a kind whatever its age: `created_at < now() + 1 day`,
+/// and for the dead-letter check, no dead letter is recent enough to keep its execution.
+const ALL: i32 = -1;
+
+/// A deleted chatbot's row goes this long after the deletion at the earliest, so that
+/// an execution a daemon was committing as the deletion happened finds its workflow.
+const ROW_GRACE: &str = "interval '1 minute'";
 
 /// The kinds, their tables and the rows of one chatbot past a number of days, as the
 /// subquery that selects them (`$1` chatbot, `$2` days, `$3` dead-letter days).
@@ -65,7 +80,7 @@ const KINDS: [(&str, &str, &str); 3] = [
         // Finished ones only, and not while a dead letter of theirs is kept.
         "SELECT e.id FROM executions e
           WHERE e.chatbot_id = $1 AND e.created_at < now() - make_interval(days => $2)
-            AND e.status IN ('succeeded', 'failed', 'dead')
+            AND e.status IN ('succeeded', 'failed', 'dead', 'cancelled')
             AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.execution_id = e.id
                              AND ($3 = 0 OR d.created_at >= now() - make_interval(days => $3)))",
     ),
@@ -89,17 +104,25 @@ pub async fn prune(store: &Store, defaults: RetentionDays, batch: i64, dry_run: 
     let client = store.pool().get().await?;
     let bots = client
         .query(
-            "SELECT c.id,
-                    COALESCE(r.executions_days, $1), COALESCE(r.dead_letters_days, $2), COALESCE(r.acked_commands_days, $3)
-               FROM chatbots c LEFT JOIN chatbot_retention r ON r.chatbot_id = c.id",
+            &format!(
+                "SELECT c.id,
+                        COALESCE(r.executions_days, $1), COALESCE(r.dead_letters_days, $2), COALESCE(r.acked_commands_days, $3),
+                        c.deleted_at IS NOT NULL, c.purge_history, c.deleted_at < now() - {ROW_GRACE}
+                   FROM chatbots c LEFT JOIN chatbot_retention r ON r.chatbot_id = c.id"
+            ),
             &[&defaults.executions, &defaults.dead_letters, &defaults.acked_commands],
         )
         .await?;
     let mut pruned = Pruned::default();
     for row in bots {
         let chatbot: Uuid = row.get(0);
-        let days: [i32; 3] = [row.get(1), row.get(2), row.get(3)];
+        let (deleted, purge, row_may_go): (bool, bool, Option<bool>) = (row.get(4), row.get(5), row.get(6));
+        let days: [i32; 3] = if purge { [ALL; 3] } else { [row.get(1), row.get(2), row.get(3)] };
         let dead_letter_days = days[1];
+        if deleted && !dry_run {
+            super::deletion::cancel_unfinished(&client, chatbot).await?;
+        }
+        let mut executions_pruned = 0;
         for ((kind, table, rows), days) in KINDS.iter().zip(days) {
             if days == 0 {
                 continue;
@@ -125,13 +148,47 @@ pub async fn prune(store: &Store, defaults: RetentionDays, batch: i64, dry_run: 
                 total
             };
             match *kind {
-                "executions" => pruned.executions += n,
+                "executions" => {
+                    executions_pruned = n;
+                    pruned.executions += n
+                }
                 "dead_letters" => pruned.dead_letters += n,
                 _ => pruned.acked_commands += n,
             }
         }
+        if deleted && row_may_go == Some(true) {
+            let left: i64 = client.query_one("SELECT count(*) FROM executions WHERE chatbot_id = $1", &[&chatbot]).await?.get(0);
+            let gone = if dry_run { left as u64 == executions_pruned } else { left == 0 && drop_chatbot(&client, chatbot, batch, &mut on_batch).await? };
+            if gone {
+                pruned.chatbots += 1;
+            }
+        }
     }
     Ok(pruned)
+}
+
+/// Deletes a deleted chatbot with no executions left: its rollups a batch at a time,
+/// then its row (its workflows, limits and retention go with it). `false`: another
+/// daemon did it first.
+async fn drop_chatbot(client: &deadpool_postgres::Client, chatbot: Uuid, batch: i64, on_batch: &mut impl FnMut(&str, u64)) -> StoreResult<bool> {
+    for table in ["execution_stats", "execution_durations"] {
+        let sql = format!("DELETE FROM {table} WHERE ctid IN (SELECT ctid FROM {table} WHERE chatbot_id = $1 LIMIT $2)");
+        loop {
+            let n = client.execute(&sql, &[&chatbot, &batch]).await?;
+            if n > 0 {
+                on_batch("rollups", n);
+            }
+            if n < batch as u64 {
+                break;
+            }
+        }
+    }
+    let n = client.execute("DELETE FROM chatbots WHERE id = $1 AND deleted_at IS NOT NULL", &[&chatbot]).await?;
+    if n > 0 {
+        on_batch("chatbots", n);
+        tracing::info!(%chatbot, "a deleted chatbot's last rows are gone");
+    }
+    Ok(n > 0)
 }
 
 /// A chatbot's own retention.
@@ -166,14 +223,23 @@ pub async fn set(store: &Store, chatbot: Uuid, o: RetentionOverrides, by: &str) 
     Ok(())
 }
 
-/// Prunes every `every` until cancelled, counting rows in `botflow_pruned_rows_total`.
-/// Every daemon on a database runs one: they skip each other's rows.
-pub async fn keep_pruning(store: Store, defaults: RetentionDays, batch: i64, every: std::time::Duration, cancel: tokio_util::sync::CancellationToken) {
+/// Prunes every `every`, and when `now` is notified (a chatbot was deleted), until
+/// cancelled, counting rows in `botflow_pruned_rows_total`. Every daemon on a database
+/// runs one: they skip each other's rows.
+pub async fn keep_pruning(
+    store: Store,
+    defaults: RetentionDays,
+    batch: i64,
+    every: std::time::Duration,
+    now: std::sync::Arc<tokio::sync::Notify>,
+    cancel: tokio_util::sync::CancellationToken,
+) {
     use crate::telemetry::metrics as m;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
+            _ = now.notified() => {}
         }
         let started = std::time::Instant::now();
         let count = |kind: &str, n: u64| metrics::counter!(m::PRUNED, "kind" => kind.to_string()).increment(n);
@@ -182,6 +248,7 @@ pub async fn keep_pruning(store: Store, defaults: RetentionDays, batch: i64, eve
                 executions = p.executions,
                 dead_letters = p.dead_letters,
                 acked_commands = p.acked_commands,
+                chatbots = p.chatbots,
                 ms = started.elapsed().as_millis() as u64,
                 "pruned history past its retention"
             ),

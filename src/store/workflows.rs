@@ -124,7 +124,7 @@ fn to_definition(spec: &WorkflowSpec) -> StoreResult<serde_json::Value> {
 /// Serialises changes to one chatbot's workflows (two creates of one name cannot both
 /// pass the name check), and says "not found" for a chatbot that does not exist.
 async fn lock_chatbot(tx: &tokio_postgres::Transaction<'_>, chatbot_id: Uuid) -> StoreResult<()> {
-    match tx.query_opt("SELECT 1 FROM chatbots WHERE id = $1 FOR UPDATE", &[&chatbot_id]).await? {
+    match tx.query_opt("SELECT 1 FROM chatbots WHERE id = $1 AND deleted_at IS NULL FOR UPDATE", &[&chatbot_id]).await? {
         Some(_) => Ok(()),
         None => Err(StoreError::NotFound { what: "chatbot", id: chatbot_id.to_string() }),
     }

@@ -142,7 +142,7 @@ fn describe() {
     describe_counter!(WORKFLOW_RELOADS, Unit::Count, "Trigger index rebuilds after a workflow change.");
     describe_counter!(RETRIES, Unit::Count, "Attempts that failed and were scheduled to run again.");
     describe_counter!(NOTIFICATIONS, Unit::Count, "Operator notifications sent, by kind.");
-    describe_counter!(PRUNED, Unit::Count, "Rows deleted past their retention, by kind (executions, dead_letters, acked_commands).");
+    describe_counter!(PRUNED, Unit::Count, "Rows deleted past their retention or of a deleted chatbot, by kind (executions, dead_letters, acked_commands, rollups, chatbots).");
     describe_counter!(
         EGRESS_REFUSED,
         Unit::Count,
@@ -254,7 +254,7 @@ fn register_all() {
     for kind in ["dead_execution", "workflow_failing", "database_unreachable"] {
         metrics::counter!(NOTIFICATIONS, "kind" => kind).absolute(0);
     }
-    for kind in ["executions", "dead_letters", "acked_commands"] {
+    for kind in ["executions", "dead_letters", "acked_commands", "rollups", "chatbots"] {
         metrics::counter!(PRUNED, "kind" => kind).absolute(0);
     }
     for rule in EGRESS_RULES {
