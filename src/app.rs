@@ -307,7 +307,7 @@ impl Actors {
         actix_rt::spawn(crate::store::retention::keep_pruning(
             store.clone(),
             (&config.retention).into(),
-            config.retention.batch_size,
+            (&config.retention).into(),
             Duration::from_secs(config.retention.interval_seconds),
             prune_now.clone(),
             heartbeat_stop.clone(),
@@ -344,8 +344,14 @@ fn forward_changes(store: &Store, actors: &Actors, sessions: &Arc<Sessions>, shu
                 }
                 Change::Deleted(chatbot_id) => {
                     r.do_send(WorkflowsChanged(change));
-                    // Its history may be waiting to be pruned, and stragglers cancelled.
+                    // Its history may be waiting to be pruned; and once more a little
+                    // later, for executions the journal was committing as it was deleted.
                     prune_now.notify_one();
+                    let again = prune_now.clone();
+                    actix_rt::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        again.notify_one();
+                    });
                     tracing::debug!(%chatbot_id, "heard of a deleted chatbot");
                 }
                 other => r.do_send(WorkflowsChanged(other)),

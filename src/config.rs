@@ -214,6 +214,9 @@ pub struct RetentionConfig {
     pub interval_seconds: u64,
     /// Rows deleted by one statement: the longest any lock is held.
     pub batch_size: i64,
+    /// Rows a pass deletes a second at most, so pruning leaves the disk and the cores
+    /// to the traffic (0: no limit).
+    pub max_rows_per_second: u64,
 }
 
 /// Where webhooks and notifications may connect (see `egress`): loopback, private,
@@ -367,7 +370,7 @@ impl Default for NotifyConfig {
 
 impl Default for RetentionConfig {
     fn default() -> Self {
-        RetentionConfig { executions_days: 30, dead_letters_days: 90, acked_commands_days: 7, interval_seconds: 300, batch_size: 1000 }
+        RetentionConfig { executions_days: 30, dead_letters_days: 90, acked_commands_days: 7, interval_seconds: 300, batch_size: 1000, max_rows_per_second: 5000 }
     }
 }
 

@@ -80,8 +80,8 @@ struct Held {
 }
 
 enum Slot {
-    /// The chatbot row is being read; batches wait in order.
-    Loading(Vec<Held>),
+    /// The chatbot row is being read (by load `gen`); batches wait in order.
+    Loading { waiting: Vec<Held>, gen: u64 },
     /// The chatbot exists; no supervisor runs for it.
     Known { record: Arc<ChatbotRecord>, since: Instant },
     Ready { record: Arc<ChatbotRecord>, addr: Addr<ChatbotSupervisor>, last_event: Instant },
@@ -102,6 +102,9 @@ pub struct Router {
     /// Shutting down: no supervisor is started for wakes.
     draining: bool,
     idle_after: Duration,
+    /// Numbers loads, so a load that answers after its slot was given up (the chatbot
+    /// deleted meanwhile) cannot fill a later load's slot.
+    loads: u64,
 }
 
 impl Router {
@@ -114,6 +117,7 @@ impl Router {
             wakes: HashMap::new(),
             draining: false,
             idle_after,
+            loads: 0,
         }
     }
 
@@ -159,27 +163,28 @@ impl Router {
                     nack_all(held, not_yours(chatbot_id));
                 }
             }
-            Some(Slot::Loading(waiting)) => waiting.push(held.detached()),
+            Some(Slot::Loading { waiting, .. }) => waiting.push(held.detached()),
             Some(Slot::Stopping { held: waiting, .. }) => waiting.push(held.detached()),
             Some(Slot::Missing { until }) if *until > Instant::now() => nack_all(held, unknown(chatbot_id)),
-            Some(Slot::Missing { .. }) | None => {
-                self.slots.insert(chatbot_id, Slot::Loading(vec![held.detached()]));
-                self.load(chatbot_id, ctx);
-            }
+            Some(Slot::Missing { .. }) | None => self.load(chatbot_id, vec![held.detached()], ctx),
         }
     }
 
-    fn load(&mut self, chatbot_id: Uuid, ctx: &mut Context<Self>) {
+    /// Reads the chatbot row; `waiting` are answered once it is read.
+    fn load(&mut self, chatbot_id: Uuid, waiting: Vec<Held>, ctx: &mut Context<Self>) {
+        self.loads += 1;
+        let gen = self.loads;
+        self.slots.insert(chatbot_id, Slot::Loading { waiting, gen });
         let store = self.deps.store.clone();
         let fut = async move { accounts::get_chatbot(&store, chatbot_id).await };
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
             let waiting = match act.slots.remove(&chatbot_id) {
-                Some(Slot::Loading(w)) => w,
+                Some(Slot::Loading { waiting, gen: g }) if g == gen => waiting,
                 Some(other) => {
                     act.slots.insert(chatbot_id, other);
                     return;
                 }
-                None => Vec::new(),
+                None => return,
             };
             match res {
                 Ok(Some(record)) => {
@@ -226,15 +231,14 @@ impl Router {
                 *last_event = Instant::now();
                 addr.do_send(WakeUp { due_at: wake.due_at });
             }
-            Some(Slot::Loading(_)) => {
+            Some(Slot::Loading { .. }) => {
                 self.wakes.insert(chatbot_id, wake);
             }
             // The next scan wakes it again once the stop is settled.
             Some(Slot::Stopping { .. }) | Some(Slot::Missing { .. }) | Some(Slot::Known { .. }) => {}
             None => {
                 self.wakes.insert(chatbot_id, wake);
-                self.slots.insert(chatbot_id, Slot::Loading(Vec::new()));
-                self.load(chatbot_id, ctx);
+                self.load(chatbot_id, Vec::new(), ctx);
             }
         }
     }
@@ -350,7 +354,7 @@ impl Router {
     fn record(&self, chatbot_id: Uuid) -> Option<Arc<ChatbotRecord>> {
         match self.slots.get(&chatbot_id)? {
             Slot::Known { record, .. } | Slot::Ready { record, .. } => Some(record.clone()),
-            Slot::Loading(_) | Slot::Stopping { .. } | Slot::Missing { .. } => None,
+            Slot::Loading { .. } | Slot::Stopping { .. } | Slot::Missing { .. } => None,
         }
     }
 }
@@ -401,9 +405,9 @@ impl Router {
             Some(Slot::Known { .. }) => {
                 self.slots.insert(chatbot_id, missing);
             }
-            Some(Slot::Loading(waiting)) => {
+            Some(Slot::Loading { waiting, .. }) => {
                 // The load may have read the row before the deletion committed; its
-                // answer finds this slot and leaves it.
+                // answer finds this slot (or a later load's) and leaves it.
                 self.slots.insert(chatbot_id, missing);
                 for held in waiting {
                     nack_all(held, unknown(chatbot_id));
@@ -423,7 +427,12 @@ impl Router {
     /// After the change listener reconnected: a deletion announced meanwhile was not
     /// heard, so ask the database which of the chatbots known here are deleted.
     fn forget_deleted(&mut self, ctx: &mut Context<Self>) {
-        let ids: Vec<Uuid> = self.slots.iter().filter(|(_, s)| matches!(s, Slot::Ready { .. } | Slot::Known { .. })).map(|(id, _)| *id).collect();
+        let ids: Vec<Uuid> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| matches!(s, Slot::Ready { .. } | Slot::Known { .. } | Slot::Stopping { .. }))
+            .map(|(id, _)| *id)
+            .collect();
         if ids.is_empty() {
             return;
         }
@@ -441,7 +450,7 @@ fn reload(slot: &mut Slot) {
     match slot {
         Slot::Ready { addr, .. } => addr.do_send(Reload),
         Slot::Stopping { reload, .. } => *reload = true,
-        Slot::Loading(_) | Slot::Known { .. } | Slot::Missing { .. } => {}
+        Slot::Loading { .. } | Slot::Known { .. } | Slot::Missing { .. } => {}
     }
 }
 

@@ -197,11 +197,16 @@ async fn upgrading_to_v6_counts_executions_created_before_the_rollups_existed() 
     botflow::store::migrate::migrate_to(&store, Some(5)).await.unwrap();
     let t = tenant(&store, "acme", 1).await;
     let bot = t.chatbots[0];
-    let wid = apply(&store, bot, json!({"name": "w", "trigger": {"event": "x.a"}, "steps": [{"id": "d", "action": "delay", "duration": "0s"}]}))
-        .await[0];
-    // Rows an older daemon wrote: executions, no rollups.
+    // Rows an older daemon wrote (the workflow as schema V5 holds it; today's code
+    // expects the newest schema): executions, no rollups.
     let (db, conn) = pg.connect(tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
+    let wid = Uuid::now_v7();
+    let definition = json!({"name": "w", "trigger": {"event": "x.a"}, "steps": [{"id": "d", "action": "delay", "duration": "0s"}]});
+    db.execute("INSERT INTO workflows (id, chatbot_id, name, version, definition) VALUES ($1, $2, 'w', 1, $3)", &[&wid, &bot, &definition])
+        .await
+        .unwrap();
+    db.execute("INSERT INTO workflow_versions (workflow_id, version, definition) VALUES ($1, 1, $2)", &[&wid, &definition]).await.unwrap();
     db.batch_execute(&format!(
         "INSERT INTO executions (id, chatbot_id, workflow_id, workflow_version, event_id, event_type, conversation_id,
                                  event, status, created_at, finished_at, duration_ms)

@@ -360,9 +360,13 @@ async fn a_deleted_chatbot_is_refused_on_every_daemon_and_its_history_kept_or_pr
     let b = TestDaemon::start_with(DaemonOptions { pg: Some(a.pg.clone()), tweak: Box::new(slow) }).await;
     let t = tenant(&a.store, "acme", 3).await;
     let (kept, pruned, bystander) = (t.chatbots[0], t.chatbots[1], t.chatbots[2]);
+    let receiver = Receiver::start().await;
+    receiver.on("/fail", Behaviour::Status(500, "{}".into()));
     let flows = json!([
         {"name": "quick", "trigger": {"event": "x.go"}, "steps": [{"id": "t", "action": "delay", "duration": "0s"}]},
-        {"name": "later", "trigger": {"event": "x.later"}, "steps": [{"id": "w", "action": "delay", "duration": "1h"}]}
+        {"name": "later", "trigger": {"event": "x.later"}, "steps": [{"id": "w", "action": "delay", "duration": "1h"}]},
+        {"name": "fails", "trigger": {"event": "x.fail"}, "retry": {"max_attempts": 1},
+         "steps": [{"id": "call", "action": "webhook", "url": receiver.url("/fail")}]}
     ]);
     for bot in [kept, pruned, bystander] {
         apply(&a.store, bot, flows.clone()).await;
@@ -378,10 +382,16 @@ async fn a_deleted_chatbot_is_refused_on_every_daemon_and_its_history_kept_or_pr
     }
     on_b.send(&event("wait", kept, "x.later", json!({}))).await;
     assert_eq!(on_b.recv().await["op"], "ack");
+    on_b.send(&event("dies", pruned, "x.fail", json!({}))).await;
+    assert_eq!(on_b.recv().await["op"], "ack");
     let finished = "SELECT count(*) FROM executions WHERE chatbot_id = $1 AND status = 'succeeded'";
     for bot in [kept, pruned, bystander] {
         eventually("the history is written", || async { count_of(&db, finished, bot).await == 5 }).await;
     }
+    eventually("the dead letter is written", || async {
+        count_of(&db, "SELECT count(*) FROM dead_letters WHERE chatbot_id = $1", pruned).await == 1
+    })
+    .await;
     let op = operator(&a);
     let admin = accounts::create_key(&a.store, t.account, Role::Admin).await.unwrap();
 
@@ -429,6 +439,10 @@ async fn a_deleted_chatbot_is_refused_on_every_daemon_and_its_history_kept_or_pr
         count_of(&db, "SELECT count(*) FROM executions WHERE chatbot_id = $1", pruned).await == 0
     })
     .await;
+    // Its dead letter went as a dead letter (before its execution), not by cascade.
+    assert_eq!(count_of(&db, "SELECT count(*) FROM dead_letters WHERE chatbot_id = $1", pruned).await, 0);
+    let text = a.metrics().await;
+    assert!(metric(&text, "botflow_pruned_rows_total", Some("kind=\"dead_letters\"")) >= 1.0, "{text}");
     // Deleted through B: refused there before the answer.
     assert_eq!(until_unknown(&mut on_b, pruned, "late").await, 0);
     // The bystander works on both daemons.
@@ -438,6 +452,7 @@ async fn a_deleted_chatbot_is_refused_on_every_daemon_and_its_history_kept_or_pr
         assert_eq!(c.recv().await["op"], "ack");
     }
     eventually("the bystander runs", || async { count_of(&db, finished, bystander).await == 7 }).await;
+    assert_eq!(receiver.count("/fail"), 1, "only the pruned chatbot's one execution called");
     // A deleted chatbot cannot be deleted again, nor given workflows.
     let (status, _) = call(&a, reqwest::Method::DELETE, &op, &format!("/v1/chatbots/{pruned}?history=prune"), None).await;
     assert_eq!(status, 404);
@@ -462,7 +477,7 @@ async fn a_deleted_chatbot_is_refused_on_every_daemon_and_its_history_kept_or_pr
         .await
         .unwrap();
     let defaults = (&a.config.retention).into();
-    let swept = botflow::store::retention::prune(&a.store, defaults, 100, false, |_, _| {}).await.unwrap();
+    let swept = botflow::store::retention::prune(&a.store, defaults, botflow::store::retention::Pacing { batch: 100, max_rows_per_second: 0 }, false, |_, _| {}).await.unwrap();
     assert_eq!(swept.chatbots, 1, "{swept:?}");
     assert_eq!(count_of(&db, "SELECT count(*) FROM chatbots WHERE id = $1", pruned).await, 0);
     assert_eq!(count_of(&db, "SELECT count(*) FROM workflows WHERE chatbot_id = $1", pruned).await, 0);
@@ -472,5 +487,5 @@ async fn a_deleted_chatbot_is_refused_on_every_daemon_and_its_history_kept_or_pr
     let unfinished = "SELECT count(*) FROM executions WHERE chatbot_id = $1 AND status IN ('queued', 'running', 'retrying', 'waiting')";
     assert_eq!(count_of(&db, unfinished, kept).await, 0);
     let text = a.metrics().await;
-    assert!(metric(&text, "botflow_pruned_rows_total", Some("kind=\"executions\"")) >= 5.0, "{text}");
+    assert!(metric(&text, "botflow_pruned_rows_total", Some("kind=\"executions\"")) >= 6.0, "{text}");
 }

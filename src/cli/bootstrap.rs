@@ -90,7 +90,7 @@ pub fn prune(config: Config, dry_run: bool) -> anyhow::Result<()> {
     let progress = super::progress::spinner(if dry_run { "counting" } else { "pruning" });
     let pruned = run(&config, async |s| {
         let tick = |_: &str, n: u64| progress.inc(n);
-        Ok(crate::store::retention::prune(s, defaults, config.retention.batch_size, dry_run, tick).await?)
+        Ok(crate::store::retention::prune(s, defaults, (&config.retention).into(), dry_run, tick).await?)
     });
     progress.finish_and_clear();
     let pruned = pruned?;

@@ -165,6 +165,9 @@ const REPLAY_SQL: &str = "
 WITH dl AS (
     SELECT id, execution_id FROM dead_letters
     WHERE id = ANY($1) AND replayed_at IS NULL AND discarded_at IS NULL
+      -- not of a chatbot deleted meanwhile (one that raced the deletion is cancelled by
+      -- the pruner's sweep)
+      AND chatbot_id IN (SELECT id FROM chatbots WHERE deleted_at IS NULL)
     FOR UPDATE SKIP LOCKED
 ), ex AS (
     UPDATE executions e

@@ -1,7 +1,8 @@
 //! Data retention: finished executions (with their steps and commands), dead letters
 //! and acked commands older than their chatbot's retention are deleted in small
 //! batches, each its own short statement (no long transaction, no table rewrite, locks
-//! held for one batch), skipping rows another pruner holds. The per-minute rollups are
+//! held for one batch), skipping rows another pruner holds, and paced (at most
+//! `max_rows_per_second`) so that the disk and the cores stay the traffic's. The per-minute rollups are
 //! kept: they are small, and analytics over windows older than the retention read them.
 //!
 //! A deleted chatbot (`deletion`) is finished here: executions a daemon committed
@@ -63,6 +64,52 @@ pub struct Pruned {
     pub chatbots: u64,
 }
 
+/// How fast a pruning pass goes: `batch` rows a statement, and at most
+/// `max_rows_per_second` rows a second over the pass (0: as fast as PostgreSQL deletes).
+/// A pass deletes as fast as PostgreSQL does otherwise (15,000 executions a second on
+/// the bench machine), which an operator may not want beside the traffic
+/// (docs/performance.md has what each costs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pacing {
+    pub batch: i64,
+    pub max_rows_per_second: u64,
+}
+
+impl From<&crate::config::RetentionConfig> for Pacing {
+    fn from(c: &crate::config::RetentionConfig) -> Pacing {
+        Pacing { batch: c.batch_size, max_rows_per_second: c.max_rows_per_second }
+    }
+}
+
+/// Where a pass stands against its pacing: a token bucket holding at most one batch,
+/// so time spent on statements that deleted nothing is not saved up for a burst.
+struct Pace {
+    pacing: Pacing,
+    /// Until when the rows deleted so far are paid for.
+    paid_until: tokio::time::Instant,
+}
+
+impl Pace {
+    fn new(pacing: Pacing) -> Pace {
+        Pace { pacing, paid_until: tokio::time::Instant::now() }
+    }
+
+    /// After a batch of `n` rows: waits until the pass is back under its rate.
+    async fn after(&mut self, n: u64) {
+        let rate = self.pacing.max_rows_per_second;
+        if rate == 0 || n == 0 {
+            return;
+        }
+        let per_row = std::time::Duration::from_secs_f64(1.0 / rate as f64);
+        let now = tokio::time::Instant::now();
+        let floor = now.checked_sub(per_row * self.pacing.batch.max(1) as u32).unwrap_or(now);
+        self.paid_until = self.paid_until.max(floor) + per_row * n as u32;
+        if self.paid_until > now {
+            tokio::time::sleep_until(self.paid_until).await;
+        }
+    }
+}
+
 /// Days that select every row of a kind whatever its age: `created_at < now() + 1 day`,
 /// and for the dead-letter check, no dead letter is recent enough to keep its execution.
 const ALL: i32 = -1;
@@ -71,12 +118,33 @@ const ALL: i32 = -1;
 /// an execution a daemon was committing as the deletion happened finds its workflow.
 const ROW_GRACE: &str = "interval '1 minute'";
 
-/// The kinds, their tables and the rows of one chatbot past a number of days, as the
-/// subquery that selects them (`$1` chatbot, `$2` days, `$3` dead-letter days).
-const KINDS: [(&str, &str, &str); 3] = [
+/// The kinds, their tables, which of the days they go by (0 executions, 1 dead letters,
+/// 2 acked commands) and the rows of one chatbot past a number of days, as the subquery
+/// that selects them (`$1` chatbot, `$2` days, `$3` dead-letter days). Children first:
+/// an execution's dead letter and commands are gone before it is, so a batch of
+/// executions cascades only to their step rows.
+const KINDS: [(&str, &str, usize, &str); 3] = [
+    (
+        "dead_letters",
+        "dead_letters",
+        1,
+        // `$3` typed only.
+        "SELECT d.id FROM dead_letters d
+          WHERE d.chatbot_id = $1 AND d.created_at < now() - make_interval(days => $2) AND $3::int IS NOT NULL",
+    ),
+    (
+        "acked_commands",
+        "outbox",
+        2,
+        // With `ALL` (a deleted chatbot's history) every command, acked or expired.
+        "SELECT o.command_id FROM outbox o
+          WHERE o.chatbot_id = $1 AND $3::int IS NOT NULL
+            AND ((o.status = 'acked' AND o.acked_at < now() - make_interval(days => $2)) OR $2 = -1)",
+    ),
     (
         "executions",
         "executions",
+        0,
         // Finished ones only, and not while a dead letter of theirs is kept.
         "SELECT e.id FROM executions e
           WHERE e.chatbot_id = $1 AND e.created_at < now() - make_interval(days => $2)
@@ -84,24 +152,14 @@ const KINDS: [(&str, &str, &str); 3] = [
             AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.execution_id = e.id
                              AND ($3 = 0 OR d.created_at >= now() - make_interval(days => $3)))",
     ),
-    (
-        "dead_letters",
-        "dead_letters",
-        "SELECT d.id FROM dead_letters d
-          WHERE d.chatbot_id = $1 AND d.created_at < now() - make_interval(days => $2) AND $3 >= 0",
-    ),
-    (
-        "acked_commands",
-        "outbox",
-        "SELECT o.command_id FROM outbox o
-          WHERE o.chatbot_id = $1 AND o.status = 'acked' AND o.acked_at < now() - make_interval(days => $2) AND $3 >= 0",
-    ),
 ];
 
 /// One pass over every chatbot: deletes (or with `dry_run` counts) what is past its
-/// retention, `batch` rows a statement. `on_batch` hears each batch (table, rows).
-pub async fn prune(store: &Store, defaults: RetentionDays, batch: i64, dry_run: bool, mut on_batch: impl FnMut(&str, u64)) -> StoreResult<Pruned> {
-    let client = store.pool().get().await?;
+/// retention, paced as `pacing` says. `on_batch` hears each batch (table, rows).
+pub async fn prune(store: &Store, defaults: RetentionDays, pacing: Pacing, dry_run: bool, mut on_batch: impl FnMut(&str, u64)) -> StoreResult<Pruned> {
+    let batch = pacing.batch;
+    let mut pace = Pace::new(pacing);
+    let mut client = store.pool().get().await?;
     let bots = client
         .query(
             &format!(
@@ -120,14 +178,23 @@ pub async fn prune(store: &Store, defaults: RetentionDays, batch: i64, dry_run: 
         let days: [i32; 3] = if purge { [ALL; 3] } else { [row.get(1), row.get(2), row.get(3)] };
         let dead_letter_days = days[1];
         if deleted && !dry_run {
-            super::deletion::cancel_unfinished(&client, chatbot).await?;
+            // Executions a daemon committed before it heard of the deletion.
+            let stmt = client.prepare(&super::deletion::cancel_sql(true)).await?;
+            loop {
+                let n = client.execute(&stmt, &[&chatbot, &batch]).await?;
+                pace.after(n).await;
+                if n < batch as u64 {
+                    break;
+                }
+            }
         }
         let mut executions_pruned = 0;
-        for ((kind, table, rows), days) in KINDS.iter().zip(days) {
+        for (kind, table, which, rows) in KINDS {
+            let days = days[which];
             if days == 0 {
                 continue;
             }
-            let key = if *table == "outbox" { "command_id" } else { "id" };
+            let key = if table == "outbox" { "command_id" } else { "id" };
             let n = if dry_run {
                 let sql = format!("SELECT count(*) FROM ({rows}) x");
                 client.query_one(&sql, &[&chatbot, &days, &dead_letter_days]).await?.get::<_, i64>(0) as u64
@@ -136,10 +203,11 @@ pub async fn prune(store: &Store, defaults: RetentionDays, batch: i64, dry_run: 
                 let stmt = client.prepare(&sql).await?;
                 let mut total = 0;
                 loop {
-                    let n = client.execute(&stmt, &[&chatbot, &days, &dead_letter_days, &batch]).await?;
+                    let n = delete_batch(&mut client, &stmt, &[&chatbot, &days, &dead_letter_days, &batch]).await?;
                     if n > 0 {
                         on_batch(kind, n);
                     }
+                    pace.after(n).await;
                     total += n;
                     if n < batch as u64 {
                         break;
@@ -147,7 +215,7 @@ pub async fn prune(store: &Store, defaults: RetentionDays, batch: i64, dry_run: 
                 }
                 total
             };
-            match *kind {
+            match kind {
                 "executions" => {
                     executions_pruned = n;
                     pruned.executions += n
@@ -158,7 +226,7 @@ pub async fn prune(store: &Store, defaults: RetentionDays, batch: i64, dry_run: 
         }
         if deleted && row_may_go == Some(true) {
             let left: i64 = client.query_one("SELECT count(*) FROM executions WHERE chatbot_id = $1", &[&chatbot]).await?.get(0);
-            let gone = if dry_run { left as u64 == executions_pruned } else { left == 0 && drop_chatbot(&client, chatbot, batch, &mut on_batch).await? };
+            let gone = if dry_run { left as u64 == executions_pruned } else { left == 0 && drop_chatbot(&mut client, chatbot, &mut pace, &mut on_batch).await? };
             if gone {
                 pruned.chatbots += 1;
             }
@@ -167,17 +235,36 @@ pub async fn prune(store: &Store, defaults: RetentionDays, batch: i64, dry_run: 
     Ok(pruned)
 }
 
+/// One batch, in a transaction of its own that does not wait for its commit to reach
+/// the disk (`synchronous_commit` off for it alone): a batch lost to a crash is deleted
+/// again by the next pass, and the traffic's commits do not queue behind the pruner's
+/// flushes.
+async fn delete_batch(
+    client: &mut deadpool_postgres::Client,
+    stmt: &tokio_postgres::Statement,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> StoreResult<u64> {
+    let tx = client.transaction().await?;
+    tx.batch_execute("SET LOCAL synchronous_commit = off").await?;
+    let n = tx.execute(stmt, params).await?;
+    tx.commit().await?;
+    Ok(n)
+}
+
 /// Deletes a deleted chatbot with no executions left: its rollups a batch at a time,
 /// then its row (its workflows, limits and retention go with it). `false`: another
 /// daemon did it first.
-async fn drop_chatbot(client: &deadpool_postgres::Client, chatbot: Uuid, batch: i64, on_batch: &mut impl FnMut(&str, u64)) -> StoreResult<bool> {
+async fn drop_chatbot(client: &mut deadpool_postgres::Client, chatbot: Uuid, pace: &mut Pace, on_batch: &mut impl FnMut(&str, u64)) -> StoreResult<bool> {
+    let batch = pace.pacing.batch;
     for table in ["execution_stats", "execution_durations"] {
         let sql = format!("DELETE FROM {table} WHERE ctid IN (SELECT ctid FROM {table} WHERE chatbot_id = $1 LIMIT $2)");
+        let stmt = client.prepare(&sql).await?;
         loop {
-            let n = client.execute(&sql, &[&chatbot, &batch]).await?;
+            let n = delete_batch(client, &stmt, &[&chatbot, &batch]).await?;
             if n > 0 {
                 on_batch("rollups", n);
             }
+            pace.after(n).await;
             if n < batch as u64 {
                 break;
             }
@@ -229,7 +316,7 @@ pub async fn set(store: &Store, chatbot: Uuid, o: RetentionOverrides, by: &str) 
 pub async fn keep_pruning(
     store: Store,
     defaults: RetentionDays,
-    batch: i64,
+    pacing: Pacing,
     every: std::time::Duration,
     now: std::sync::Arc<tokio::sync::Notify>,
     cancel: tokio_util::sync::CancellationToken,
@@ -243,7 +330,12 @@ pub async fn keep_pruning(
         }
         let started = std::time::Instant::now();
         let count = |kind: &str, n: u64| metrics::counter!(m::PRUNED, "kind" => kind.to_string()).increment(n);
-        match prune(&store, defaults, batch, false, count).await {
+        // A pass waiting on its pacing ends with the daemon.
+        let pass = tokio::select! {
+            _ = cancel.cancelled() => return,
+            pass = prune(&store, defaults, pacing, false, count) => pass,
+        };
+        match pass {
             Ok(p) if p != Pruned::default() => tracing::info!(
                 executions = p.executions,
                 dead_letters = p.dead_letters,
@@ -258,5 +350,32 @@ pub async fn keep_pruning(
                 tracing::warn!(%error, "pruning failed; trying again at the next interval");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Pace, Pacing};
+    use std::time::Duration;
+
+    fn pacing_of(max_rows_per_second: u64) -> Pacing {
+        Pacing { batch: 100, max_rows_per_second }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_paced_pass_takes_as_long_as_its_rate_says_and_an_unpaced_one_does_not_wait() {
+        let start = tokio::time::Instant::now();
+        let mut pace = Pace::new(Pacing { batch: 100, max_rows_per_second: 1000 });
+        for _ in 0..10 {
+            pace.after(100).await;
+        }
+        // 1,000 rows at 1,000 a second: one second of (virtual) time.
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
+        let start = tokio::time::Instant::now();
+        let mut unpaced = Pace::new(pacing_of(0));
+        for _ in 0..10 {
+            unpaced.after(100).await;
+        }
+        assert_eq!(start.elapsed(), Duration::ZERO);
     }
 }

@@ -21,7 +21,7 @@ pub async fn rotate(store: &Store, id: Uuid, grace: std::time::Duration, actor: 
         .query_opt(
             "UPDATE chatbots SET previous_webhook_secret = webhook_secret,
                  previous_secret_expires_at = now() + $2::float8 * interval '1 millisecond', webhook_secret = $3
-             WHERE id = $1 RETURNING account_id, webhook_secret, previous_webhook_secret, previous_secret_expires_at",
+             WHERE id = $1 AND deleted_at IS NULL RETURNING account_id, webhook_secret, previous_webhook_secret, previous_secret_expires_at",
             &[&id, &grace_ms, &random_hex(32)],
         )
         .await?

@@ -51,7 +51,7 @@ impl Pair {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(super) fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return 0.0;
     }
@@ -144,7 +144,7 @@ async fn measure(
     let rate = ((capacity / 2.0) as u64).max(100);
     let (t, c, seconds) = (target.clone(), args.connections, args.seconds);
     let exec = bots.exec.clone();
-    let h = run_on(clients, async move { paced(&t, c, rate, seconds, exec).await }).await?;
+    let h = run_on(clients, async move { paced(&t, c, rate, seconds, exec, 1_000_000_000_000).await }).await?;
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
 
     let rows = [

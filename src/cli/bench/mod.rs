@@ -17,7 +17,9 @@
 //! - `history` (`history.rs`): the admin API's history pages and analytics over
 //!   1,000,000 executions of one chatbot;
 //! - `limit` (`limit.rs`): the figures above as ratios to limits measured in the same
-//!   run (a parse-and-ack server, PostgreSQL's batched write), alternating, medians.
+//!   run (a parse-and-ack server, PostgreSQL's batched write), alternating, medians;
+//! - `prune` (`prune.rs`): the ingest rate and ack latency at half capacity while the
+//!   pruner deletes 1,000,000 expired executions, as ratios to the same without.
 //!
 //! The daemon runs on the actix system of the main thread with its usual threads; the
 //! clients run on a separate tokio runtime. With `database.url` empty a private
@@ -26,6 +28,7 @@
 
 mod history;
 mod limit;
+mod prune;
 
 use crate::app::App;
 use crate::cli::database::Database;
@@ -48,7 +51,9 @@ pub struct BenchArgs {
     /// history (admin API pages and analytics over 1,000,000 executions), or limit (each
     /// figure as a ratio to a limit measured in the same run: parse-and-ack on the same
     /// socket, PostgreSQL's batched write; three alternating rounds, medians; then the
-    /// ack latency at half the capacity found)
+    /// ack latency at half the capacity found), or prune (ingest at half capacity while
+    /// the pruner deletes --prune-executions expired executions, against without; three
+    /// rounds, medians)
     #[arg(long, default_value = "all")]
     pub scenario: String,
     /// Client connections
@@ -109,6 +114,9 @@ pub struct BenchArgs {
     /// Requests per measured query in the history run
     #[arg(long, default_value_t = 100)]
     pub history_requests: usize,
+    /// Expired executions pruned in each round of the prune run
+    #[arg(long, default_value_t = 1_000_000)]
+    pub prune_executions: i64,
 }
 
 pub fn run(config: Config, args: BenchArgs) -> anyhow::Result<()> {
@@ -191,6 +199,10 @@ fn run_in_process(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         config.limits.burst = 100_000_000;
         config.limits.executions_per_second = 100_000_000;
         config.log.level = "warn".into();
+        // The daemon's own pruner keeps everything: the prune run prunes when it measures.
+        config.retention.executions_days = 0;
+        config.retention.dead_letters_days = 0;
+        config.retention.acked_commands_days = 0;
         crate::telemetry::init_logging(&config.log.format, &config.log.level);
         let db = Database::open_owned(&config)?;
         let system = actix_rt::System::new();
@@ -292,6 +304,12 @@ async fn bench(app: &crate::app::RunningApp, config: &Config, args: &BenchArgs) 
         return report;
     }
 
+    if args.scenario == "prune" {
+        let report = prune::bench(store, &target, &clients, args, exec_bots.clone(), (&config.retention).into()).await;
+        clients.shutdown_background();
+        return report;
+    }
+
     if want("nomatch") {
         let (t, a) = (target.clone(), args.clone());
         let bots = nomatch_bots.clone();
@@ -389,7 +407,7 @@ async fn bench(app: &crate::app::RunningApp, config: &Config, args: &BenchArgs) 
     if want("latency") {
         let (t, a) = (target.clone(), args.clone());
         let bots = exec_bots.clone();
-        let h = run_on(&clients, async move { paced(&t, a.connections, a.rate, a.seconds, bots).await }).await?;
+        let h = run_on(&clients, async move { paced(&t, a.connections, a.rate, a.seconds, bots, 1_000_000_000_000).await }).await?;
         let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
         eprintln!(
             "ack latency: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms at {} events/s offered ({} events, one execution each)",
@@ -686,7 +704,7 @@ async fn blast(
 }
 
 /// Offers `rate` events/s for `seconds` and records each ack's latency (µs).
-async fn paced(target: &Target, conns: usize, rate: u64, seconds: u64, bots: Vec<Uuid>) -> anyhow::Result<Histogram<u64>> {
+async fn paced(target: &Target, conns: usize, rate: u64, seconds: u64, bots: Vec<Uuid>, first_id: u64) -> anyhow::Result<Histogram<u64>> {
     let total = rate * seconds;
     let per = total / conns as u64;
     let tick = Duration::from_millis(1);
@@ -698,8 +716,9 @@ async fn paced(target: &Target, conns: usize, rate: u64, seconds: u64, bots: Vec
         let sent_at: Arc<Vec<AtomicU64>> = Arc::new((0..per).map(|_| AtomicU64::new(0)).collect());
         let s2 = sent_at.clone();
         let bots = bots.clone();
-        // Ids distinct from every other run's, so no event is a duplicate.
-        let base = 1_000_000_000_000 + c * per;
+        // Ids distinct from every other run's (the caller's `first_id` on), so no event
+        // is a duplicate.
+        let base = first_id + c * per;
         let writer = tokio::spawn(async move {
             let mut buf = Vec::new();
             let start = Instant::now();
