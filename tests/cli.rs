@@ -197,6 +197,24 @@ async fn the_quickstart_and_worked_example_work_with_the_real_binary() {
     };
     let o = send(&conversation, "5000");
     assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
+    // `botflow send ... | head -1`: the reader leaves after the welcome, and `send`
+    // ends quietly at the next answer instead of panicking on the closed pipe.
+    {
+        use std::io::{BufRead, Write};
+        let mut c = botflow();
+        c.args(["send", "--token", key.as_str(), "-"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        env(&mut c);
+        let mut child = c.spawn().unwrap();
+        let mut first = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+        assert!(first.contains("welcome"), "{first}");
+        let events: String = (0..20).map(|i| format!("{}\n", event(&format!("piped-{i}"), bot.parse().unwrap(), "x.none", serde_json::json!({})))).collect();
+        child.stdin.take().unwrap().write_all(events.as_bytes()).unwrap();
+        let o = child.wait_with_output().unwrap();
+        let err = stderr(&o);
+        assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
+        assert!(o.status.success(), "{:?}: {err}", o.status);
+    }
     let lines: Vec<Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).expect("NDJSON")).collect();
     let ops = |op: &str| lines.iter().filter(|l| l["op"] == op).count();
     assert_eq!(ops("welcome"), 1);

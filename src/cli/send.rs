@@ -131,7 +131,7 @@ where
         Ok(Err(e)) => return Err(e.into()),
         Err(_) => bail!("no answer to the hello within 30 s"),
     };
-    println!("{welcome}");
+    print_line(&welcome);
     let welcome: serde_json::Value = serde_json::from_str(&welcome).context("the daemon's answer is not JSON")?;
     if welcome["op"] != "welcome" {
         bail!("the daemon refused the connection: {}", welcome["error"]["message"].as_str().unwrap_or("no reason given"));
@@ -217,6 +217,20 @@ where
     Ok(ok && nacked == 0 && skipped == 0)
 }
 
+/// Prints a line on stdout. A reader that left (`botflow send ... | head`) ends the
+/// command quietly, as it ends other commands; `send` cannot take the default SIGPIPE
+/// for that, which would also kill it when the daemon closes the socket.
+fn print_line(line: &str) {
+    use std::io::Write;
+    if let Err(e) = writeln!(std::io::stdout().lock(), "{line}") {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("error: cannot write to stdout: {e}");
+            std::process::exit(1);
+        }
+        std::process::exit(0);
+    }
+}
+
 /// Prints a daemon line and does what it asks; `false` for a nack or an error.
 fn handle_answer(
     answer: &str,
@@ -225,7 +239,7 @@ fn handle_answer(
     acked: &mut u64,
     nacked: &mut u64,
 ) -> bool {
-    println!("{answer}");
+    print_line(answer);
     let v: serde_json::Value = match serde_json::from_str(answer) {
         Ok(v) => v,
         Err(_) => return false,
