@@ -112,6 +112,20 @@ async fn a_stall_past_the_lease_ttl_uses_no_retry_attempt_and_the_execution_succ
     acked_and_succeeded_on_attempt_1(&daemon, &t, &db).await;
 }
 
+/// Holds the node rows locked, so this node's heartbeats wait (and fail on their
+/// statement timeout), until the running step of `e1` is stopped to be tried again;
+/// committing the returned transaction lets them through.
+async fn hold_heartbeats_until_retrying<'a>(locker: &'a mut tokio_postgres::Client, db: &tokio_postgres::Client) -> tokio_postgres::Transaction<'a> {
+    let tx = locker.transaction().await.unwrap();
+    tx.execute("SELECT 1 FROM nodes FOR UPDATE", &[]).await.unwrap();
+    eventually("the step is stopped, to be tried again", || async {
+        let s: String = db.query_one("SELECT status FROM executions WHERE event_id = 'e1'", &[]).await.unwrap().get(0);
+        s == "retrying"
+    })
+    .await;
+    tx
+}
+
 #[actix_rt::test]
 #[allow(clippy::await_holding_lock)] // held on purpose: the tests take turns
 async fn a_heartbeat_failing_past_two_thirds_of_the_ttl_stops_the_step_but_uses_no_attempt() {
@@ -120,13 +134,7 @@ async fn a_heartbeat_failing_past_two_thirds_of_the_ttl_stops_the_step_but_uses_
     // This node's row held locked: its heartbeats wait, then fail on their statement
     // timeout (5 s), long after two thirds of the TTL.
     let mut locker = daemon.db().await;
-    let tx = locker.transaction().await.unwrap();
-    tx.execute("SELECT 1 FROM nodes FOR UPDATE", &[]).await.unwrap();
-    eventually("the step is stopped, to be tried again", || async {
-        let s: String = db.query_one("SELECT status FROM executions WHERE event_id = 'e1'", &[]).await.unwrap().get(0);
-        s == "retrying"
-    })
-    .await;
+    let tx = hold_heartbeats_until_retrying(&mut locker, &db).await;
     tx.commit().await.unwrap();
     acked_and_succeeded_on_attempt_1(&daemon, &t, &db).await;
 }
@@ -148,13 +156,7 @@ async fn a_reply_acked_while_its_step_was_interrupted_is_not_sent_again_when_the
 
     // This node's heartbeats wait on its locked row until the step is stopped.
     let mut locker = daemon.db().await;
-    let tx = locker.transaction().await.unwrap();
-    tx.execute("SELECT 1 FROM nodes FOR UPDATE", &[]).await.unwrap();
-    eventually("the step is stopped, to be tried again", || async {
-        let s: String = db.query_one("SELECT status FROM executions WHERE event_id = 'e1'", &[]).await.unwrap().get(0);
-        s == "retrying"
-    })
-    .await;
+    let tx = hold_heartbeats_until_retrying(&mut locker, &db).await;
     // The client acks the command it was sent while the step is stopped.
     chat.send(&json!({"op": "ack", "command_id": command_id})).await;
     eventually("the ack is committed", || async {
